@@ -1,0 +1,92 @@
+"""Static checks of the bundle's configs: shared keys agree, every reference exists, metadata is valid."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+
+#: keys that train.json and inference.json must define identically (both files are standalone)
+SHARED = ["spacing", "hu_window", "patch_size", "subgroup_key", "subgroups", "features", "num_experts", "top_k",
+          "use_dmoe", "network_def", "bundle_root"]  # fmt: skip
+REF = re.compile(r"@([A-Za-z_][\w#:]*)")
+
+
+def _load(name):
+    return json.loads((CONFIGS / name).read_text())
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def _config_stacks():
+    stacks = [["train.json"], ["inference.json"]]
+    for extra in ("evaluate.json",):
+        if (CONFIGS / extra).exists():
+            stacks.append(["train.json", extra])
+    if (CONFIGS / "inference_dicom.json").exists():
+        stacks.append(["inference.json", "inference_dicom.json"])
+    for variant in sorted((CONFIGS / "variants").glob("*.json")):
+        stacks.append(["train.json", f"variants/{variant.name}"])
+    return stacks
+
+
+def test_train_and_inference_share_definitions():
+    train, infer = _load("train.json"), _load("inference.json")
+    for key in SHARED:
+        assert train[key] == infer[key], f"train.json and inference.json disagree on '{key}'"
+    # the inference preprocessing is the training load chain restricted to the image
+    train_targets = [t["_target_"] for t in train["load_transforms"]]
+    infer_targets = [t["_target_"] for t in infer["preprocessing"]["transforms"]]
+    assert infer_targets == [t for t in train_targets if t != "SpatialPadd"]
+
+
+@pytest.mark.parametrize("stack", _config_stacks(), ids=lambda s: "+".join(s))
+def test_every_reference_resolves_to_an_existing_id(stack):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in stack])
+    missing = []
+    for text in _walk(parser.get()):
+        for ref in REF.findall(text):
+            ref = ref.replace("#", "::")
+            if ref not in parser:
+                missing.append(ref)
+    assert not missing, f"{stack}: references to undefined ids {sorted(set(missing))}"
+
+
+def test_metadata_verifies_offline():
+    if not SCHEMA.exists():
+        pytest.skip(f"schema copy not found at {SCHEMA}")
+    meta = _load("metadata.json")
+    assert meta["version"] in meta["changelog"]
+    assert "optional_packages_version" not in meta
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+         "--filepath", str(SCHEMA)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0 and "verified with no error" in res.stdout + res.stderr, res.stderr[-2000:]
+
+
+def test_metadata_matches_installed_versions():
+    import monai
+    import torch
+
+    meta = _load("metadata.json")
+    assert meta["monai_version"] == monai.__version__
+    assert meta["pytorch_version"] == torch.__version__.split("+")[0]

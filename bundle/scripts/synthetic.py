@@ -291,23 +291,25 @@ def generate_cohort(
 
 
 def _write_dicom_case(image, label, affine, out: Path, case_id: str, attrs: dict, seed: int, index: int) -> dict:
-    """Write one case as a DICOM CT series plus RTSTRUCT (orientation variants cycle over the cases)."""
-    from scripts.dicom_write import VARIANTS, write_case_dicom  # noqa: PLC0415 (DICOM stack only when asked)
+    """Write one case as a DICOM CT series plus RTSTRUCT; the storage variant (identity, flipped or
+    transposed axes, reversed slices, oblique) cycles over the cases so every geometry is exercised."""
+    from scripts.dicom_write import VARIANTS, write_case_dicom  # DICOM stack only when asked
 
-    variant = VARIANTS[index % len(VARIANTS)]
+    variant = list(VARIANTS)[index % len(VARIANTS)]
     dicom_dir, rtstruct = write_case_dicom(
         image,
         label,
         affine,
-        out / "dicom" / case_id,
+        out / "dicom",
         case_id,
         institution=attrs["institution"],
         variant=variant,
         seed=seed * 100003 + index,
+        overwrite=True,
     )
     return {
-        "dicom_dir": str(Path(dicom_dir).relative_to(out)),
-        "rtstruct": str(Path(rtstruct).relative_to(out)),
+        "dicom_dir": Path(dicom_dir).relative_to(out).as_posix(),
+        "rtstruct": Path(rtstruct).relative_to(out).as_posix(),
         "dicom_variant": variant,
     }
 

@@ -1,0 +1,778 @@
+"""Fairness metrics for 3D segmentation: per-case scores, subgroup statistics and a MONAI/Ignite metric.
+
+Three layers, each usable on its own:
+
+1. **Per case** (:func:`compute_case_metrics`): Dice, HD95 in mm and normalised surface Dice (NSD) at a
+   tolerance in mm, on the grid the masks are given on, with voxel spacing.
+2. **Per subgroup** (:func:`compute_group_metrics`): a pure function over a table of per-case records
+   (``id``, attribute columns such as ``stage``, ``dice`` ...) that returns the group means, worst-group
+   score, gap, equity-scaled Dice (ES-Dice), and the intra-group statistics (std, CVaR of the worst
+   ``alpha`` fraction, hidden failures, failures among cases flagged ``hard``).
+3. **Engine level**: :class:`FairnessMetric` (a :class:`monai.metrics.CumulativeIterationMetric`: buffers
+   per-case scores, gathers them and the cases' group labels across DDP ranks) and
+   :class:`FairnessMetricHandler` (its Ignite adapter, usable as ``key_metric`` or ``additional_metrics``
+   of a MONAI evaluator).
+
+Conventions for empty masks (``P`` prediction, ``L`` label; the foreground of each case):
+
+==========================  ======  ===========================================  =====
+case                        Dice    HD95                                         NSD
+==========================  ======  ===========================================  =====
+``P`` and ``L`` both empty  1.0     0.0 mm                                       1.0
+exactly one of them empty   0.0     the image diagonal in mm (worst value)       0.0
+==========================  ======  ===========================================  =====
+
+The "image diagonal" is ``sqrt(sum_i (n_i * s_i) ** 2)`` for an image of ``n_i`` voxels of spacing ``s_i``
+mm along axis ``i``: no distance measured on that grid can exceed it, so a missed or hallucinated target
+scores the worst possible finite value (the "worst possible value" recommendation of Metrics Reloaded,
+Maier-Hein et al. 2024) instead of a NaN that group means would silently drop.
+
+HD95 follows MONAI's definition: the larger of the two directed 95th percentiles of the distances from
+the boundary voxels of one mask to the boundary of the other. NSD follows Nikolov et al. 2021
+(https://arxiv.org/abs/1809.04430): the fraction of boundary voxels of both masks lying within the
+tolerance of the other boundary (MONAI's ``compute_surface_dice`` without sub-voxels).
+
+Subgroup statistics (for a higher-is-better score ``m`` such as Dice; ``m_i`` per case, ``G`` subgroups,
+``n_g`` cases in subgroup ``g``, ``N`` cases in all):
+
+- ``m_g = mean_{i in g} m_i``; ``m_all = mean_i m_i`` (over cases, not over groups);
+- ``worst_group_m = min_g m_g``; ``group_gap = max_g m_g - min_g m_g``;
+- ``es_m = m_all / (1 + sum_g |m_all - m_g|)`` (FairSeg, Tian et al. ICLR 2024,
+  https://arxiv.org/abs/2311.02189, as in its released code);
+- ``es_m_std = m_all / (1 + sd_g(m_g))`` with ``sd`` the sample standard deviation (``ddof=1``) of the
+  ``G`` group means, as FairSeg's ``equity_scaled_std_perf``; with a single group ``sd`` is taken as 0;
+- ``std_g``: population standard deviation (``ddof=0``) of the per-case scores of ``g``;
+- ``cvar_g``: mean of the worst ``alpha`` fraction of ``g``: the ``k = alpha * n_g`` lowest scores, the
+  boundary case with fractional weight (``n_g = 7``, ``alpha = 0.2``: ``k = 1.4``, the lowest score has
+  weight 1, the next 0.4, the sum is divided by 1.4); ``worst_group_cvar = min_g cvar_g``;
+- ``hidden_failures_g``: number of cases of ``g`` with ``m_i < threshold`` (default 0.5); when the records
+  carry a ``hard`` flag, ``hard_cases_g`` and ``hard_failures_g`` (hard cases of ``g`` below threshold).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.exceptions import NotComputableError
+from ignite.metrics.metric import reinit__is_reduced
+from monai.data import MetaTensor, decollate_batch
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.metrics import CumulativeIterationMetric, compute_hausdorff_distance, compute_surface_dice
+
+__all__ = [
+    "CASE_METRICS",
+    "FairnessMetric",
+    "FairnessMetricHandler",
+    "NotComputableError",
+    "as_binary_mask",
+    "case_metadata",
+    "compute_case_metrics",
+    "compute_group_metrics",
+    "cvar",
+    "group_statistics",
+    "image_diagonal_mm",
+    "metric_output_names",
+    "records_to_table",
+    "spacing_of",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Per-case metrics computed by :func:`compute_case_metrics`, in this order.
+CASE_METRICS: tuple[str, ...] = ("dice", "hd95", "nsd")
+#: Per-case metrics for which higher is better and that lie in [0, 1]: the ones group statistics accept.
+BOUNDED_METRICS: tuple[str, ...] = ("dice", "nsd")
+#: Group label given to a case whose attribute value is missing.
+UNKNOWN_GROUP = "unknown"
+
+_warned_unit_spacing = False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-case metrics
+# --------------------------------------------------------------------------------------------------------------
+def as_binary_mask(x: Any, spatial_dims: int = 3) -> torch.Tensor:
+    """Reduce a prediction or label of one case to its foreground mask.
+
+    Args:
+        x: one case, channel-first ``C[spatial]`` or without channel ``[spatial]`` (tensor, MetaTensor or
+            array). With ``C >= 2`` channels (one-hot or probabilities) the foreground is where the arg-max is
+            not channel 0 (all foreground classes merged); with one channel or none (a label map, a binary
+            mask or a foreground probability) it is where the value exceeds 0.5.
+        spatial_dims: number of spatial dimensions.
+
+    Returns:
+        Boolean tensor of shape ``[spatial]`` on the CPU.
+
+    Raises:
+        ValueError: when ``x`` has neither ``spatial_dims`` nor ``spatial_dims + 1`` dimensions.
+    """
+    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    t = t.detach().cpu()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    if t.ndim == spatial_dims:
+        return t.float() > 0.5
+    if t.ndim == spatial_dims + 1:
+        if t.shape[0] == 1:
+            return t[0].float() > 0.5
+        return t.float().argmax(dim=0) > 0
+    raise ValueError(
+        f"a case must have shape C{'HWD'[:spatial_dims]} or {'HWD'[:spatial_dims]} ({spatial_dims} spatial dims), "
+        f"got shape {tuple(t.shape)}; pass one case at a time, channel-first."
+    )
+
+
+def spacing_of(x: Any, spatial_dims: int = 3) -> tuple[float, ...] | None:
+    """Voxel spacing in mm from a MetaTensor's affine, or ``None`` when ``x`` carries no geometry."""
+    if isinstance(x, MetaTensor) and x.affine is not None and x.affine.ndim == 2:
+        return tuple(float(s) for s in x.pixdim[:spatial_dims])
+    return None
+
+
+def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Length in mm of the diagonal of an image of ``shape`` voxels with ``spacing`` mm: ``sqrt(sum (n*s)^2)``."""
+    return float(math.sqrt(sum((float(n) * float(s)) ** 2 for n, s in zip(shape, spacing))))
+
+
+def _resolve_spacing(spacing: Any, y_pred: Any, y: Any, spatial_dims: int) -> tuple[float, ...]:
+    global _warned_unit_spacing
+    if spacing is None:
+        spacing = spacing_of(y_pred, spatial_dims) or spacing_of(y, spatial_dims)
+    if spacing is None:
+        if not _warned_unit_spacing:
+            logger.warning(
+                "no voxel spacing given and the inputs carry no affine: distances are in voxels, not mm. "
+                "Pass `spacing` or MetaTensors on the original image grid."
+            )
+            _warned_unit_spacing = True
+        spacing = 1.0
+    if np.isscalar(spacing):
+        spacing = (float(spacing),) * spatial_dims
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != spatial_dims or any(not math.isfinite(s) or s <= 0 for s in spacing):
+        raise ValueError(f"`spacing` must hold {spatial_dims} positive finite numbers (mm), got {spacing}.")
+    return spacing
+
+
+def compute_case_metrics(
+    y_pred: Any,
+    y: Any,
+    spacing: float | Sequence[float] | None = None,
+    tolerance_mm: float = 2.0,
+    percentile: float = 95.0,
+    metrics: Sequence[str] = CASE_METRICS,
+    spatial_dims: int = 3,
+) -> dict[str, float]:
+    """Dice, HD95 (mm) and normalised surface Dice (NSD) of one case.
+
+    Args:
+        y_pred: prediction of one case, ``C[spatial]`` or ``[spatial]`` (see :func:`as_binary_mask`).
+        y: label of the same case on the same grid.
+        spacing: voxel spacing in mm along the tensor axes, one number per axis or one for all. ``None``: read
+            from ``y_pred`` (or ``y``) when it is a MetaTensor, else 1 (with a warning: distances in voxels).
+        tolerance_mm: NSD tolerance in mm (a boundary voxel within this distance of the other boundary counts).
+        percentile: percentile of the Hausdorff distance (95 gives HD95, 100 the maximum).
+        metrics: which of ``("dice", "hd95", "nsd")`` to compute; distances are skipped when not asked for.
+        spatial_dims: number of spatial dimensions.
+
+    Returns:
+        ``{name: value}`` for the requested metrics, with the empty-mask conventions of the module docstring:
+        both masks empty: dice 1, hd95 0, nsd 1; exactly one empty: dice 0, hd95 = image diagonal in mm, nsd 0.
+
+    Raises:
+        ValueError: on an unknown metric name, mismatched shapes, a negative tolerance or invalid spacing.
+    """
+    unknown = [m for m in metrics if m not in CASE_METRICS]
+    if unknown:
+        raise ValueError(f"`metrics` must be among {CASE_METRICS}, got unknown {unknown}.")
+    if not (tolerance_mm >= 0 and math.isfinite(tolerance_mm)):
+        raise ValueError(f"`tolerance_mm` must be a finite number >= 0, got {tolerance_mm}.")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"`percentile` must be in (0, 100], got {percentile}.")
+    p = as_binary_mask(y_pred, spatial_dims)
+    g = as_binary_mask(y, spatial_dims)
+    if p.shape != g.shape:
+        raise ValueError(
+            f"prediction and label must share one grid, got spatial shapes {tuple(p.shape)} and {tuple(g.shape)}; "
+            "invert the prediction to the label's grid first (e.g. monai.transforms.Invertd)."
+        )
+    out: dict[str, float] = {}
+    p_any, g_any = bool(p.any()), bool(g.any())
+    if "dice" in metrics:
+        inter = float(torch.logical_and(p, g).sum())
+        total = float(p.sum()) + float(g.sum())
+        out["dice"] = 1.0 if total == 0 else 2.0 * inter / total
+    wants_distance = [m for m in ("hd95", "nsd") if m in metrics]
+    if not wants_distance:
+        return out
+    sp = _resolve_spacing(spacing, y_pred, y, spatial_dims)
+    if not p_any and not g_any:
+        out.update({m: (0.0 if m == "hd95" else 1.0) for m in wants_distance})
+        return out
+    if p_any != g_any:
+        out.update({m: (image_diagonal_mm(p.shape, sp) if m == "hd95" else 0.0) for m in wants_distance})
+        return out
+    p5, g5 = p[None, None], g[None, None]
+    with warnings.catch_warnings():
+        # MONAI 1.6 warns about its own deprecated internal argument on every call
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        if "hd95" in metrics:
+            hd = compute_hausdorff_distance(p5, g5, include_background=True, percentile=percentile, spacing=sp)
+            out["hd95"] = float(hd.reshape(-1)[0])
+        if "nsd" in metrics:
+            nsd = compute_surface_dice(
+                p5, g5, class_thresholds=[float(tolerance_mm)], include_background=True, spacing=sp
+            )
+            out["nsd"] = float(nsd.reshape(-1)[0])
+    return {m: out[m] for m in metrics}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# group statistics
+# --------------------------------------------------------------------------------------------------------------
+def cvar(values: Any, alpha: float = 0.2) -> np.ndarray | float:
+    """Lower-tail conditional value at risk: mean of the worst ``alpha`` fraction of the last axis.
+
+    With ``n`` values the ``k = alpha * n`` lowest count, the boundary value with the fractional weight
+    ``k - floor(k)``; the weighted sum is divided by ``k``. ``alpha = 1`` gives the mean; ``alpha * n <= 1``
+    gives the minimum.
+
+    Args:
+        values: array ``[..., n]`` (higher is better); leading axes are kept (e.g. bootstrap draws).
+        alpha: tail fraction in (0, 1].
+
+    Returns:
+        Array ``[...]`` (a float for 1-D input).
+
+    Raises:
+        ValueError: when ``alpha`` is not in (0, 1].
+        NotComputableError: when the last axis is empty.
+    """
+    if not 0 < alpha <= 1:
+        raise ValueError(f"`alpha` must be in (0, 1], got {alpha}.")
+    v = np.asarray(values, dtype=float)
+    n = v.shape[-1]
+    if n == 0:
+        raise NotComputableError("CVaR needs at least one value.")
+    k = round(alpha * n, 9)
+    weights = np.clip(k - np.arange(n), 0.0, 1.0)
+    result = (np.sort(v, axis=-1) * weights).sum(axis=-1) / k
+    return float(result) if np.ndim(result) == 0 else result
+
+
+def metric_output_names(metric: str = "dice") -> tuple[str, ...]:
+    """Names of the scalar summaries :func:`compute_group_metrics` returns for ``metric`` (e.g. ``es_dice``)."""
+    return (
+        f"{metric}_all",
+        f"worst_group_{metric}",
+        "group_gap",
+        f"es_{metric}",
+        f"es_{metric}_std",
+        "worst_group_cvar",
+        "hidden_failures",
+    )
+
+
+def group_statistics(
+    values_by_group: Mapping[str, Any], metric: str = "dice", alpha: float = 0.2, threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Vectorised subgroup statistics; the maths shared by point estimates and bootstrap draws.
+
+    Args:
+        values_by_group: ``{group: array [..., n_g]}``; all arrays share their leading axes (e.g. ``B``
+            bootstrap draws), the last axis holds the per-case scores of the group.
+        metric: name used for the output keys (``dice`` gives ``dice_all``, ``es_dice`` ...).
+        alpha: CVaR tail fraction.
+        threshold: failure threshold for ``hidden_failures``.
+
+    Returns:
+        ``{name: array [...]}`` for every name of :func:`metric_output_names`, plus ``group_mean``,
+        ``group_std``, ``group_cvar``, ``group_hidden_failures`` of shape ``[..., G]`` (groups in the order of
+        ``values_by_group``).
+
+    Raises:
+        NotComputableError: when there is no group or a group has no case.
+    """
+    if not values_by_group:
+        raise NotComputableError("no subgroup to compute fairness metrics on.")
+    arrays = {g: np.asarray(v, dtype=float) for g, v in values_by_group.items()}
+    empty = [g for g, v in arrays.items() if v.shape[-1] == 0]
+    if empty:
+        raise NotComputableError(f"subgroup(s) {empty} have no case: fairness metrics need every group non-empty.")
+    means = np.stack([v.mean(axis=-1) for v in arrays.values()], axis=-1)
+    stds = np.stack([v.std(axis=-1) for v in arrays.values()], axis=-1)
+    cvars = np.stack([np.asarray(cvar(v, alpha)) for v in arrays.values()], axis=-1)
+    fails = np.stack([(v < threshold).sum(axis=-1) for v in arrays.values()], axis=-1)
+    n_total = sum(v.shape[-1] for v in arrays.values())
+    overall = sum(v.sum(axis=-1) for v in arrays.values()) / n_total
+    between_sd = means.std(axis=-1, ddof=1) if means.shape[-1] > 1 else np.zeros_like(overall)
+    return {
+        f"{metric}_all": overall,
+        f"worst_group_{metric}": means.min(axis=-1),
+        "group_gap": means.max(axis=-1) - means.min(axis=-1),
+        f"es_{metric}": overall / (1.0 + np.abs(overall[..., None] - means).sum(axis=-1)),
+        f"es_{metric}_std": overall / (1.0 + between_sd),
+        "worst_group_cvar": cvars.min(axis=-1),
+        "hidden_failures": fails.sum(axis=-1),
+        "group_mean": means,
+        "group_std": stds,
+        "group_cvar": cvars,
+        "group_hidden_failures": fails,
+    }
+
+
+def _is_missing(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return isinstance(v, str) and v.strip() in ("", "nan", "None")
+
+
+def _as_bool(v: Any) -> bool | None:
+    if _is_missing(v):
+        return None
+    if torch.is_tensor(v):
+        v = v.reshape(-1)[0].item()
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in ("true", "1", "yes", "y", "t"):
+            return True
+        if s in ("false", "0", "no", "n", "f"):
+            return False
+        raise ValueError(f"cannot read {v!r} as a true/false flag.")
+    return bool(v)
+
+
+def _group_label(v: Any) -> str:
+    if _is_missing(v):
+        return UNKNOWN_GROUP
+    if torch.is_tensor(v) or isinstance(v, np.ndarray):
+        v = np.asarray(v.detach().cpu() if torch.is_tensor(v) else v).reshape(-1)[0].item()
+    return str(v)
+
+
+def records_to_table(records: Any) -> list[dict[str, Any]]:
+    """Normalise per-case records (a sequence of mappings or a pandas DataFrame) to a list of dicts."""
+    if hasattr(records, "to_dict") and hasattr(records, "columns"):
+        return [dict(r) for r in records.to_dict(orient="records")]
+    if isinstance(records, Mapping):
+        raise TypeError("`records` must be a sequence of per-case mappings or a DataFrame, got a single mapping.")
+    return [dict(r) for r in records]
+
+
+def compute_group_metrics(
+    records: Any,
+    attribute: str,
+    metric: str = "dice",
+    alpha: float = 0.2,
+    threshold: float = 0.5,
+    groups: Sequence[str] | None = None,
+    hard_key: str = "hard",
+) -> dict[str, Any]:
+    """Subgroup fairness statistics of one per-case score over one grouping attribute.
+
+    Args:
+        records: per-case records, a sequence of mappings or a DataFrame with at least the columns
+            ``attribute`` and ``metric`` (and optionally ``id`` and ``hard_key``). A missing attribute value
+            makes the case's group ``"unknown"``.
+        attribute: the grouping column, e.g. ``"stage"`` or ``"institution"``.
+        metric: the per-case score, higher is better and in [0, 1]: ``"dice"`` or ``"nsd"``.
+        alpha: CVaR tail fraction in (0, 1].
+        threshold: a case with ``metric < threshold`` is a (hidden) failure.
+        groups: expected group names in report order; ``None``: the groups present, sorted by name. A listed
+            group with no case raises :class:`NotComputableError`; a case of an unlisted group is an error too.
+        hard_key: column flagging planted/known hard cases; used when at least one record has it.
+
+    Returns:
+        A JSON-ready dict: ``attribute``, ``metric``, ``alpha``, ``threshold``, ``n_cases``, ``n_groups``,
+        the scalars of :func:`metric_output_names` (e.g. ``dice_all``, ``worst_group_dice``, ``group_gap``,
+        ``es_dice``, ``es_dice_std``, ``worst_group_cvar``, ``hidden_failures``), ``worst_group``,
+        ``best_group``, ``worst_cvar_group``, with a hard flag ``hard_cases`` and ``hard_failures``, and
+        ``groups``: ``{g: {"n", metric, "std", "cvar", "hidden_failures"[, "hard_cases", "hard_failures"]}}``.
+
+    Raises:
+        NotComputableError: no record, or a listed group without cases.
+        ValueError: invalid arguments, a missing column or a non-finite score (with the case ids).
+    """
+    if metric not in BOUNDED_METRICS:
+        raise ValueError(f"`metric` must be one of {BOUNDED_METRICS} (higher is better), got {metric!r}.")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"`alpha` must be in (0, 1], got {alpha}.")
+    rows = records_to_table(records)
+    if not rows:
+        raise NotComputableError("fairness metrics need at least one case; got no record.")
+    missing_cols = [c for c in (attribute, metric) if all(c not in r for r in rows)]
+    if missing_cols:
+        raise ValueError(f"records have no column(s) {missing_cols}; columns present: {sorted(rows[0])}.")
+    labels = [_group_label(r.get(attribute)) for r in rows]
+    values = np.array([float(r.get(metric, float("nan"))) for r in rows], dtype=float)
+    bad = [str(r.get("id", i)) for i, (r, v) in enumerate(zip(rows, values)) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"non-finite {metric} for case(s) {bad}: every case needs a score.")
+    present = sorted(set(labels))
+    order = list(groups) if groups is not None else present
+    unlisted = sorted(set(present) - set(order))
+    if unlisted:
+        raise ValueError(f"cases with {attribute} value(s) {unlisted} not in `groups` {order}.")
+    hard = [_as_bool(r.get(hard_key)) for r in rows]
+    has_hard = any(h is not None for h in hard)
+    label_arr = np.array(labels, dtype=object)
+    by_group = {g: values[label_arr == g] for g in order}
+    stats = group_statistics(by_group, metric=metric, alpha=alpha, threshold=threshold)
+    result: dict[str, Any] = {
+        "attribute": attribute,
+        "metric": metric,
+        "alpha": float(alpha),
+        "threshold": float(threshold),
+        "n_cases": len(rows),
+        "n_groups": len(order),
+    }
+    for name in metric_output_names(metric):
+        result[name] = int(stats[name]) if name == "hidden_failures" else float(stats[name])
+    means = stats["group_mean"]
+    result["worst_group"] = order[int(np.argmin(means))]
+    result["best_group"] = order[int(np.argmax(means))]
+    result["worst_cvar_group"] = order[int(np.argmin(stats["group_cvar"]))]
+    per_group: dict[str, dict[str, Any]] = {}
+    for j, g in enumerate(order):
+        entry: dict[str, Any] = {
+            "n": len(by_group[g]),
+            metric: float(means[j]),
+            "std": float(stats["group_std"][j]),
+            "cvar": float(stats["group_cvar"][j]),
+            "hidden_failures": int(stats["group_hidden_failures"][j]),
+        }
+        if has_hard:
+            in_g = label_arr == g
+            hard_g = np.array([bool(h) for h in hard], dtype=bool) & in_g
+            entry["hard_cases"] = int(hard_g.sum())
+            entry["hard_failures"] = int((hard_g & (values < threshold)).sum())
+        per_group[g] = entry
+    if has_hard:
+        result["hard_cases"] = sum(e["hard_cases"] for e in per_group.values())
+        result["hard_failures"] = sum(e["hard_failures"] for e in per_group.values())
+    result["groups"] = per_group
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MONAI metric (maths + DDP sync) and its Ignite adapter
+# --------------------------------------------------------------------------------------------------------------
+def _all_gather_objects(local: list[Any]) -> list[Any]:
+    """Concatenate a picklable list over all DDP ranks in rank order (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return list(local)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(local))
+    return [item for part in gathered for item in part]
+
+
+def _as_case_list(data: Any) -> list[Any]:
+    """A batch-first tensor, or a list of channel-first cases, as a list of channel-first cases."""
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    if torch.is_tensor(data) or isinstance(data, np.ndarray):
+        return list(decollate_batch(data, detach=True)) if torch.is_tensor(data) else list(data)
+    raise TypeError(f"expected a batch-first tensor or a list of channel-first cases, got {type(data).__name__}.")
+
+
+def _as_item_list(data: Any) -> list[Any] | None:
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    if isinstance(data, Mapping):
+        return list(decollate_batch(dict(data), detach=True))
+    return None
+
+
+def case_metadata(batch: Any, output: Any, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Per-case values of ``keys`` from an engine's ``state.batch`` and ``state.output``.
+
+    Both may be decollated (lists of dicts, MONAI's default) or batch dicts (then decollated here).
+    The batch is looked up first (data-loader metadata such as ``id``, ``stage``), then the output.
+    A key absent from both gives ``None``.
+    """
+    b_items = _as_item_list(batch) or []
+    o_items = _as_item_list(output) or []
+    n = max(len(b_items), len(o_items))
+    result = []
+    for i in range(n):
+        entry: dict[str, Any] = {}
+        for k in keys:
+            value = None
+            for items in (b_items, o_items):
+                if i < len(items) and isinstance(items[i], Mapping) and k in items[i]:
+                    value = items[i][k]
+                    break
+            if torch.is_tensor(value) and value.numel() == 1:
+                value = value.reshape(-1)[0].item()
+            elif isinstance(value, (list, tuple)) and len(value) == 1:
+                value = value[0]
+            entry[k] = value
+        result.append(entry)
+    return result
+
+
+class FairnessMetric(CumulativeIterationMetric):
+    """Subgroup fairness of per-case segmentation scores, accumulated over an evaluation and synced over DDP.
+
+    Each call scores every case of the batch (:func:`compute_case_metrics`) and buffers the score; the case's
+    group label, id and hard flag are buffered beside it. :meth:`aggregate` all-gathers the scores (MONAI's
+    tensor buffers) and the labels (``torch.distributed.all_gather_object``) in rank order, drops repeated
+    ids (padding of a ``DistributedSampler``), and returns :func:`compute_group_metrics`'s ``output`` entry.
+
+    Args:
+        attribute: grouping attribute, e.g. ``"stage"``.
+        metric: per-case score, ``"dice"`` or ``"nsd"``.
+        output: which summary :meth:`aggregate` returns, one of :func:`metric_output_names` (for Dice:
+            ``dice_all``, ``worst_group_dice``, ``group_gap``, ``es_dice``, ``es_dice_std``,
+            ``worst_group_cvar``, ``hidden_failures``) or ``"all"`` for the whole dict.
+        alpha: CVaR tail fraction.
+        threshold: failure threshold.
+        groups: expected group names (see :func:`compute_group_metrics`); ``None``: those seen.
+        tolerance_mm: NSD tolerance in mm.
+        spacing: voxel spacing in mm, ``None`` to read it from MetaTensor inputs.
+        spatial_dims: number of spatial dimensions.
+
+    Example::
+
+        metric = FairnessMetric(attribute="stage", output="worst_group_dice")
+        for batch in loader:
+            preds = [post(p) for p in decollate_batch(model(batch["image"]))]
+            metric(preds, decollate_batch(batch["label"]), subgroups=batch["stage"], ids=batch["id"])
+        worst = metric.aggregate()
+    """
+
+    def __init__(
+        self,
+        attribute: str,
+        metric: str = "dice",
+        output: str = "worst_group_dice",
+        alpha: float = 0.2,
+        threshold: float = 0.5,
+        groups: Sequence[str] | None = None,
+        tolerance_mm: float = 2.0,
+        spacing: float | Sequence[float] | None = None,
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        if metric not in BOUNDED_METRICS:
+            raise ValueError(f"`metric` must be one of {BOUNDED_METRICS}, got {metric!r}.")
+        valid = metric_output_names(metric)
+        if output not in (*valid, "all"):
+            raise ValueError(f"`output` must be one of {valid} or 'all' for metric {metric!r}, got {output!r}.")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"`alpha` must be in (0, 1], got {alpha}.")
+        self.attribute = attribute
+        self.metric = metric
+        self.output = output
+        self.alpha = alpha
+        self.threshold = threshold
+        self.groups = list(groups) if groups is not None else None
+        self.tolerance_mm = tolerance_mm
+        self.spacing = spacing
+        self.spatial_dims = spatial_dims
+        self._meta: list[tuple[str, str | None, bool | None]] = []
+
+    def reset(self) -> None:
+        """Clear the buffered scores and labels."""
+        super().reset()
+        self._meta = []
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Per-case scores of a batch-first pair ``B C [spatial]``: a float tensor ``(B,)``."""
+        if y is None:
+            raise ValueError("`y` (the label) is required.")
+        preds, labels = _as_case_list(y_pred), _as_case_list(y)
+        return self._score_cases(preds, labels)
+
+    def _score_cases(self, preds: list[Any], labels: list[Any]) -> torch.Tensor:
+        if len(preds) != len(labels):
+            raise ValueError(f"got {len(preds)} predictions and {len(labels)} labels.")
+        scores = [
+            compute_case_metrics(
+                p,
+                t,
+                spacing=self.spacing,
+                tolerance_mm=self.tolerance_mm,
+                metrics=(self.metric,),
+                spatial_dims=self.spatial_dims,
+            )[self.metric]
+            for p, t in zip(preds, labels)
+        ]
+        return torch.tensor(scores, dtype=torch.float64)
+
+    def __call__(  # type: ignore[override]
+        self,
+        y_pred: Any,
+        y: Any,
+        subgroups: Sequence[Any] | None = None,
+        ids: Sequence[Any] | None = None,
+        hard: Sequence[Any] | None = None,
+    ) -> torch.Tensor:
+        """Score a batch and buffer the scores with the cases' group labels.
+
+        Args:
+            y_pred: batch-first tensor ``B C [spatial]`` or list of ``B`` channel-first cases.
+            y: labels in the same layout.
+            subgroups: ``B`` values of the grouping attribute (strings, numbers or 0-d tensors; ``None``
+                entries become ``"unknown"``). Required.
+            ids: optional ``B`` case ids (used to drop DDP padding duplicates).
+            hard: optional ``B`` hard-case flags.
+
+        Returns:
+            The per-case scores of this batch, shape ``(B,)``.
+        """
+        preds, labels = _as_case_list(y_pred), _as_case_list(y)
+        if subgroups is None:
+            raise ValueError(f"`subgroups` (the per-case {self.attribute!r} values) is required.")
+        subgroups = list(subgroups.tolist() if torch.is_tensor(subgroups) else subgroups)
+        n = len(preds)
+        ids_l = list(ids) if ids is not None else [None] * n
+        hard_l = list(hard.tolist() if torch.is_tensor(hard) else hard) if hard is not None else [None] * n
+        if not len(subgroups) == len(ids_l) == len(hard_l) == n:
+            raise ValueError(
+                f"got {n} cases but {len(subgroups)} subgroup values, {len(ids_l)} ids and {len(hard_l)} hard flags."
+            )
+        scores = self._score_cases(preds, labels)
+        self.extend(scores)
+        for g, i, h in zip(subgroups, ids_l, hard_l):
+            self._meta.append((_group_label(g), None if _is_missing(i) else _group_label(i), _as_bool(h)))
+        return scores
+
+    def records(self) -> list[dict[str, Any]]:
+        """All buffered cases of all ranks as records ``{id, <attribute>, <metric>, hard}``, duplicates dropped."""
+        buffer = self.get_buffer()
+        meta = _all_gather_objects(self._meta)
+        if buffer is None or len(meta) == 0:
+            return []
+        values = buffer.reshape(-1).tolist() if torch.is_tensor(buffer) else list(buffer)
+        if len(values) != len(meta):
+            raise RuntimeError(f"{len(values)} gathered scores but {len(meta)} gathered labels: ranks out of step.")
+        seen: set[str] = set()
+        rows = []
+        for v, (g, case_id, h) in zip(values, meta):
+            if case_id is not None:
+                if case_id in seen:
+                    continue
+                seen.add(case_id)
+            rows.append({"id": case_id, self.attribute: g, self.metric: float(v), "hard": h})
+        return rows
+
+    def aggregate(self, output: str | None = None) -> float | dict[str, Any]:  # type: ignore[override]
+        """Gather all ranks' cases and compute the fairness summary.
+
+        Args:
+            output: overrides the ``output`` given at construction.
+
+        Raises:
+            NotComputableError: when no case has been buffered on any rank.
+        """
+        rows = self.records()
+        if not rows:
+            raise NotComputableError(f"{self.__class__.__name__} must have at least one case before aggregate().")
+        result = compute_group_metrics(
+            rows, self.attribute, metric=self.metric, alpha=self.alpha, threshold=self.threshold, groups=self.groups
+        )
+        key = output or self.output
+        return result if key == "all" else result[key]
+
+
+class FairnessMetricHandler(IgniteMetricHandler):
+    """Ignite adapter of :class:`FairnessMetric`: a MONAI evaluator ``key_metric`` or ``additional_metrics``.
+
+    At every iteration it takes ``(y_pred, y)`` from ``engine.state.output`` through ``output_transform``
+    (default ``from_engine(["pred", "label"])``: decollated, post-transformed, channel-first, on the grid
+    the metric should be computed on), and the case metadata ``attribute``, ``id_key``, ``hard_key`` from
+    ``engine.state.batch`` (falling back to ``engine.state.output``). At epoch end every rank gathers all
+    cases, so attach it on **every** rank. Its value is the scalar ``output`` (e.g. worst-group Dice); note
+    that ``group_gap`` and ``hidden_failures`` are lower-is-better (set the evaluator's ``metric_cmp_fn``).
+
+    Args:
+        attribute: grouping attribute key in the batch, e.g. ``"stage"``.
+        output: the scalar to report, see :class:`FairnessMetric`.
+        metric: ``"dice"`` or ``"nsd"``.
+        alpha: CVaR tail fraction.
+        threshold: failure threshold.
+        groups: expected group names, ``None`` for those seen.
+        tolerance_mm: NSD tolerance in mm.
+        spacing: voxel spacing in mm, ``None`` to read it from the MetaTensor prediction.
+        id_key: batch key of the case id.
+        hard_key: batch key of the hard-case flag (optional in the data).
+        pred_key: output key of the prediction (used by the default ``output_transform``).
+        label_key: output key of the label (used by the default ``output_transform``).
+        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``; default
+            ``from_engine([pred_key, label_key])``.
+        save_details: store the per-case scores in ``engine.state.metric_details[name]``.
+    """
+
+    def __init__(
+        self,
+        attribute: str,
+        output: str = "worst_group_dice",
+        metric: str = "dice",
+        alpha: float = 0.2,
+        threshold: float = 0.5,
+        groups: Sequence[str] | None = None,
+        tolerance_mm: float = 2.0,
+        spacing: float | Sequence[float] | None = None,
+        id_key: str = "id",
+        hard_key: str = "hard",
+        pred_key: str = "pred",
+        label_key: str = "label",
+        output_transform: Callable | None = None,
+        save_details: bool = True,
+    ) -> None:
+        if output == "all":
+            raise ValueError("`output` must name one scalar for an engine metric, not 'all'.")
+        metric_fn = FairnessMetric(
+            attribute=attribute,
+            metric=metric,
+            output=output,
+            alpha=alpha,
+            threshold=threshold,
+            groups=groups,
+            tolerance_mm=tolerance_mm,
+            spacing=spacing,
+        )
+        self.attribute = attribute
+        self.id_key = id_key
+        self.hard_key = hard_key
+        if output_transform is None:
+            output_transform = from_engine([pred_key, label_key])
+        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+    def iteration_completed(self, engine: Any) -> None:
+        """Read predictions, labels and case metadata of this iteration and update the metric."""
+        y_pred, y = self._output_transform(engine.state.output)
+        meta = case_metadata(engine.state.batch, engine.state.output, (self.attribute, self.id_key, self.hard_key))
+        self.update((y_pred, y, meta))
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[Any]) -> None:
+        """Update with ``(y_pred, y, metadata)``; ``metadata`` is one dict per case (see :func:`case_metadata`).
+
+        Raises:
+            ValueError: when ``output`` is not a triple.
+        """
+        if len(output) != 3:
+            raise ValueError(f"output must be (y_pred, y, metadata), got {len(output)} items.")
+        y_pred, y, meta = output
+        n = len(_as_case_list(y_pred))
+        if len(meta) != n:
+            raise ValueError(f"got metadata for {len(meta)} cases but {n} predictions.")
+        self.metric_fn(
+            y_pred,
+            y,
+            subgroups=[m.get(self.attribute) for m in meta],
+            ids=[m.get(self.id_key) for m in meta],
+            hard=[m.get(self.hard_key) for m in meta],
+        )

@@ -1,0 +1,841 @@
+"""Fairness report of an evaluation run: per-case table, subgroup metrics with intervals, offline HTML page.
+
+:func:`write_fairness_report` writes, into ``<out_dir>/fairness/``:
+
+- ``per_case.csv``: one row per case: ``id``, every attribute, ``dice``, ``hd95`` (mm), ``nsd``, ``hard``;
+- ``metrics.json``: ``settings``, ``overall`` (mean/median/std/min/max of each per-case metric) and, per
+  grouping attribute, the subgroup statistics of Dice and NSD with 95% bootstrap intervals
+  (:func:`scripts.fairness_stats.bootstrap_group_metrics`), the per-group HD95 mean and median, and the
+  intra-group worst cases; plus ``routing``: expert usage per subgroup and dMoE layer (or ``null``);
+- ``report.html``: a self-contained page (no network resource; PNGs beside it in ``plots/`` and
+  ``thumbs/``, drawn with matplotlib's Agg canvas): the headline table, per-group Dice box plots, the
+  worst cases of each group with image/label/prediction thumbnails, and the routing heat-map.
+
+:class:`FairnessReportHandler` collects the same per-case data from a MONAI evaluator and calls
+:func:`write_fairness_report` at the end of each evaluation epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite import distributed as idist
+from monai.data import MetaTensor
+
+from scripts.fairness_metrics import (
+    CASE_METRICS,
+    _all_gather_objects,
+    _as_bool,
+    _as_item_list,
+    _group_label,
+    _is_missing,
+    as_binary_mask,
+    case_metadata,
+    compute_case_metrics,
+    metric_output_names,
+    records_to_table,
+)
+from scripts.fairness_stats import FAIRNESS_DIR, METRICS_FILE, PER_CASE_FILE, bootstrap_group_metrics
+
+__all__ = [
+    "FairnessReportHandler",
+    "make_thumbnail",
+    "routing_from_network",
+    "routing_summary",
+    "worst_cases",
+    "write_fairness_report",
+]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+Thumbnail = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# thumbnails and routing
+# --------------------------------------------------------------------------------------------------------------
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, MetaTensor):
+        x = x.as_tensor()
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def make_thumbnail(
+    image: Any | None, label: Any, pred: Any, axis: int = -1, max_size: int = 160, spatial_dims: int = 3
+) -> Thumbnail:
+    """Middle slice through the target of a 3D case, downsampled for the report.
+
+    The slice index along ``axis`` is the centre of the label's extent on that axis (the prediction's when
+    the label is empty, the middle slice when both are). The slice is subsampled by an integer stride so
+    its longer side is at most ``max_size``; the image is scaled to ``uint8`` between its 1st and 99th
+    percentiles.
+
+    Args:
+        image: ``[spatial]`` or ``C[spatial]`` (channel 0 is shown), on the grid of ``label``; ``None`` or a
+            different grid gives a black background.
+        label: label of the case, ``[spatial]`` or ``C[spatial]`` (see ``as_binary_mask``).
+        pred: prediction on the same grid.
+        axis: slice axis among the spatial axes (``-1``: the last, axial for RAS/LPS volumes).
+        max_size: longest side of the thumbnail in pixels.
+        spatial_dims: number of spatial dimensions (3).
+
+    Returns:
+        ``(image2d uint8, label2d bool, pred2d bool)``.
+    """
+    lab = as_binary_mask(label, spatial_dims).numpy()
+    prd = as_binary_mask(pred, spatial_dims).numpy()
+    if lab.shape != prd.shape:
+        raise ValueError(f"label and prediction grids differ: {lab.shape} vs {prd.shape}.")
+    ax = axis % spatial_dims
+    img = None
+    if image is not None:
+        arr = _to_numpy(image).astype(np.float32)
+        if arr.ndim == spatial_dims + 1:
+            arr = arr[0]
+        if arr.shape == lab.shape:
+            img = arr
+        else:
+            logger.debug("thumbnail image grid %s differs from the label grid %s: no background", arr.shape, lab.shape)
+    other = tuple(i for i in range(spatial_dims) if i != ax)
+    for mask in (lab, prd):
+        present = np.flatnonzero(mask.any(axis=other))
+        if present.size:
+            index = int(round((present[0] + present[-1]) / 2))
+            break
+    else:
+        index = lab.shape[ax] // 2
+    lab2, prd2 = np.take(lab, index, axis=ax), np.take(prd, index, axis=ax)
+    stride = max(1, math.ceil(max(lab2.shape) / max_size))
+    lab2, prd2 = lab2[::stride, ::stride], prd2[::stride, ::stride]
+    if img is None:
+        img2 = np.zeros(lab2.shape, dtype=np.uint8)
+    else:
+        sl = np.take(img, index, axis=ax)[::stride, ::stride]
+        lo, hi = np.percentile(sl, [1, 99]) if sl.size else (0.0, 1.0)
+        img2 = (np.clip((sl - lo) / (hi - lo if hi > lo else 1.0), 0, 1) * 255).astype(np.uint8)
+    return img2, lab2.astype(bool), prd2.astype(bool)
+
+
+def routing_summary(counts: Mapping[str, Any], subgroups: Sequence[str]) -> dict[str, Any]:
+    """Expert usage per subgroup and layer, as counts and as row fractions.
+
+    Args:
+        counts: ``{layer_name: (G + 1, E)}`` counts of how often each expert was chosen for each subgroup
+            (last row: unknown subgroup), or ``(G, E)`` when ``subgroups`` names every row.
+        subgroups: the ``G`` subgroup names (``"unknown"`` is appended for a ``G + 1``-th row).
+
+    Returns:
+        ``{"subgroups": [...], "n_experts": E, "layers": {layer: {"counts": [[...]], "fractions": [[...]]}}}``;
+        a row with no count has fractions 0.
+
+    Raises:
+        ValueError: when a layer's row count matches neither ``G`` nor ``G + 1`` or the layers' expert counts
+            differ, or there is no layer.
+    """
+    if not counts:
+        raise ValueError("routing `counts` holds no layer.")
+    names = [str(s) for s in subgroups]
+    layers: dict[str, Any] = {}
+    n_experts = None
+    for layer, c in counts.items():
+        arr = _to_numpy(c).astype(float)
+        if arr.ndim != 2:
+            raise ValueError(f"routing counts of layer {layer!r} must be (subgroups, experts), got {arr.shape}.")
+        if arr.shape[0] == len(names) + 1:
+            row_names = [*names, "unknown"]
+        elif arr.shape[0] == len(names):
+            row_names = names
+        else:
+            raise ValueError(
+                f"layer {layer!r} has {arr.shape[0]} routing rows but {len(names)} subgroup names {names}: "
+                "expected G or G + 1 (unknown) rows."
+            )
+        if n_experts is not None and arr.shape[1] != n_experts:
+            raise ValueError(f"layer {layer!r} has {arr.shape[1]} experts, other layers {n_experts}.")
+        n_experts = arr.shape[1]
+        totals = arr.sum(axis=1, keepdims=True)
+        fractions = np.divide(arr, totals, out=np.zeros_like(arr), where=totals > 0)
+        layers[str(layer)] = {"counts": arr.tolist(), "fractions": fractions.tolist()}
+        names_out = row_names
+    return {"subgroups": names_out, "n_experts": int(n_experts or 0), "layers": layers}
+
+
+def routing_from_network(network: Any, subgroups: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Read a dMoE network's routing statistics as a :func:`routing_summary`.
+
+    The network (or ``network.module`` under DDP) must have ``routing_stats()`` returning either
+    ``{layer: (G + 1, E) counts}``, a pair ``(counts, subgroup_names)`` or a dict with ``"counts"`` and
+    ``"subgroups"``. Subgroup names come from ``subgroups``, else from the result, else from the network's
+    ``subgroup_names`` or ``subgroups`` attribute. Returns ``None`` when the network has no routing stats.
+    """
+    net = getattr(network, "module", network)
+    fn = getattr(net, "routing_stats", None)
+    if fn is None:
+        return None
+    stats = fn()
+    names = None
+    if isinstance(stats, tuple) and len(stats) == 2:
+        stats, names = stats
+    elif isinstance(stats, Mapping) and "counts" in stats:
+        names = stats.get("subgroups")
+        stats = stats["counts"]
+    if not stats:
+        return None
+    names = subgroups or names or getattr(net, "subgroup_names", None) or getattr(net, "subgroups", None)
+    if names is None:
+        raise ValueError("routing stats need subgroup names: pass `routing_subgroups` to the handler.")
+    return routing_summary(stats, list(names))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# report writing
+# --------------------------------------------------------------------------------------------------------------
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "case"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=90)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_groups(rows: list[dict], attribute: str, metric: str, order: list[str], threshold: float, path: Path):
+    fig = _figure(max(3.5, 1.1 * len(order) + 1.5), 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    data = [[r[metric] for r in rows if _group_label(r.get(attribute)) == g] for g in order]
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(order) + 1), labels=order)
+    rng = np.random.default_rng(0)
+    for j, values in enumerate(data, start=1):
+        ax.scatter(j + rng.uniform(-0.12, 0.12, len(values)), values, s=12, alpha=0.7, color="tab:blue", zorder=3)
+    ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"failure threshold {threshold:g}")
+    ax.set_xlabel(attribute)
+    ax.set_ylabel(metric)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="lower left", fontsize=7)
+    ax.set_title(f"{metric} per {attribute} group")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_thumbnail(thumb: Thumbnail, title: str, path: Path) -> None:
+    img, lab, prd = (np.asarray(t) for t in thumb)
+    if img.ndim != 2 or lab.shape != img.shape or prd.shape != img.shape:
+        raise ValueError(f"a thumbnail is three 2-D arrays of one shape, got {img.shape}, {lab.shape}, {prd.shape}.")
+    fig = _figure(6.0, 2.3)
+    for k, (overlay, name, colour) in enumerate(
+        ((None, "image", None), (lab, "label", "Greens"), (prd, "prediction", "Reds"))
+    ):
+        ax = fig.add_subplot(1, 3, k + 1)
+        ax.imshow(img.T, cmap="gray", origin="lower")
+        if overlay is not None:
+            ax.imshow(
+                np.ma.masked_where(~overlay.T.astype(bool), overlay.T.astype(float)),
+                cmap=colour,
+                alpha=0.5,
+                vmin=0,
+                vmax=1.2,
+                origin="lower",
+            )
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_routing(summary: Mapping[str, Any], path: Path) -> None:
+    layers = list(summary["layers"])
+    names = summary["subgroups"]
+    n_exp = summary["n_experts"]
+    fig = _figure(max(4.0, (0.35 * n_exp + 1.6) * len(layers)), 0.35 * len(names) + 1.8)
+    vmax = max([float(np.max(summary["layers"][name]["fractions"])) for name in layers] + [1e-6])
+    im = None
+    for k, layer in enumerate(layers):
+        ax = fig.add_subplot(1, len(layers), k + 1)
+        im = ax.imshow(
+            np.asarray(summary["layers"][layer]["fractions"]), vmin=0, vmax=vmax, cmap="viridis", aspect="auto"
+        )
+        ax.set_title(layer, fontsize=8)
+        ax.set_xticks(range(n_exp), labels=[str(e) for e in range(n_exp)], fontsize=6)
+        ax.set_yticks(range(len(names)), labels=names if k == 0 else [""] * len(names), fontsize=7)
+        ax.set_xlabel("expert", fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=fig.axes, fraction=0.02, label="share of routing choices")
+    fig.savefig(path)
+
+
+def worst_cases(
+    records: Any, attribute: str, metric: str = "dice", alpha: float = 0.2, n_worst: int | None = 5
+) -> dict[str, list[dict[str, Any]]]:
+    """The intra-group worst cases: per group the ``ceil(alpha * n_g)`` lowest-scoring cases (the CVaR tail,
+    at least one), at most ``n_worst``, lowest first; ties broken by id."""
+    rows = records_to_table(records)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for g in sorted({_group_label(r.get(attribute)) for r in rows}):
+        members = sorted(
+            (r for r in rows if _group_label(r.get(attribute)) == g), key=lambda r: (r[metric], str(r.get("id")))
+        )
+        k = max(1, math.ceil(round(alpha * len(members), 9)))
+        out[g] = members[: k if n_worst is None else min(k, n_worst)]
+    return out
+
+
+def _describe(values: list[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=float)
+    return {
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "std": float(v.std()),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) else html.escape(str(x))
+
+
+def _cell(key: str, value: Any, ci: Sequence[float] | None = None) -> str:
+    ci_html = f' <span class="ci">[{ci[0]:.3f}, {ci[1]:.3f}]</span>' if ci is not None else ""
+    return f'<td><span data-key="{html.escape(key)}">{_fmt(value)}</span>{ci_html}</td>'
+
+
+_CSS = """
+body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:0.6em 0 1.2em}
+th,td{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}
+th{background:#eee}td:first-child,th:first-child{text-align:left}
+.ci{color:#777;font-size:11px}.fail{color:#b00}
+img{max-width:100%}
+"""
+
+
+def write_fairness_report(
+    out_dir: str | Path,
+    records: Any,
+    groupings: Sequence[str],
+    routing: Mapping[str, Any] | None = None,
+    thumbnails: Mapping[str, Thumbnail] | None = None,
+    alpha: float = 0.2,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_worst: int | None = 5,
+    settings: Mapping[str, Any] | None = None,
+    title: str = "Fairness report",
+) -> dict[str, Path]:
+    """Write ``per_case.csv``, ``metrics.json`` and ``report.html`` (with its PNGs) into ``out_dir/fairness``.
+
+    Args:
+        out_dir: the run's output folder; files go to its ``fairness`` sub-folder (created).
+        records: per-case records (sequence of mappings or DataFrame) with ``id``, the grouping attributes,
+            ``dice`` and optionally ``hd95``, ``nsd``, ``hard`` and further attributes (all kept in the CSV).
+        groupings: grouping attributes to analyse, e.g. ``["stage", "institution"]``.
+        routing: optional expert usage: a :func:`routing_summary` dict, or ``{"counts": {layer: (G+1, E)},
+            "subgroups": names}``.
+        thumbnails: optional ``{case id: (image2d, label2d, pred2d)}`` (see :func:`make_thumbnail`); the worst
+            cases that have one are shown with it.
+        alpha: CVaR tail fraction (also the share of each group listed as worst cases).
+        threshold: failure threshold on Dice / NSD.
+        n_boot: bootstrap draws per interval.
+        seed: bootstrap seed.
+        confidence: interval level.
+        n_worst: at most this many worst cases listed per group (``None``: the whole CVaR tail).
+        settings: extra settings recorded in ``metrics.json`` (e.g. NSD tolerance, checkpoint).
+        title: page title.
+
+    Returns:
+        ``{"per_case": path, "metrics": path, "report": path}``.
+
+    Raises:
+        NotComputableError: when there is no record.
+        ValueError: missing ids or grouping columns, repeated ids, non-finite scores.
+    """
+    from scripts.fairness_metrics import NotComputableError
+
+    rows = records_to_table(records)
+    if not rows:
+        raise NotComputableError("a fairness report needs at least one case; got no record.")
+    groupings = list(groupings)
+    ids = [r.get("id") for r in rows]
+    if any(_is_missing(i) for i in ids):
+        raise ValueError("every record needs an 'id'.")
+    ids = [str(i) for i in ids]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"repeated case id(s) {dup[:10]}.")
+    present_metrics = [m for m in CASE_METRICS if all(m in r and not _is_missing(r[m]) for r in rows)]
+    if "dice" not in present_metrics:
+        raise ValueError("every record needs a 'dice' score.")
+    for m in present_metrics:
+        bad = [str(r["id"]) for r in rows if not math.isfinite(float(r[m]))]
+        if bad:
+            raise ValueError(f"non-finite {m} for case(s) {bad[:10]}.")
+    missing = [g for g in groupings if all(g not in r for r in rows)]
+    if missing:
+        raise ValueError(f"grouping attribute(s) {missing} are in no record.")
+
+    fair_dir = Path(out_dir) / FAIRNESS_DIR
+    (fair_dir / "plots").mkdir(parents=True, exist_ok=True)
+    (fair_dir / "thumbs").mkdir(parents=True, exist_ok=True)
+
+    # ---- per_case.csv
+    attr_cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in ("id", "hard", *CASE_METRICS) and k not in attr_cols:
+                attr_cols.append(k)
+    has_hard = any(not _is_missing(r.get("hard")) for r in rows)
+    columns = ["id", *attr_cols, *present_metrics, *(["hard"] if has_hard else [])]
+    per_case_path = fair_dir / PER_CASE_FILE
+    with per_case_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in rows:
+            line = []
+            for c in columns:
+                v = r.get(c)
+                if c in CASE_METRICS:
+                    line.append(repr(float(v)))
+                elif c == "hard":
+                    h = _as_bool(v)
+                    line.append("" if h is None else str(h).lower())
+                else:
+                    line.append("" if _is_missing(v) else _group_label(v))
+            writer.writerow(line)
+
+    # ---- metrics
+    for r in rows:
+        for m in present_metrics:
+            r[m] = float(r[m])
+    bounded = [m for m in ("dice", "nsd") if m in present_metrics]
+    metrics: dict[str, Any] = {
+        "format": "fairdro-fairness/1",
+        "n_cases": len(rows),
+        "settings": {
+            "alpha": float(alpha),
+            "threshold": float(threshold),
+            "n_boot": int(n_boot),
+            "seed": int(seed),
+            "confidence": float(confidence),
+            "groupings": groupings,
+            **dict(settings or {}),
+        },
+        "overall": {m: _describe([r[m] for r in rows]) for m in present_metrics},
+        "groupings": {},
+        "routing": None,
+    }
+    worst: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for attribute in groupings:
+        entry: dict[str, Any] = {}
+        for m in bounded:
+            entry[m] = bootstrap_group_metrics(
+                rows,
+                attribute,
+                metric=m,
+                n_boot=n_boot,
+                seed=seed,
+                confidence=confidence,
+                alpha=alpha,
+                threshold=threshold,
+            )
+        order = list(entry["dice"]["groups"])
+        if "hd95" in present_metrics:
+            entry["hd95"] = {
+                "groups": {
+                    g: {
+                        "n": entry["dice"]["groups"][g]["n"],
+                        "mean": float(np.mean([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
+                        "median": float(np.median([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
+                    }
+                    for g in order
+                }
+            }
+        worst[attribute] = worst_cases(rows, attribute, "dice", alpha=alpha, n_worst=n_worst)
+        entry["worst_cases"] = {g: [str(r["id"]) for r in cases] for g, cases in worst[attribute].items()}
+        metrics["groupings"][attribute] = entry
+    if routing is not None:
+        metrics["routing"] = (
+            dict(routing) if "layers" in routing else routing_summary(routing["counts"], routing["subgroups"])
+        )
+    metrics_path = fair_dir / METRICS_FILE
+    metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+
+    # ---- figures
+    images: dict[str, str] = {}
+    for attribute in groupings:
+        order = list(metrics["groupings"][attribute]["dice"]["groups"])
+        for m in bounded:
+            rel = f"plots/{m}_by_{_safe_name(attribute)}.png"
+            _plot_groups(rows, attribute, m, order, threshold, fair_dir / rel)
+            images[f"{attribute}/{m}"] = rel
+    thumbs_written: dict[str, str] = {}
+    listed = {str(r["id"]) for by_g in worst.values() for cases in by_g.values() for r in cases}
+    for case_id in sorted(listed):
+        if thumbnails and case_id in thumbnails:
+            rel = f"thumbs/{_safe_name(case_id)}.png"
+            row = next(r for r in rows if str(r["id"]) == case_id)
+            _plot_thumbnail(thumbnails[case_id], f"{case_id}: dice {row['dice']:.3f}", fair_dir / rel)
+            thumbs_written[case_id] = rel
+    if metrics["routing"] is not None:
+        _plot_routing(metrics["routing"], fair_dir / "plots" / "routing.png")
+        images["routing"] = "plots/routing.png"
+
+    # ---- html
+    report_path = fair_dir / REPORT_FILE
+    report_path.write_text(_render_html(title, metrics, rows, groupings, worst, images, thumbs_written, attr_cols))
+    logger.info("fairness report of %d cases written to %s", len(rows), report_path)
+    return {"per_case": per_case_path, "metrics": metrics_path, "report": report_path}
+
+
+def _render_html(
+    title: str,
+    metrics: Mapping[str, Any],
+    rows: list[dict[str, Any]],
+    groupings: list[str],
+    worst: Mapping[str, Mapping[str, list[dict[str, Any]]]],
+    images: Mapping[str, str],
+    thumbs: Mapping[str, str],
+    attr_cols: list[str],
+) -> str:
+    s = metrics["settings"]
+    level = round(100 * s["confidence"])
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{metrics['n_cases']} cases. Intervals: {level}% percentile bootstrap, {s['n_boot']} draws, cases "
+        f"resampled within each group, seed {s['seed']}. CVaR over the worst {s['alpha']:g} of each group; a "
+        f"case fails when its Dice is below {s['threshold']:g}. ES-Dice = Dice / (1 + &Sigma;<sub>g</sub> "
+        "|Dice &minus; Dice<sub>g</sub>|); ES-Dice (std) = Dice / (1 + sample std of the group means).</p>",
+        "<h2>Headline</h2>",
+        "<table><tr><th>grouping</th><th>groups</th><th>Dice (all)</th><th>worst-group Dice</th>"
+        "<th>worst group</th><th>group gap</th><th>ES-Dice</th><th>ES-Dice (std)</th><th>worst-group CVaR</th>"
+        "<th>hidden failures</th><th>hard failures / hard</th></tr>",
+    ]
+    names = metric_output_names("dice")
+    for attribute in groupings:
+        d = metrics["groupings"][attribute]["dice"]
+        key = f"{attribute}.dice"
+        cells = [f"<td>{html.escape(attribute)}</td>", f"<td>{d['n_groups']}</td>"]
+        for name in names[:2]:
+            cells.append(_cell(f"{key}.{name}", d[name], d["ci"].get(name)))
+        cells.append(f"<td>{html.escape(d['worst_group'])}</td>")
+        for name in names[2:6]:
+            cells.append(_cell(f"{key}.{name}", d[name], d["ci"].get(name)))
+        cells.append(_cell(f"{key}.hidden_failures", d["hidden_failures"]))
+        hard = f"{d['hard_failures']} / {d['hard_cases']}" if "hard_cases" in d else "&ndash;"
+        cells.append(f"<td>{hard}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    ov = metrics["overall"]
+    out.append(
+        "<h2>All cases</h2><table><tr><th>metric</th><th>mean</th><th>median</th><th>std</th><th>min</th>"
+        "<th>max</th></tr>"
+    )
+    for m, st in ov.items():
+        unit = " (mm)" if m == "hd95" else ""
+        out.append(f"<tr><td>{m}{unit}</td>" + "".join(_cell(f"overall.{m}.{k}", st[k]) for k in st) + "</tr>")
+    out.append("</table>")
+
+    for attribute in groupings:
+        entry = metrics["groupings"][attribute]
+        d = entry["dice"]
+        out.append(f"<h2>By {html.escape(attribute)}</h2>")
+        header = "<tr><th>group</th><th>n</th><th>Dice</th><th>std</th><th>CVaR</th><th>hidden failures</th>"
+        header += "<th>hard failures / hard</th>" if "hard_cases" in d else ""
+        header += "<th>NSD</th>" if "nsd" in entry else ""
+        header += "<th>HD95 mean (mm)</th><th>HD95 median (mm)</th>" if "hd95" in entry else ""
+        out.append("<table>" + header + "</tr>")
+        for g, ge in d["groups"].items():
+            k = f"{attribute}.dice.groups.{g}"
+            cells = [
+                f"<td>{html.escape(g)}</td>",
+                f"<td>{ge['n']}</td>",
+                _cell(f"{k}.dice", ge["dice"], ge["ci"]["dice"]),
+                _cell(f"{k}.std", ge["std"]),
+                _cell(f"{k}.cvar", ge["cvar"], ge["ci"]["cvar"]),
+                _cell(f"{k}.hidden_failures", ge["hidden_failures"]),
+            ]
+            if "hard_cases" in ge:
+                cells.append(f"<td>{ge['hard_failures']} / {ge['hard_cases']}</td>")
+            if "nsd" in entry:
+                cells.append(_cell(f"{attribute}.nsd.groups.{g}.nsd", entry["nsd"]["groups"][g]["nsd"]))
+            if "hd95" in entry:
+                h = entry["hd95"]["groups"][g]
+                cells += [
+                    _cell(f"{attribute}.hd95.groups.{g}.mean", h["mean"]),
+                    _cell(f"{attribute}.hd95.groups.{g}.median", h["median"]),
+                ]
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("</table>")
+        for m in ("dice", "nsd"):
+            if f"{attribute}/{m}" in images:
+                out.append(
+                    f'<img src="{html.escape(images[attribute + "/" + m])}" alt="{m} by {html.escape(attribute)}">'
+                )
+        out.append(f"<h3>Intra-group worst cases by {html.escape(attribute)}</h3>")
+        out.append(
+            "<table><tr><th>group</th><th>id</th>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in attr_cols if c != attribute)
+            + "<th>Dice</th><th>HD95 (mm)</th><th>NSD</th><th>hard</th><th>slices</th></tr>"
+        )
+        for g, cases in worst[attribute].items():
+            for r in cases:
+                cid = str(r["id"])
+                cls = ' class="fail"' if r["dice"] < s["threshold"] else ""
+                thumb = (
+                    f'<img src="{html.escape(thumbs[cid])}" alt="{html.escape(cid)}" width="420">'
+                    if cid in thumbs
+                    else ""
+                )
+                hard = _as_bool(r.get("hard"))
+                out.append(
+                    f"<tr><td>{html.escape(g)}</td><td>{html.escape(cid)}</td>"
+                    + "".join(f"<td>{html.escape(_group_label(r.get(c)))}</td>" for c in attr_cols if c != attribute)
+                    + f"<td{cls}>{r['dice']:.4f}</td><td>{_fmt(r.get('hd95', '-'), 2)}</td>"
+                    f"<td>{_fmt(r.get('nsd', '-'))}</td><td>{'' if hard is None else str(hard).lower()}</td>"
+                    f"<td>{thumb}</td></tr>"
+                )
+        out.append("</table>")
+    out.append("<h2>Expert routing</h2>")
+    if "routing" in images:
+        out.append(
+            "<p>Share of each expert among the routing choices, per subgroup (rows) and dMoE layer "
+            "(panels). Different rows mean subgroups use different experts.</p>"
+        )
+        out.append(f'<img src="{images["routing"]}" alt="routing heat-map">')
+    else:
+        out.append("<p>No routing statistics (network without dMoE layers, or none given).</p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# handler
+# --------------------------------------------------------------------------------------------------------------
+class FairnessReportHandler:
+    """Collect per-case fairness data during a MONAI evaluation and write the fairness report at its end.
+
+    At every ``ITERATION_COMPLETED`` it reads, per case, ``pred_key`` and ``label_key`` from the decollated
+    and post-transformed ``engine.state.output`` (one-hot ``C[spatial]`` or label maps ``1[spatial]``, on the
+    grid the metrics should be computed on: invert the prediction to the original image first), the case
+    metadata (``id_key``, ``attribute_keys``, ``hard_key``) from ``engine.state.batch`` (else the output),
+    computes Dice, HD95 and NSD (spacing from the prediction's MetaTensor affine unless ``spacing`` is set)
+    and keeps a downsampled thumbnail. At ``EPOCH_COMPLETED`` all ranks gather the cases (attach it on
+    every rank), rank 0 writes ``<output_dir>/fairness/{per_case.csv, metrics.json, report.html}``.
+
+    Args:
+        output_dir: the run's output folder (the report goes to its ``fairness`` sub-folder).
+        groupings: grouping attributes to analyse, e.g. ``["stage", "institution"]``.
+        attribute_keys: attribute keys copied into ``per_case.csv`` (default: ``groupings``).
+        pred_key: output key of the prediction.
+        label_key: output key of the label.
+        image_key: key of the image for thumbnails (only used when on the label's grid).
+        id_key: batch key of the case id (missing: the prediction's file name, else a counter).
+        hard_key: batch key of the optional hard-case flag.
+        spacing: voxel spacing in mm; ``None``: from the prediction's affine.
+        tolerance_mm: NSD tolerance in mm.
+        percentile: Hausdorff percentile (95).
+        alpha: CVaR tail fraction.
+        threshold: failure threshold.
+        n_boot: bootstrap draws.
+        seed: bootstrap seed.
+        confidence: interval level.
+        network: optional network with ``routing_stats()`` (see :func:`routing_from_network`). At each epoch
+            start its ``reset_routing_stats()`` is called (when ``reset_routing``) and ``set_routing_stats(True)``
+            switches recording on; at epoch end recording is switched off again (methods used when present).
+        routing_subgroups: subgroup names of the routing rows, if the network does not provide them.
+        reset_routing: reset the network's routing counters at epoch start.
+        thumbnails: keep thumbnails of the cases.
+        thumbnail_size: longest thumbnail side in pixels.
+        n_worst: at most this many worst cases per group in the report.
+        slice_axis: spatial axis of the thumbnail slices.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        groupings: Sequence[str],
+        attribute_keys: Sequence[str] | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        image_key: str | None = "image",
+        id_key: str = "id",
+        hard_key: str = "hard",
+        spacing: float | Sequence[float] | None = None,
+        tolerance_mm: float = 2.0,
+        percentile: float = 95.0,
+        alpha: float = 0.2,
+        threshold: float = 0.5,
+        n_boot: int = 1000,
+        seed: int = 0,
+        confidence: float = 0.95,
+        network: Any | None = None,
+        routing_subgroups: Sequence[str] | None = None,
+        reset_routing: bool = True,
+        thumbnails: bool = True,
+        thumbnail_size: int = 160,
+        n_worst: int | None = 5,
+        slice_axis: int = -1,
+    ) -> None:
+        if isinstance(groupings, str):
+            raise TypeError(f"`groupings` must be a list of attribute names, got the string {groupings!r}.")
+        if not groupings:
+            raise ValueError("`groupings` must name at least one attribute, e.g. ['stage'].")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"`alpha` must be in (0, 1], got {alpha}.")
+        self.output_dir = Path(output_dir)
+        self.groupings = list(groupings)
+        self.attribute_keys = list(dict.fromkeys([*(attribute_keys or []), *self.groupings]))
+        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
+        self.id_key, self.hard_key = id_key, hard_key
+        self.spacing, self.tolerance_mm, self.percentile = spacing, tolerance_mm, percentile
+        self.alpha, self.threshold = alpha, threshold
+        self.n_boot, self.seed, self.confidence = n_boot, seed, confidence
+        self.network, self.routing_subgroups, self.reset_routing = network, routing_subgroups, reset_routing
+        self.keep_thumbnails, self.thumbnail_size, self.n_worst = thumbnails, thumbnail_size, n_worst
+        self.slice_axis = slice_axis
+        self.records: list[dict[str, Any]] = []
+        self.thumbnails: dict[str, Thumbnail] = {}
+        self.last_paths: dict[str, Path] | None = None
+        self._counter = 0
+
+    def attach(self, engine: Any) -> None:
+        """Register :meth:`epoch_started`, :meth:`iteration_completed` and ``__call__`` (epoch end)."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def epoch_started(self, engine: Any) -> None:
+        """Clear the collected cases and reset the network's routing counters."""
+        self.records, self.thumbnails, self._counter = [], {}, 0
+        net = getattr(self.network, "module", self.network)
+        if net is None:
+            return
+        if self.reset_routing and callable(getattr(net, "reset_routing_stats", None)):
+            net.reset_routing_stats()
+        if callable(getattr(net, "set_routing_stats", None)):
+            net.set_routing_stats(True)  # recording is off by default; switched off again at epoch end
+
+    def _case_id(self, value: Any, pred: Any) -> str:
+        if not _is_missing(value):
+            return _group_label(value)
+        if isinstance(pred, MetaTensor) and pred.meta.get("filename_or_obj"):
+            name = Path(str(pred.meta["filename_or_obj"])).name
+            return re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.dcm)$", "", name)
+        self._counter += 1
+        return f"case_{self._counter:05d}"
+
+    def iteration_completed(self, engine: Any) -> None:
+        """Score every case of the iteration and keep its record (and thumbnail)."""
+        outputs = _as_item_list(engine.state.output)
+        if outputs is None:
+            raise TypeError(f"engine.state.output must be a dict or a list of dicts, got {type(engine.state.output)}.")
+        keys = (self.id_key, self.hard_key, *self.attribute_keys)
+        meta = case_metadata(engine.state.batch, outputs, keys)
+        for item, m in zip(outputs, meta):
+            if self.pred_key not in item or self.label_key not in item:
+                raise KeyError(
+                    f"engine output has no {self.pred_key!r}/{self.label_key!r} (keys: {sorted(item)}); set "
+                    "`pred_key`/`label_key` or keep the label in the post-transforms."
+                )
+            pred, label = item[self.pred_key], item[self.label_key]
+            scores = compute_case_metrics(
+                pred, label, spacing=self.spacing, tolerance_mm=self.tolerance_mm, percentile=self.percentile
+            )
+            record: dict[str, Any] = {"id": self._case_id(m.get(self.id_key), pred)}
+            for k in self.attribute_keys:
+                record[k] = _group_label(m.get(k))
+            record.update(scores)
+            hard = _as_bool(m.get(self.hard_key))
+            if hard is not None:
+                record["hard"] = hard
+            self.records.append(record)
+            if self.keep_thumbnails:
+                image = item.get(self.image_key) if self.image_key else None
+                self.thumbnails[record["id"]] = make_thumbnail(
+                    image, label, pred, axis=self.slice_axis, max_size=self.thumbnail_size
+                )
+
+    def __call__(self, engine: Any) -> None:
+        """Gather the cases over ranks and write the report on rank 0."""
+        records = _all_gather_objects(self.records)
+        unique: dict[str, dict[str, Any]] = {}
+        for r in records:
+            unique.setdefault(r["id"], r)  # DistributedSampler padding repeats cases
+        records = list(unique.values())
+        if not records:
+            logger.warning("no case was evaluated: no fairness report written.")
+            return
+        listed = set()
+        for attribute in self.groupings:
+            for cases in worst_cases(records, attribute, "dice", self.alpha, self.n_worst).values():
+                listed.update(str(r["id"]) for r in cases)
+        local = [(cid, t) for cid, t in self.thumbnails.items() if cid in listed]
+        thumbs = dict(_all_gather_objects(local))
+        routing = self._routing()
+        net = getattr(self.network, "module", self.network)
+        if net is not None and callable(getattr(net, "set_routing_stats", None)):
+            net.set_routing_stats(False)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank != 0:
+            return
+        settings = {
+            "nsd_tolerance_mm": float(self.tolerance_mm),
+            "hd_percentile": float(self.percentile),
+            "epoch": int(getattr(engine.state, "epoch", 0) or 0),
+        }
+        self.last_paths = write_fairness_report(
+            self.output_dir,
+            records,
+            self.groupings,
+            routing=routing,
+            thumbnails=thumbs,
+            alpha=self.alpha,
+            threshold=self.threshold,
+            n_boot=self.n_boot,
+            seed=self.seed,
+            confidence=self.confidence,
+            n_worst=self.n_worst,
+            settings=settings,
+        )
+        getattr(engine, "logger", logger).info("fairness report written to %s", self.last_paths["report"])
+
+    def _routing(self) -> dict[str, Any] | None:
+        if self.network is None:
+            return None
+        summary = routing_from_network(self.network, self.routing_subgroups)
+        if summary is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+            return summary
+        for layer in summary["layers"].values():  # sum the counts of all ranks
+            counts = torch.tensor(layer["counts"], dtype=torch.float64, device=idist.device())
+            dist.all_reduce(counts)
+            arr = counts.cpu().numpy()
+            totals = arr.sum(axis=1, keepdims=True)
+            layer["counts"] = arr.tolist()
+            layer["fractions"] = np.divide(arr, totals, out=np.zeros_like(arr), where=totals > 0).tolist()
+        return summary

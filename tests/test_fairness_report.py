@@ -1,0 +1,273 @@
+"""Tests of scripts.fairness_report: report files, HTML consistency, thumbnails, routing and the Ignite handler."""
+
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.data import MetaTensor
+from scripts.fairness_report import (
+    FairnessReportHandler,
+    make_thumbnail,
+    routing_from_network,
+    routing_summary,
+    worst_cases,
+    write_fairness_report,
+)
+
+
+class _Page(HTMLParser):
+    """Collects <img src> and the text of elements carrying data-key."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.values, self._key = [], {}, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a["src"])
+        if "data-key" in a:
+            self._key = a["data-key"]
+        if tag in ("link", "script") and (a.get("href") or a.get("src")):
+            self.images.append(a.get("href") or a.get("src"))  # no external resource may be referenced
+
+    def handle_data(self, data):
+        if self._key is not None:
+            self.values[self._key] = data
+            self._key = None
+
+
+def _records(n=36, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        stage = ["T1", "T2", "T3"][i % 3]
+        inst = ["A", "B"][i % 2]
+        hard = i % 7 == 0
+        dice = float(np.clip(rng.normal(0.8, 0.1) - (0.5 if hard else 0), 0, 1))
+        rows.append(
+            {"id": f"case{i:03d}", "stage": stage, "institution": inst, "age": 50 + i, "dice": dice,
+             "hd95": float(rng.uniform(1, 20)), "nsd": float(np.clip(dice + 0.05, 0, 1)), "hard": hard}
+        )  # fmt: skip
+    return rows
+
+
+def _routing():
+    rng = np.random.default_rng(1)
+    return {
+        "counts": {f"enc{k}": rng.integers(0, 50, size=(4, 6)) for k in range(3)},  # G=3 stages + unknown, E=6
+        "subgroups": ["T1", "T2", "T3"],
+    }
+
+
+def test_report_files_images_and_headline_match_json(tmp_path):
+    records = _records()
+    rng = np.random.default_rng(2)
+    thumbs = {
+        r["id"]: (
+            rng.integers(0, 255, (20, 16), dtype=np.uint8),
+            rng.random((20, 16)) > 0.5,
+            rng.random((20, 16)) > 0.5,
+        )
+        for r in records
+    }
+    paths = write_fairness_report(
+        tmp_path, records, ["stage", "institution"], routing=_routing(), thumbnails=thumbs, n_boot=100, seed=0
+    )
+    fair = tmp_path / "fairness"
+    assert paths == {
+        "per_case": fair / "per_case.csv",
+        "metrics": fair / "metrics.json",
+        "report": fair / "report.html",
+    }
+    # per-case table: id, every attribute, metrics, hard
+    with paths["per_case"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["id", "stage", "institution", "age", "dice", "hd95", "nsd", "hard"]
+    assert len(rows) == len(records) and rows[0]["hard"] == "true" and float(rows[1]["dice"]) == records[1]["dice"]
+
+    metrics = json.loads(paths["metrics"].read_text())
+    assert set(metrics["groupings"]) == {"stage", "institution"}
+    assert metrics["routing"]["subgroups"] == ["T1", "T2", "T3", "unknown"]
+    assert np.allclose(np.sum(metrics["routing"]["layers"]["enc0"]["fractions"], axis=1), 1.0)
+
+    page = _Page()
+    page.feed(paths["report"].read_text())
+    assert page.images, "the report shows images"
+    for src in page.images:
+        assert not src.startswith(("http:", "https:", "//", "/")), src
+        assert (fair / src).is_file(), src
+    assert "plots/routing.png" in page.images
+    assert any(src.startswith("thumbs/") for src in page.images)
+    # every headline number in the page equals metrics.json (4 decimals)
+    for attribute in ("stage", "institution"):
+        d = metrics["groupings"][attribute]["dice"]
+        for name in ("dice_all", "worst_group_dice", "group_gap", "es_dice", "es_dice_std", "worst_group_cvar"):
+            assert page.values[f"{attribute}.dice.{name}"] == f"{d[name]:.4f}", (attribute, name)
+        assert page.values[f"{attribute}.dice.hidden_failures"] == str(d["hidden_failures"])
+        for g, ge in d["groups"].items():
+            assert page.values[f"{attribute}.dice.groups.{g}.cvar"] == f"{ge['cvar']:.4f}"
+
+
+def test_report_input_errors(tmp_path):
+    records = _records(6)
+    with pytest.raises(ValueError, match="repeated"):
+        write_fairness_report(tmp_path, records + records[:1], ["stage"], n_boot=10)
+    with pytest.raises(ValueError, match="non-finite"):
+        write_fairness_report(tmp_path, [dict(records[0], hd95=float("inf")), *records[1:]], ["stage"], n_boot=10)
+    with pytest.raises(ValueError, match="in no record"):
+        write_fairness_report(tmp_path, records, ["sex"], n_boot=10)
+
+
+def test_worst_cases_are_the_cvar_tail():
+    rows = [{"id": str(i), "g": "x", "dice": d} for i, d in enumerate([0.9, 0.2, 0.8, 0.5, 0.7, 0.6, 0.95])]
+    # n=7, alpha=0.2 -> ceil(1.4) = 2 cases: 0.2 then 0.5
+    assert [r["id"] for r in worst_cases(rows, "g", alpha=0.2)["x"]] == ["1", "3"]
+    assert len(worst_cases(rows, "g", alpha=1.0, n_worst=3)["x"]) == 3
+
+
+def test_make_thumbnail_slices_through_the_target():
+    label = np.zeros((40, 30, 20))
+    label[10:20, 5:15, 12:17] = 1  # target on slices 12..16: the middle is slice 14
+    image = np.zeros_like(label)
+    image[..., 14] = np.arange(40)[:, None] * 10.0  # only slice 14 has contrast
+    img, lab, prd = make_thumbnail(image, label[None], np.zeros((2, 40, 30, 20)), max_size=20)
+    assert img.shape == lab.shape == prd.shape == (20, 15)  # stride 2
+    assert img.dtype == np.uint8 and img.max() == 255  # slice 14 holds the bright values
+    assert lab.sum() == 5 * 5 and not prd.any()
+    # image on another grid: black background, no error
+    img2, _, _ = make_thumbnail(np.ones((10, 10, 10)), label, label, max_size=40)
+    assert not img2.any()
+
+
+def test_routing_summary_and_network():
+    s = routing_summary({"l0": torch.tensor([[3, 1], [0, 0], [1, 1]])}, ["T1", "T2"])
+    assert s["subgroups"] == ["T1", "T2", "unknown"] and s["n_experts"] == 2
+    assert s["layers"]["l0"]["fractions"] == [[0.75, 0.25], [0.0, 0.0], [0.5, 0.5]]
+    with pytest.raises(ValueError, match="routing rows"):
+        routing_summary({"l0": np.ones((5, 2))}, ["T1", "T2"])
+
+    class Net(torch.nn.Module):
+        def routing_stats(self):
+            return {"enc0": torch.ones(3, 4, dtype=torch.int64)}
+
+    assert routing_from_network(Net(), ["T1", "T2"])["layers"]["enc0"]["fractions"][0] == [0.25] * 4
+    assert routing_from_network(torch.nn.Linear(1, 1)) is None
+
+
+class _RoutingNet(torch.nn.Module):
+    """Stands in for DMoEResUNet: routing counters with reset/enable switches."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled, self.resets = False, 0
+
+    def set_routing_stats(self, enabled=True):
+        self.enabled = enabled
+
+    def reset_routing_stats(self):
+        self.resets += 1
+
+    def routing_stats(self):
+        return {"enc0": torch.tensor([[4, 0, 1], [0, 5, 0], [1, 1, 1]]), "enc1": torch.tensor([[1, 1, 0]] * 3)}
+
+
+def _evaluator_batches():
+    """Two iterations of two decollated cases each, as MONAI's evaluator leaves them after post-transforms."""
+    affine = torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0]))
+    batches = []
+    for it in range(2):
+        batch = []
+        for j in range(2):
+            k = 2 * it + j
+            label = torch.zeros(1, 12, 12, 6)
+            label[0, 3:9, 3:9, 2:4] = 1
+            pred = torch.roll(label, shifts=k, dims=1)  # case k: shifted by k voxels
+            batch.append(
+                {
+                    "image": torch.rand(1, 12, 12, 6),
+                    "label": MetaTensor(torch.cat([1 - label, label]), affine=affine),  # one-hot label
+                    "pred": MetaTensor(pred, affine=affine),  # label-map prediction
+                    "id": f"p{k}",
+                    "stage": ["T1", "T2"][k % 2],
+                    "institution": "A",
+                    "hard": torch.tensor(k == 3),
+                }
+            )
+        batches.append(batch)
+    return batches
+
+
+def test_report_handler_on_fake_evaluator(tmp_path):
+    def step(engine, batch):
+        return [{"image": b["image"], "label": b["label"], "pred": b["pred"]} for b in batch]
+
+    engine = Engine(step)
+    net = _RoutingNet()
+    handler = FairnessReportHandler(
+        tmp_path, ["stage"], attribute_keys=["institution"], network=net, routing_subgroups=["T1", "T2"], n_boot=50
+    )
+    handler.attach(engine)
+    engine.run(_evaluator_batches(), max_epochs=1)
+    fair = Path(tmp_path) / "fairness"
+    for name in ("per_case.csv", "metrics.json", "report.html"):
+        assert (fair / name).is_file(), name
+    with (fair / "per_case.csv").open() as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["p0", "p1", "p2", "p3"]
+    assert rows["p0"]["dice"] == "1.0" and rows["p3"]["hard"] == "true" and rows["p1"]["institution"] == "A"
+    # case 1: a 6x6x2 block shifted by one voxel: dice = 2*5*6*2 / (2*72) = 5/6; HD95 = 1 mm along axis 0
+    assert float(rows["p1"]["dice"]) == pytest.approx(5 / 6)
+    assert float(rows["p1"]["hd95"]) == pytest.approx(1.0)
+    metrics = json.loads((fair / "metrics.json").read_text())
+    assert metrics["settings"]["nsd_tolerance_mm"] == 2.0
+    assert metrics["routing"]["layers"]["enc0"]["counts"][1] == [0, 5, 0]
+    assert net.resets == 1 and net.enabled is False  # reset at start, recording switched off at the end
+    page = _Page()
+    page.feed((fair / "report.html").read_text())
+    assert all((fair / src).is_file() for src in page.images)
+    assert any(src.startswith("thumbs/") for src in page.images)
+
+
+def test_handlers_in_a_monai_supervised_evaluator(tmp_path):
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator
+    from monai.transforms import AsDiscreted
+    from scripts.fairness_metrics import FairnessMetricHandler
+
+    class Net(torch.nn.Module):  # logits favour the foreground where the image is bright
+        def forward(self, x):
+            return torch.cat([1 - x, x], dim=1) * 10
+
+    affine = torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0]))
+    data = []
+    for k in range(5):
+        label = torch.zeros(1, 10, 10, 4)
+        label[0, 2:6, 2:6, 1:3] = 1
+        image = torch.roll(label, shifts=2 * (k % 2), dims=1)  # odd cases: shifted by 2 -> dice 0.5
+        data.append(
+            {"image": MetaTensor(image, affine=affine), "label": MetaTensor(label, affine=affine), "id": f"s{k}",
+             "stage": "T1" if k < 3 else "T2", "hard": k == 1}
+        )  # fmt: skip
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(data, batch_size=2),
+        network=Net(),
+        postprocessing=AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=[2, 2]),
+        key_val_metric={"worst_stage_dice": FairnessMetricHandler(attribute="stage")},
+        additional_metrics={"stage_cvar": FairnessMetricHandler(attribute="stage", output="worst_group_cvar")},
+        val_handlers=[FairnessReportHandler(tmp_path, ["stage"], n_boot=20)],
+    )
+    evaluator.run()
+    # T1: s0 1, s1 0.5, s2 1 -> 2.5/3; T2: s3 0.5, s4 1 -> 0.75; CVaR(0.2): T1 k=0.6 -> 0.5, T2 k=0.4 -> 0.5
+    assert evaluator.state.metrics["worst_stage_dice"] == pytest.approx(0.75)
+    assert evaluator.state.metrics["stage_cvar"] == pytest.approx(0.5)
+    metrics = json.loads((tmp_path / "fairness" / "metrics.json").read_text())
+    assert metrics["groupings"]["stage"]["dice"]["worst_group_dice"] == pytest.approx(0.75)
+    assert metrics["groupings"]["stage"]["dice"]["hard_failures"] == 0  # s1 (hard) scores 0.5, not below
+    assert metrics["n_cases"] == 5

@@ -1,9 +1,12 @@
 """Smoke tests: the bundle's configs run through MONAI's ConfigWorkflow on a tiny synthetic cohort."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
@@ -12,6 +15,7 @@ from scripts import synthetic
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
+VARIANTS = ["erm", "groupdro", "dmoe", "fairdro", "fairdro_groupdro"]
 
 #: settings that make one epoch take seconds on a CPU
 TINY = {
@@ -23,6 +27,8 @@ TINY = {
     "batch_size": 2,
     "num_samples": 1,
 }
+#: the inference config takes the network settings only
+TINY_INFER = {k: TINY[k] for k in ("patch_size", "features", "num_experts")}
 
 
 @pytest.fixture(scope="session")
@@ -32,27 +38,87 @@ def tiny_cohort(tmp_path_factory):
     return out
 
 
-def test_train_config_properties_and_one_epoch(tiny_cohort, tmp_path):
-    run_dir = tmp_path / "run"
+def _run(config_files, workflow_type, run_id, **override):
     wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
-        workflow_type="train",
-        run_id="training",
-        dataset_dir=str(tiny_cohort),
-        output_dir=str(run_dir),
-        ckpt_dir=str(run_dir / "models"),
-        **TINY,
+        config_file=[str(CONFIGS / f) for f in config_files], workflow_type=workflow_type, run_id=run_id, **override
     )
-    assert wf.check_properties() == []
     wf.initialize()
+    assert wf.check_properties() == []
     wf.run()
     wf.finalize()
+    return wf
+
+
+@pytest.fixture(scope="session")
+def trained_default(tiny_cohort, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run_default")
+    wf = _run(["train.json"], "train", "training", dataset_dir=str(tiny_cohort), output_dir=str(run_dir),
+              ckpt_dir=str(run_dir / "models"), **TINY)  # fmt: skip
+    return wf, run_dir
+
+
+def test_train_default_one_epoch(trained_default):
+    wf, run_dir = trained_default
     ckpt = run_dir / "models" / "model.pt"
     assert ckpt.is_file()
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
-    net = wf.network_def
+    net = wf.parser.get_parsed_content("network_def")
     net.load_state_dict(state)  # strict: every key of the network is in the checkpoint
+    assert not any(k.startswith("module.") for k in state)
     assert wf.trainer.state.epoch == 1
+    # the resumable checkpoint carries the DRO state beside model, optimizer and trainer counters
+    full = torch.load(run_dir / "checkpoints" / "checkpoint_final.pt", weights_only=True, map_location="cpu")
+    assert set(full) == {"model", "optimizer", "dro", "trainer"}
+    assert wf.parser.get_parsed_content("dro").intra == "cvar"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_variant_one_epoch(variant, tiny_cohort, tmp_path):
+    out_root = tmp_path / "runs"
+    wf = _run(["train.json", f"variants/{variant}.json"], "train", "training", dataset_dir=str(tiny_cohort),
+              output_dir=f"$'{out_root}/' + @run_name", **TINY)  # fmt: skip
+    run_dir = out_root / variant
+    assert (run_dir / "models" / "model.pt").is_file(), "each variant writes into its own folder"
+    net = wf.parser.get_parsed_content("network_def")
+    expect_moe = variant in ("dmoe", "fairdro", "fairdro_groupdro")
+    assert net.use_dmoe == expect_moe
+    dro = wf.parser.get_parsed_content("dro")
+    expected = {
+        "erm": ("none", "empirical"),
+        "groupdro": ("none", "groupdro"),
+        "dmoe": ("none", "empirical"),
+        "fairdro": ("cvar", "uniform"),
+        "fairdro_groupdro": ("cvar", "groupdro"),
+    }[variant]
+    assert (dro.intra, dro.inter) == expected
+
+
+def test_train_then_evaluate_writes_fairness_outputs(trained_default, tiny_cohort):
+    _, run_dir = trained_default
+    _run(["train.json", "evaluate.json"], "train", "evaluating", dataset_dir=str(tiny_cohort),
+         output_dir=str(run_dir), ckpt_dir=str(run_dir / "models"), **TINY)  # fmt: skip
+    fair = run_dir / "fairness"
+    for name in ("per_case.csv", "metrics.json", "report.html"):
+        assert (fair / name).is_file(), name
+    metrics = json.loads((fair / "metrics.json").read_text())
+    assert set(metrics["groupings"]) == {"stage", "institution"}
+    rows = (fair / "per_case.csv").read_text().splitlines()
+    datalist = json.loads((tiny_cohort / "datalist.json").read_text())
+    assert len(rows) - 1 == len(datalist["testing"])
+
+
+def test_inference_writes_masks_on_original_grid(trained_default, tiny_cohort, tmp_path):
+    _, run_dir = trained_default
+    out = tmp_path / "pred"
+    _run(["inference.json"], "infer", "inference", dataset_dir=str(tiny_cohort), output_dir=str(out),
+         ckpt_path=str(run_dir / "models" / "model.pt"), **TINY_INFER)  # fmt: skip
+    datalist = json.loads((tiny_cohort / "datalist.json").read_text())
+    for item in datalist["testing"]:
+        src = nib.load(tiny_cohort / item["image"])
+        seg = nib.load(out / f"{item['id']}_seg.nii.gz")
+        assert seg.shape[:3] == src.shape
+        np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
 
 
 def test_training_command_from_inside_bundle(tiny_cohort, tmp_path):

@@ -609,3 +609,25 @@ class SaveDicomOutputsd(MapTransform):
             paths = write_dicom_outputs(d[key], self._meta(d, key), self.output_dir, **self.options)
             d[f"{key}_dicom_outputs"] = {name: str(path) for name, path in paths.items()}
         return d
+
+
+def ensure_output_outside(output_dir: str | Path, input_dir: str | Path) -> str:
+    """Refuse an output folder that is the input series folder or inside it (inputs are never written to).
+
+    Args:
+        output_dir: where results will be written.
+        input_dir: the DICOM series folder being read.
+
+    Returns:
+        ``output_dir`` as a string, so a config can use the checked value.
+
+    Raises:
+        ValueError: naming both folders.
+    """
+    out, src = Path(output_dir).resolve(), Path(input_dir).resolve()
+    if out == src or src in out.parents:
+        raise ValueError(
+            f"output_dir {out} is inside the input series folder {src}; choose another folder "
+            "(inference never writes into its input)."
+        )
+    return str(output_dir)

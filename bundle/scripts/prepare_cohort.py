@@ -53,6 +53,7 @@ from scripts.rtstruct import (  # noqa: E402
     RoiNotFoundError,
     RTStructError,
     check_references,
+    default_file_mode,
     find_roi,
     rasterise_roi,
     read_rtstruct,
@@ -184,6 +185,7 @@ def save_case(out: Path, case_id: str, volume: np.ndarray, mask: np.ndarray, aff
             os.close(fd)
             temps.append(Path(tmp))
             nib.save(image, tmp)
+            os.chmod(tmp, default_file_mode())
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
     except BaseException:
@@ -197,6 +199,7 @@ def _write_json_atomic(data: object, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2)
+    os.chmod(tmp, default_file_mode())
     os.replace(tmp, path)
 
 

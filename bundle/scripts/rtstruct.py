@@ -80,6 +80,13 @@ class ContourGeometryError(RTStructError):
 # ------------------------------------------------------------------------------------------------ file helpers
 
 
+def default_file_mode() -> int:
+    """Permission bits a plain ``open()`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_atomic(ds: Dataset, path: str | Path) -> Path:
     """Write a DICOM file through a temporary file in the same folder, then rename it into place.
 
@@ -96,6 +103,7 @@ def save_atomic(ds: Dataset, path: str | Path) -> Path:
     os.close(fd)
     try:
         ds.save_as(tmp, enforce_file_format=True)
+        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; results are shared with PACS/TPS tools
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

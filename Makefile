@@ -13,13 +13,18 @@ DEMO_CASES ?= 60
 DEMO_EPOCHS ?= 12
 DEMO_SEED ?= 0
 BUNDLE_RUN := $(PY) -m monai.bundle run
+DEMO_RUN = $(abspath $(DEMO_DIR))/run
+DEMO_ARGS = --dataset_dir $(DEMO_DIR)/data --output_dir $(DEMO_RUN) --ckpt_dir $(DEMO_RUN)/models --seed $(DEMO_SEED)
 
-.PHONY: help setup demo test lint format clean-demo
+.PHONY: help setup demo test lint format clean-demo check-data benchmark-fairness bench-dmoe
 
 help:
 	@echo "make demo   - set up .venv, generate the synthetic cohort, train FairDRO, evaluate, infer"
 	@echo "make test   - set up .venv and run the test suite (pytest) and lint"
 	@echo "make lint   - ruff check + format check"
+	@echo "make check-data DATALIST=path/to/datalist.json - report every problem in a cohort"
+	@echo "make benchmark-fairness - the five variants x 3 seeds on the synthetic cohort (about an hour)"
+	@echo "make bench-dmoe - dMoE dispatch / overhead benchmark table"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,17 +40,44 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt | $(VENV)/bin/py
 setup: $(STAMP)
 
 demo: setup
-	@echo "== 1/2 synthetic cohort -> $(DEMO_DIR)/data"
-	$(PY) bundle/scripts/synthetic.py --out $(DEMO_DIR)/data --n-cases $(DEMO_CASES) --seed $(DEMO_SEED)
-	@echo "== 2/2 training FairDRO for $(DEMO_EPOCHS) epochs -> $(DEMO_DIR)/run"
-	$(BUNDLE_RUN) training --config_file bundle/configs/train.json --dataset_dir $(DEMO_DIR)/data \
-		--output_dir $(abspath $(DEMO_DIR))/run --ckpt_dir $(abspath $(DEMO_DIR))/run/models \
-		--epochs $(DEMO_EPOCHS) --seed $(DEMO_SEED)
+	@echo "== 1/5 synthetic cohort (NIfTI + DICOM CT/RTSTRUCT) -> $(DEMO_DIR)/data"
+	$(PY) bundle/scripts/synthetic.py --out $(DEMO_DIR)/data --n-cases $(DEMO_CASES) --seed $(DEMO_SEED) --dicom
+	@echo "== 2/5 cohort check"
+	$(PY) bundle/scripts/check_data.py --datalist $(DEMO_DIR)/data/datalist.json --subgroups T1,T2,T3,T4 -q
+	@echo "== 3/5 training FairDRO for $(DEMO_EPOCHS) epochs -> $(DEMO_DIR)/run"
+	$(BUNDLE_RUN) training --config_file bundle/configs/train.json $(DEMO_ARGS) --epochs $(DEMO_EPOCHS)
+	@echo "== 4/5 evaluation with the fairness report (testing split)"
+	$(BUNDLE_RUN) evaluating --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" $(DEMO_ARGS)
+	@echo "== 5/5 inference on the held-out cases (NIfTI), and one DICOM case (CT series in, SEG + RTSTRUCT out)"
+	$(BUNDLE_RUN) inference --config_file bundle/configs/inference.json --dataset_dir $(DEMO_DIR)/data \
+		--output_dir $(DEMO_RUN)/inference --ckpt_path $(DEMO_RUN)/models/model.pt
+	case_dir=$$($(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/data/datalist.json'))['testing'][0]['dicom_dir'])"); \
+	stage=$$($(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/data/datalist.json'))['testing'][0]['stage'])"); \
+	$(BUNDLE_RUN) inference --config_file "['bundle/configs/inference.json','bundle/configs/inference_dicom.json']" \
+		--input_dir $(DEMO_DIR)/data/$$case_dir --subgroup $$stage --output_dir $(DEMO_RUN)/dicom \
+		--ckpt_path $(DEMO_RUN)/models/model.pt
+	@echo
+	@echo "Headline fairness numbers (testing split):"
+	@$(PY) bundle/scripts/fairness_stats.py summary $(DEMO_RUN)
 	@echo
 	@echo "Outputs:"
-	@echo "  cohort:           $(DEMO_DIR)/data/datalist.json"
-	@echo "  trained model:    $(DEMO_DIR)/run/models/model.pt"
-	@echo "  TensorBoard logs: $(DEMO_DIR)/run"
+	@echo "  cohort:            $(DEMO_DIR)/data/datalist.json"
+	@echo "  trained model:     $(DEMO_RUN)/models/model.pt"
+	@echo "  TensorBoard logs:  $(DEMO_RUN)"
+	@echo "  fairness report:   $(DEMO_RUN)/fairness/report.html"
+	@echo "  per-case metrics:  $(DEMO_RUN)/fairness/per_case.csv, $(DEMO_RUN)/fairness/metrics.json"
+	@echo "  NIfTI masks:       $(DEMO_RUN)/inference/"
+	@echo "  DICOM SEG/RTSTRUCT: $(DEMO_RUN)/dicom/"
+
+check-data: setup
+	@test -n "$(DATALIST)" || { echo "usage: make check-data DATALIST=path/to/datalist.json"; exit 2; }
+	$(PY) bundle/scripts/check_data.py --datalist $(DATALIST) $(CHECK_ARGS)
+
+benchmark-fairness: setup
+	$(PY) bench/fairness_ablation.py --out bench/results/ablation $(ABLATION_ARGS)
+
+bench-dmoe: setup
+	$(PY) bench/bench_dmoe.py
 
 test: setup lint
 	$(PY) -m pytest -q tests

@@ -90,3 +90,15 @@ def test_metadata_matches_installed_versions():
     meta = _load("metadata.json")
     assert meta["monai_version"] == monai.__version__
     assert meta["pytorch_version"] == torch.__version__.split("+")[0]
+
+
+def test_inference_path_imports_no_optional_heavy_packages():
+    """MONAI Label's environment lacks highdicom: the NIfTI inference path must not import it (MONAI itself imports pandas etc.)."""
+    code = (
+        "import sys; sys.path.insert(0, 'bundle'); import scripts; "
+        "from scripts import DMoEResUNet, SubgroupIndexd, CaseIdd, VerifiedCheckpointLoader; "
+        "heavy = [m for m in ('highdicom', 'fairlearn', 'contourpy') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr

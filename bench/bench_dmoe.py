@@ -1,0 +1,148 @@
+"""Benchmark the dMoE overhead: plain backbone vs dMoE with dense, sparse and auto (default) expert dispatch.
+
+For each setting it times a training step (forward + backward + AdamW step, batch 2, MONAI DiceCELoss, subgroups
+[0, 2]) and an eval-mode forward (batch 2, inference mode) of each network, interleaving the repeats (round-robin)
+so that all of them see the same machine load, and prints a markdown table of medians and the dMoE/backbone ratios
+(ratio of medians; in brackets the median of the per-round ratios, more robust on a shared machine).
+
+Usage::
+
+    python bench/bench_dmoe.py            # f=8 at 64x64x32 and 96x96x48, 2 threads
+    python bench/bench_dmoe.py --quick    # 64x64x32 only, few repeats
+    python bench/bench_dmoe.py --f24      # also f=24 at 64x64x64
+    python bench/bench_dmoe.py --threads 1 --cpu-time   # CPU time of one thread: stable on a shared machine
+
+Note: 96x96x48 is padded internally to 96x96x64 (the network needs multiples of 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from monai.losses import DiceCELoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+
+from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
+
+VARIANTS: Dict[str, dict] = {
+    "backbone": {"use_dmoe": False},
+    "dmoe dense": {"use_dmoe": True, "dispatch": "dense"},
+    "dmoe sparse": {"use_dmoe": True, "dispatch": "sparse"},
+    "dmoe auto (default)": {"use_dmoe": True, "dispatch": "auto"},
+}
+
+
+def make_train_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """A closure running one forward + backward + AdamW step of ``net`` on (x, y, g)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def step() -> None:
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x, g), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def make_infer(net: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """A closure running one eval-mode forward of ``net`` without autograd."""
+
+    def infer() -> None:
+        net.eval()
+        with torch.inference_mode():
+            net(x, g)
+
+    return infer
+
+
+def interleaved(
+    fns: Dict[str, Callable[[], None]], repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+) -> Dict[str, List[float]]:
+    """Time every function ``repeats`` times, round-robin, after ``warmup`` untimed rounds."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            dt = clock() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def summarize(times: Dict[str, List[float]], base: str = "backbone") -> Dict[str, Tuple[float, float, float]]:
+    """{name: (median s, ratio of medians to ``base``, median of per-round ratios)}."""
+    med_base = statistics.median(times[base])
+    out = {}
+    for name, ts in times.items():
+        per_round = [t / b for t, b in zip(ts, times[base])]
+        out[name] = (statistics.median(ts), statistics.median(ts) / med_base, statistics.median(per_round))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64x64x32 only, 3 repeats")
+    parser.add_argument("--f24", action="store_true", help="also run f=24 at 64x64x64")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per setting (default 7, quick 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="with --threads 1: time the thread's CPU time instead of wall time (robust on a shared machine)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.perf_counter
+    if args.cpu_time:
+        if args.threads != 1:
+            parser.error("--cpu-time needs --threads 1 (worker threads would not be counted)")
+        clock = time.thread_time
+    repeats = args.repeats or (3 if args.quick else 7)
+    settings: List[Tuple[int, Tuple[int, int, int]]] = [(8, (64, 64, 32))]
+    if not args.quick:
+        settings.append((8, (96, 96, 48)))
+    if args.f24:
+        settings.append((24, (64, 64, 64)))
+
+    kind = "thread CPU time" if args.cpu_time else "wall time"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kind}, batch 2, {repeats} interleaved rounds\n"
+    )
+    print("| f | patch | network | train step (s) | x backbone | eval fwd (s) | x backbone |")
+    print("|---|---|---|---|---|---|---|")
+    for f, patch in settings:
+        torch.manual_seed(0)
+        x = torch.rand(2, 1, *patch)
+        y = (torch.rand(2, 1, *patch) > 0.7).float()
+        g = torch.tensor([0, 2])
+        nets = {}
+        for name, kw in VARIANTS.items():
+            torch.manual_seed(0)
+            nets[name] = DMoEResUNet(features=f, num_subgroups=4, **kw)
+        steps = {k: make_train_step(n, x, y, g) for k, n in nets.items()}
+        train = summarize(interleaved(steps, repeats, warmup=1, clock=clock))
+        infer = summarize(
+            interleaved({k: make_infer(n, x, g) for k, n in nets.items()}, repeats, warmup=1, clock=clock)
+        )
+        for name in VARIANTS:
+            tr, ti = train[name], infer[name]
+            print(
+                f"| {f} | {'x'.join(map(str, patch))} | {name} | {tr[0]:.3f} | {tr[1]:.2f} ({tr[2]:.2f}) "
+                f"| {ti[0]:.3f} | {ti[1]:.2f} ({ti[2]:.2f}) |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

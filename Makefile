@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt co
 
 DEMO_DIR ?= demo
 DEMO_CASES ?= 60
-DEMO_EPOCHS ?= 12
+DEMO_EPOCHS ?= 15
 DEMO_SEED ?= 0
 BUNDLE_RUN := $(PY) -m monai.bundle run
 DEMO_RUN = $(abspath $(DEMO_DIR))/run
@@ -37,7 +37,13 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt | $(VENV)/bin/py
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-setup: $(STAMP)
+# MONAI's verify_net_in_out / ckpt_export do not put the bundle on sys.path (only `run` does): register it in
+# the venv so `scripts.*` imports from any working directory
+PTH := $(VENV)/lib/python$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')/site-packages/fairdro_bundle.pth
+$(PTH): | $(VENV)/bin/python
+	echo "$(abspath bundle)" > $@
+
+setup: $(STAMP) $(PTH)
 
 demo: setup
 	@echo "== 1/5 synthetic cohort (NIfTI + DICOM CT/RTSTRUCT) -> $(DEMO_DIR)/data"

@@ -51,7 +51,8 @@ def test_train_and_inference_share_definitions():
     for key in SHARED:
         assert train[key] == infer[key], f"train.json and inference.json disagree on '{key}'"
     # the inference preprocessing is the training load chain restricted to the image
-    train_targets = [t["_target_"] for t in train["load_transforms"]]
+    train_chain = [train[t[1:]] if isinstance(t, str) and t.startswith("@") else t for t in train["load_transforms"]]
+    train_targets = [t["_target_"] for t in train_chain]
     infer_targets = [t["_target_"] for t in infer["preprocessing"]["transforms"]]
     assert infer_targets == [t for t in train_targets if t != "SpatialPadd"]
 
@@ -93,7 +94,7 @@ def test_metadata_matches_installed_versions():
 
 
 def test_inference_path_imports_no_optional_heavy_packages():
-    """MONAI Label's environment lacks highdicom: the NIfTI inference path must not import it (MONAI itself imports pandas etc.)."""
+    """MONAI Label's environment lacks highdicom: NIfTI inference must not import it (MONAI imports pandas itself)."""
     code = (
         "import sys; sys.path.insert(0, 'bundle'); import scripts; "
         "from scripts import DMoEResUNet, SubgroupIndexd, CaseIdd, VerifiedCheckpointLoader; "

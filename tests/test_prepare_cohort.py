@@ -175,3 +175,25 @@ def test_runs_as_a_script(cohort, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "datalist.json").exists()
+
+
+def test_split_by_attribute_gives_disjoint_stratified_lists(cohort, tmp_path):
+    root, _, _ = cohort
+    rows = [{"id": f"p{i}", "dicom_dir": case, "site": "A" if i < 6 else "B"} for i, case in
+            enumerate(["c01", "c02", "c03"] * 3)]  # fmt: skip
+    csv_path = _write_csv(tmp_path / "cases.csv", rows)
+    out = tmp_path / "out"
+    assert (
+        main(["--dicom-root", str(root), "--attributes", str(csv_path), "--out", str(out), "--split-by", "site"]) == 0
+    )
+    datalist = json.loads((out / "datalist.json").read_text())
+    parts = {k: [it["id"] for it in datalist[k]] for k in ("training", "validation", "testing")}
+    ids = sum(parts.values(), [])
+    assert sorted(ids) == sorted(r["id"] for r in rows) and len(set(ids)) == len(ids)
+    # site A has 6 cases: 60/20/20 dealing gives 4 training, 1 validation, 1 testing
+    site_a = {k: sum(1 for it in datalist[k] if it["site"] == "A") for k in parts}
+    assert site_a == {"training": 4, "validation": 1, "testing": 1}
+    bad = main(["--dicom-root", str(root), "--attributes", str(csv_path), "--out", str(tmp_path / "o2"),
+                "--split-by", "nosuchcolumn"])  # fmt: skip
+    assert bad == 2
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir()), "nothing written on a usage error"

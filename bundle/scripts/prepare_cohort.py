@@ -58,6 +58,7 @@ from scripts.rtstruct import (  # noqa: E402
     rasterise_roi,
     read_rtstruct,
 )
+from scripts.synthetic import stratified_split  # noqa: E402
 
 logger = logging.getLogger("prepare_cohort")
 
@@ -245,8 +246,14 @@ def prepare_cohort(
     allow_resample: bool = False,
     skip_bad: bool = False,
     overwrite: bool = False,
+    split_by: str | None = None,
+    seed: int = 0,
 ) -> CohortReport:
     """Prepare every case of the attribute table (see the module docstring).
+
+    With ``split_by`` (an attribute column, e.g. ``stage``) the cases are split 60/20/20 into ``training``,
+    ``validation`` and ``testing``, stratified by that column (cases with a ``hard`` column set to true are dealt
+    first, as in the synthetic cohort); without it every case goes to ``training``.
 
     Returns:
         The report; ``report.datalist`` is None when a case failed and ``skip_bad`` is False.
@@ -256,6 +263,10 @@ def prepare_cohort(
     """
     dicom_root, out = Path(dicom_root), Path(out)
     rows = read_attributes(attributes_csv)
+    if split_by is not None and any(split_by not in r for r in rows):
+        raise CohortError(
+            f"--split-by {split_by!r} is not a column of {attributes_csv} (columns: {sorted(rows[0]) if rows else []})."
+        )
     _check_output_folder(out, [dicom_root, *(case_folder(r, dicom_root) for r in rows)], overwrite)
     out.mkdir(parents=True, exist_ok=True)
     report = CohortReport()
@@ -280,7 +291,11 @@ def prepare_cohort(
     )
     if report.prepared and (skip_bad or not report.failed):
         report.datalist = out / "datalist.json"
-        _write_json_atomic({"training": report.prepared}, report.datalist)
+        if split_by is None:
+            datalist = {"training": report.prepared}
+        else:
+            datalist = stratified_split(report.prepared, split_by, seed)
+        _write_json_atomic(datalist, report.datalist)
     return report
 
 
@@ -298,6 +313,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-resample", action="store_true", help="resample missing/irregular slices")
     parser.add_argument("--skip-bad", action="store_true", help="write the datalist without the failed cases")
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    parser.add_argument("--split-by", default=None, help="attribute column to stratify a 60/20/20 split by")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -318,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_resample=args.allow_resample,
             skip_bad=args.skip_bad,
             overwrite=args.overwrite,
+            split_by=args.split_by,
+            seed=args.seed,
         )
     except CohortError as err:
         logger.error("%s", err)

@@ -225,8 +225,9 @@ def stratified_split(items: list[dict], key: str, seed: int) -> dict[str, list[d
     out: dict[str, list[dict]] = {"training": [], "validation": [], "testing": []}
     for value in sorted({it[key] for it in items}):
         members = [it for it in items if it[key] == value]
-        hard = [members[i] for i in rng.permutation(len(members)) if members[i]["hard"]]
-        easy = [members[i] for i in rng.permutation(len(members)) if not members[i]["hard"]]
+        is_hard = [str(m.get("hard", False)).lower() in ("true", "1", "yes") for m in members]
+        hard = [members[i] for i in rng.permutation(len(members)) if is_hard[i]]
+        easy = [members[i] for i in rng.permutation(len(members)) if not is_hard[i]]
         for j, item in enumerate(hard + easy):
             out[SPLIT_PATTERN[j % len(SPLIT_PATTERN)]].append(item)
     for part in out.values():

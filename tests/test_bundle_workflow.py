@@ -21,7 +21,7 @@ VARIANTS = ["erm", "groupdro", "dmoe", "fairdro", "fairdro_groupdro"]
 TINY = {
     "epochs": 1,
     "val_interval": 1,
-    "patch_size": [32, 32, 32],
+    "patch_size": [64, 64, 32],
     "features": 4,
     "num_experts": 4,
     "batch_size": 2,
@@ -124,8 +124,21 @@ def test_inference_writes_masks_on_original_grid(trained_default, tiny_cohort, t
 def test_training_command_from_inside_bundle(tiny_cohort, tmp_path):
     """`python -m monai.bundle run training` works from bundle/ as model-zoo users run it."""
     run_dir = tmp_path / "run_cwd"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-           "--dataset_dir", str(tiny_cohort), "--output_dir", str(run_dir), "--ckpt_dir", str(run_dir / "models")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--dataset_dir",
+        str(tiny_cohort),
+        "--output_dir",
+        str(run_dir),
+        "--ckpt_dir",
+        str(run_dir / "models"),
+    ]
     for key, value in TINY.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]
     res = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, check=False)  # fmt: skip

@@ -36,9 +36,11 @@ def _walk(node):
 
 def _config_stacks():
     stacks = [["train.json"], ["inference.json"]]
-    for extra in ("evaluate.json",):
+    for extra in ("evaluate.json", "multi_gpu_train.json"):
         if (CONFIGS / extra).exists():
             stacks.append(["train.json", extra])
+    if (CONFIGS / "multi_gpu_evaluate.json").exists():
+        stacks.append(["train.json", "evaluate.json", "multi_gpu_evaluate.json"])
     if (CONFIGS / "inference_dicom.json").exists():
         stacks.append(["inference.json", "inference_dicom.json"])
     for variant in sorted((CONFIGS / "variants").glob("*.json")):

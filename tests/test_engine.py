@@ -364,3 +364,36 @@ def test_config_snippet_builds_and_trains(tmp_path, apply):
         assert bool(dro.seen.all())
     state = torch.load(tmp_path / "checkpoint_final_iteration=6.pt", weights_only=True)
     assert set(state) == {"model", "optimizer", "dro", "trainer"} and state["dro"]["num_updates"] == 6
+
+
+class AuxNet(TinyNet):
+    """TinyNet exposing a load-balancing loss like DMoEResUNet.aux_loss (here a known constant with a gradient)."""
+
+    def __init__(self, aux_value: float) -> None:
+        super().__init__()
+        self.aux_value = aux_value
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.aux_value * self.conv.bias.sum() * 0 + torch.tensor(self.aux_value)
+
+
+def test_network_auxiliary_loss_is_added_to_the_training_loss():
+    items = _items()
+    losses = {}
+    for aux in (0.0, 0.75):
+        torch.manual_seed(0)
+        net = AuxNet(aux)
+        trainer = FairDROTrainer(
+            device="cpu",
+            max_epochs=1,
+            epoch_length=1,
+            train_data_loader=DataLoader(items, batch_size=2),
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+            loss_function=PerSampleDiceCELoss(to_onehot_y=True, softmax=True),
+            dro=None,
+        )
+        losses[aux] = _record_losses(trainer)
+        trainer.run()
+    # same weights (lr 0) and batch: the two losses differ by exactly the auxiliary value
+    assert losses[0.75][0] == pytest.approx(losses[0.0][0] + 0.75, abs=1e-6)

@@ -39,6 +39,8 @@ _EXPORTS = {
     "VerifiedCheckpointLoader": "safe_io",
     "load_weights": "safe_io",
     "generate_cohort": "synthetic",
+    "RNGState": "resume",
+    "ResumeFromCheckpoint": "resume",
 }
 __all__ = ["BUNDLE_ROOT", *_EXPORTS]
 

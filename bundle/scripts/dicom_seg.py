@@ -71,7 +71,7 @@ def build_seg(
         algorithm_identification=algorithm,
     )
     frames = np.ascontiguousarray(np.transpose(mask > 0, (2, 1, 0))).astype(np.uint8)  # (slice, row, col)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(info.headers),
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -88,6 +88,20 @@ def build_seg(
         content_description="Automatic segmentation; review before clinical use"[:64],
         content_label="AUTOSEG",
     )
+    _strip_source_equipment(seg)
+    return seg
+
+
+#: optional attributes highdicom copies from the source CT into ContributingEquipmentSequence: they identify the
+#: acquiring site and are not needed to use the SEG (the output copies only what the IOD requires)
+_EQUIPMENT_PRIVATE = ("InstitutionName", "InstitutionAddress", "StationName", "InstitutionalDepartmentName")
+
+
+def _strip_source_equipment(seg) -> None:
+    for item in getattr(seg, "ContributingEquipmentSequence", []):
+        for keyword in _EQUIPMENT_PRIVATE:
+            if keyword in item:
+                delattr(item, keyword)
 
 
 def write_seg(mask: np.ndarray, info: SeriesInfo, path: str | Path, **kwargs) -> Path:

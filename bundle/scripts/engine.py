@@ -149,7 +149,18 @@ class FairDROTrainer(SupervisedTrainer):
         )
 
     def _batch_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The trainer's ``loss_function``: per-sample loss, checks, bank update, weighted scalar."""
+        """The trainer's ``loss_function``: the weighted segmentation loss plus the network's optional auxiliary
+        load-balancing loss (``network.aux_loss()``, zero unless the network was built with ``aux_loss_weight > 0``).
+        """
+        loss = self._segmentation_loss(pred, target)
+        net = getattr(self.network, "module", self.network)  # DistributedDataParallel wraps the network
+        aux = getattr(net, "aux_loss", None)
+        if callable(aux):
+            loss = loss + aux().to(loss.device, loss.dtype)
+        return loss
+
+    def _segmentation_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss, checks, bank update, weighted scalar."""
         losses = self.sample_loss_function(pred, target)
         ids, groups = self._batch_context
         batch_size = pred.shape[0]

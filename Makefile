@@ -16,7 +16,7 @@ BUNDLE_RUN := $(PY) -m monai.bundle run
 DEMO_RUN = $(abspath $(DEMO_DIR))/run
 DEMO_ARGS = --dataset_dir $(DEMO_DIR)/data --output_dir $(DEMO_RUN) --ckpt_dir $(DEMO_RUN)/models --seed $(DEMO_SEED)
 
-.PHONY: help setup demo test lint format clean-demo check-data benchmark-fairness bench-dmoe
+.PHONY: help setup demo test lint format clean-demo check-data benchmark-fairness bench-dmoe bench-speed
 
 help:
 	@echo "make demo   - set up .venv, generate the synthetic cohort, train FairDRO, evaluate, infer"
@@ -25,6 +25,7 @@ help:
 	@echo "make check-data DATALIST=path/to/datalist.json - report every problem in a cohort"
 	@echo "make benchmark-fairness - the five variants x 3 seeds on the synthetic cohort (about an hour)"
 	@echo "make bench-dmoe - dMoE dispatch / overhead benchmark table"
+	@echo "make bench-speed - training step, sliding-window inference, data loading, memory tables"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +85,9 @@ benchmark-fairness: setup
 
 bench-dmoe: setup
 	$(PY) bench/bench_dmoe.py
+
+bench-speed: setup
+	$(PY) bench/bench_speed.py --channels-last
 
 test: setup lint
 	$(PY) -m pytest -q tests

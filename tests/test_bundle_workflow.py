@@ -68,7 +68,7 @@ def test_train_default_one_epoch(trained_default):
     assert wf.trainer.state.epoch == 1
     # the resumable checkpoint carries the DRO state beside model, optimizer and trainer counters
     full = torch.load(run_dir / "checkpoints" / "checkpoint_final.pt", weights_only=True, map_location="cpu")
-    assert set(full) == {"model", "optimizer", "dro", "trainer"}
+    assert set(full) == {"model", "optimizer", "dro", "trainer", "rng"}
     assert wf.parser.get_parsed_content("dro").intra == "cvar"
 
 

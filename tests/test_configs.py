@@ -15,7 +15,8 @@ SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 #: keys that train.json and inference.json must define identically (both files are standalone)
 SHARED = ["spacing", "hu_window", "patch_size", "subgroup_key", "subgroups", "features", "num_experts", "top_k",
-          "use_dmoe", "network_def", "bundle_root"]  # fmt: skip
+          "use_dmoe", "network_def", "bundle_root", "network", "device", "amp", "amp_kwargs", "channels_last",
+          "compile", "compile_kwargs", "sw_batch_size", "sw_overlap", "num_workers"]  # fmt: skip
 REF = re.compile(r"@([A-Za-z_][\w#:]*)")
 
 

@@ -1,0 +1,685 @@
+"""Speed of the bundle on one machine: training step, sliding-window inference, end-to-end inference, data loading.
+
+Every section prints a markdown table (timings are wall-clock medians of interleaved rounds, so that all the variants
+of a table see the same machine load; ratios are taken within the run):
+
+- ``train``: one training step (forward, ``PerSampleDiceCELoss``, backward, AdamW step) at the bundle's default
+  patch and batch (``train.json``: ``batch_size`` volumes x ``num_samples`` patches of ``patch_size``) for the dMoE
+  network, its plain backbone (``use_dmoe`` false) and MONAI's ``UNet`` of similar size (channels 8..128, 4 strides
+  of 2, one residual unit); voxels/s count the patch voxels of the batch.
+- ``infer``: sliding-window inference (``SlidingWindowInferer``, roi ``patch_size``) of a CT of ``--raw-shape`` voxels
+  at ``--raw-spacing`` mm after resampling to the configs' ``spacing``: 512x512x160 at 0.98x0.98x2.5 mm becomes the
+  502x502x133 volume the preprocessing hands to the network (worst case: no foreground crop), dMoE and backbone.
+- ``e2e``: the ``inference.json`` pipeline end to end on that CT written as NIfTI: load, orientation, ``Spacingd``,
+  intensity window and foreground crop; sliding window (dMoE); softmax, ``Invertd`` back to the raw grid, argmax and
+  ``SaveImaged``. The network has random weights whose head bias favours background (mostly empty mask, as a trained
+  model gives), so that writing the mask costs what it costs in practice.
+- ``data``: items/s of ``train.json``'s ``train#preprocessing`` (the deterministic load chain and the random crops) on
+  synthetic volumes through ``Dataset``, ``CacheDataset`` and ``PersistentDataset``, against the volumes/s a training
+  step of the dMoE network consumes.
+
+Memory (``peak mem``): on CPU the peak resident memory of the measured call above the resident memory just before it
+(Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; where that is not possible the increase of
+``ru_maxrss``, a lower bound, marked ``>=``); on a GPU ``torch.cuda.max_memory_allocated`` above the memory allocated
+before. Weights, optimizer state and inputs held before the call are not counted.
+
+Modes: ``fp32 eager`` always; ``--channels-last`` (network in ``torch.channels_last_3d``), ``--amp`` (bf16 autocast
+as the bundle's ``amp``: CUDA only) and ``--compile`` (``torch.compile`` of the network with the configs'
+``compile_kwargs``) each add a mode, and with two or more of them one more mode with all of them together. On CPU,
+compiling the dMoE network takes minutes per network and shape and was not faster than eager: leave ``--compile`` to
+GPU runs.
+
+Usage::
+
+    python bench/bench_speed.py                          # CPU, all sections, 2 threads
+    python bench/bench_speed.py --channels-last          # also the channels-last mode
+    python bench/bench_speed.py --quick                  # tiny sizes, one round: a smoke test (< 1 minute)
+    python bench/bench_speed.py --device cuda --amp --channels-last --compile
+    python bench/bench_speed.py --sections train,data --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import monai
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import UNet
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CONFIGS = BUNDLE / "configs"
+sys.path.insert(0, str(BUNDLE))
+
+from scripts import synthetic  # noqa: E402
+from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
+from scripts.losses import PerSampleDiceCELoss  # noqa: E402
+
+SECTIONS = ("train", "infer", "e2e", "data")
+DMOE, BACKBONE, MONAI_UNET = "dMoE (bundle default)", "backbone", "MONAI UNet 8..128"
+#: torch.compile arguments of the bundle (train.json ``compile_kwargs``)
+COMPILE_KWARGS: dict = json.loads((CONFIGS / "train.json").read_text())["compile_kwargs"]
+
+
+# ----------------------------------------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_lines(device: torch.device) -> List[str]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU run)"
+    return [
+        f"- device: `{device}`, GPU: {gpu}",
+        f"- CPU: {cpu_model()}, {cores} cores usable, torch threads: {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, MONAI {monai.__version__}, Python {platform.python_version()}",
+    ]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------------------ memory
+def _status_kib(field: str) -> Optional[int]:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM), or None off Linux."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so that reused pages do not hide a peak."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """Context manager: peak memory of the block above the level at its start, in MiB (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib = float("nan")
+        self.exact = True
+
+    def __enter__(self) -> "PeakMemory":
+        sync(self.device)
+        _release_free_memory()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            rss = _status_kib("VmRSS")
+            self.exact = rss is not None and _reset_peak_rss()
+            self._base = rss if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sync(self.device)
+        if self.device.type == "cuda":
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            peak = _status_kib("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.mib = (peak - self._base) / 1024 if peak is not None else float("nan")
+
+    def text(self) -> str:
+        if math.isnan(self.mib):
+            return "n/a"
+        return f"{self.mib:.0f}" if self.exact else f">= {self.mib:.0f}"
+
+
+def rss_mib() -> float:
+    """Current resident memory in MiB (after releasing freed heap pages), NaN off Linux."""
+    _release_free_memory()
+    kib = _status_kib("VmRSS")
+    return float("nan") if kib is None else kib / 1024
+
+
+# ------------------------------------------------------------------------------------------------------------- modes
+@dataclass(frozen=True)
+class Mode:
+    channels_last: bool = False
+    amp: bool = False
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        names = ("channels-last", "bf16", "compile")
+        parts = [n for n, on in zip(names, (self.channels_last, self.amp, self.compile)) if on]
+        return " + ".join(parts) if parts else "fp32 eager"
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, net: nn.Module, device: torch.device) -> Tuple[nn.Module, nn.Module]:
+        """``(module, callable)``: the network on ``device`` in this mode's memory format, and what to call."""
+        net = net.to(device, memory_format=torch.channels_last_3d) if self.channels_last else net.to(device)
+        return net, (torch.compile(net, **COMPILE_KWARGS) if self.compile else net)
+
+
+BASE = Mode()
+
+
+def build_modes(args: argparse.Namespace, device: torch.device) -> List[Mode]:
+    flags = {"channels_last": args.channels_last, "amp": args.amp, "compile": args.compile}
+    if args.amp and device.type != "cuda":
+        print("note: --amp is bf16 autocast on CUDA only (as the bundle's amp); skipped on CPU.\n")
+        flags["amp"] = False
+    on = [k for k, v in flags.items() if v]
+    modes = [BASE] + [Mode(**{k: True}) for k in on]
+    if len(on) > 1:
+        modes.append(Mode(**{k: True for k in on}))
+    return modes
+
+
+# ---------------------------------------------------------------------------------------------------------- networks
+class IgnoreSubgroup(nn.Module):
+    """Wraps a network without a subgroup input so that it takes ``(x, subgroup)`` like the dMoE network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, subgroup: Optional[Tensor] = None) -> Tensor:
+        return self.net(x)
+
+
+def build_network(name: str, cfg: dict) -> nn.Module:
+    torch.manual_seed(0)
+    if name == MONAI_UNET:
+        return IgnoreSubgroup(UNet(3, 1, 2, channels=(8, 16, 32, 64, 128), strides=(2, 2, 2, 2), num_res_units=1))
+    return DMoEResUNet(
+        in_channels=1,
+        out_channels=2,
+        features=cfg["features"],
+        num_experts=cfg["num_experts"],
+        top_k=cfg["top_k"],
+        num_subgroups=len(cfg["subgroups"]),
+        use_dmoe=name == DMOE,
+    )
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+def interleaved(
+    fns: Dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> Tuple[Dict[str, List[float]], Dict[str, PeakMemory]]:
+    """Time every function ``repeats`` times round-robin after ``warmup`` untimed rounds.
+
+    The peak memory of each function is taken in its first timed call (outside its timing).
+    """
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    mems: Dict[str, PeakMemory] = {}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            mem = PeakMemory(device) if r == warmup else contextlib.nullcontext()
+            with mem:
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                dt = time.perf_counter() - t0
+            if r == warmup:
+                mems[name] = mem  # type: ignore[assignment]
+            if r >= warmup:
+                times[name].append(dt)
+            print(f"  [{r + 1}/{warmup + repeats}] {name}: {dt:.3f} s", file=sys.stderr, flush=True)
+    return times, mems
+
+
+def ratio(times: Dict[str, List[float]], name: str, base: str) -> str:
+    """Ratio of medians of ``name`` to ``base`` and, in brackets, the median of the per-round ratios."""
+    if base not in times:
+        return "-"
+    a, b = times[name], times[base]
+    per_round = statistics.median(x / y for x, y in zip(a, b))
+    return f"{statistics.median(a) / statistics.median(b):.2f} ({per_round:.2f})"
+
+
+# ------------------------------------------------------------------------------------------------------------- train
+def make_train_step(
+    call: nn.Module, params: Sequence[Tensor], x: Tensor, y: Tensor, g: Tensor, mode: Mode, cfg: dict
+) -> Callable[[], None]:
+    """One step as ``scripts.engine.FairDROTrainer`` runs it (MONAI SupervisedTrainer: zero_grad(set_to_none=False),
+    autocast around forward + loss, GradScaler with amp), with the uniform mean of the per-sample losses."""
+    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["optimizer"]["weight_decay"])
+    loss_fn = PerSampleDiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    scaler = torch.amp.GradScaler("cuda") if mode.amp and x.device.type == "cuda" else None
+
+    def step() -> None:
+        call.train()
+        opt.zero_grad(set_to_none=False)
+        with mode.autocast(x.device):
+            loss = loss_fn(call(x, g), y).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    return step
+
+
+def bench_train(args, cfg: dict, modes: List[Mode], device: torch.device) -> Dict[str, float]:
+    patch = tuple(args.patch)
+    b = cfg["batch_size"] * cfg["num_samples"]
+    torch.manual_seed(1)
+    x = torch.rand(b, 1, *patch, device=device)
+    y = (torch.rand(b, 1, *patch, device=device) > 0.7).float()
+    # the collated batch: each volume's subgroup repeated for its num_samples patches
+    g = torch.arange(cfg["batch_size"], device=device).repeat_interleave(cfg["num_samples"]) % len(cfg["subgroups"])
+    nets = (DMOE, BACKBONE, MONAI_UNET)
+    fns: Dict[str, Callable[[], None]] = {}
+    params: Dict[str, int] = {}
+    for mode in modes:
+        for name in nets:
+            module, call = mode.prepare(build_network(name, cfg), device)
+            params[name] = n_params(module)
+            fns[f"{mode.name}|{name}"] = make_train_step(call, list(module.parameters()), x, y, g, mode, cfg)
+    warmup = args.warmup if args.warmup is not None else (2 if any(m.compile for m in modes) else 1)
+    print(f"## Training step ({b} patches of {'x'.join(map(str, patch))} per step, {args.repeats} rounds)\n")
+    times, mems = interleaved(fns, args.repeats, warmup, device)
+    print("| mode | network | params | train step (s) | voxels/s | x backbone | x fp32 eager | peak mem (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    voxels = b * math.prod(patch)
+    for mode in modes:
+        for name in nets:
+            key = f"{mode.name}|{name}"
+            med = statistics.median(times[key])
+            print(
+                f"| {mode.name} | {name} | {params[name]:,} | {med:.3f} | {voxels / med / 1e6:.2f} M "
+                f"| {ratio(times, key, f'{mode.name}|{BACKBONE}')} | {ratio(times, key, f'{BASE.name}|{name}')} "
+                f"| {mems[key].text()} |"
+            )
+    print(flush=True)
+    return {"dmoe_step_s": statistics.median(times[f"{BASE.name}|{DMOE}"])}
+
+
+# ------------------------------------------------------------------------------------------------------------- infer
+def ct_phantom(shape: Sequence[int], spacing: Sequence[float], seed: int = 0) -> np.ndarray:
+    """An int16 HU volume that looks like a planning CT to the preprocessing: air, an elliptic body (84% x 60% of the
+    field of view) of soft tissue with noise, a spine-like bone cylinder, a couch slab, a brighter target sphere."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    x = ((np.arange(nx) - (nx - 1) / 2) * spacing[0]).astype(np.float32)[:, None, None]
+    y = ((np.arange(ny) - (ny - 1) / 2) * spacing[1]).astype(np.float32)[None, :, None]
+    z = ((np.arange(nz) - (nz - 1) / 2) * spacing[2]).astype(np.float32)[None, None, :]
+    ax, ay = 0.42 * nx * spacing[0], 0.30 * ny * spacing[1]
+    img = rng.standard_normal((nx, ny, nz), dtype=np.float32)
+    img *= 15.0
+    body = (x / ax) ** 2 + (y / ay) ** 2 <= 1.0  # (nx, ny, 1)
+    img += np.where(body, np.float32(40.0), np.float32(-1000.0))
+    img += np.where((x / (0.08 * ax)) ** 2 + ((y + 0.6 * ay) / (0.1 * ay)) ** 2 <= 1.0, np.float32(660.0), 0)
+    couch = (y < -1.08 * ay) & (y > -1.08 * ay - 8.0 * spacing[1])
+    img += np.where(couch & ~body, np.float32(800.0), 0)
+    r = 0.15 * ay
+    img += np.where((x - 0.3 * ax) ** 2 + y**2 + z**2 <= r * r, np.float32(50.0), 0)
+    return np.clip(img, -1024, 3071).astype(np.int16)
+
+
+def raw_affine(spacing: Sequence[float]) -> np.ndarray:
+    return np.diag([*map(float, spacing), 1.0])
+
+
+def n_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Number of sliding windows MONAI uses (scan interval ``int(roi * (1 - overlap))``, at least 1)."""
+    total = 1
+    for s, r in zip(shape, roi):
+        if s <= r:
+            continue
+        step = max(int(r * (1 - overlap)), 1)
+        total *= math.ceil((s - r) / step) + 1
+    return total
+
+
+def preprocessed_volume(args, cfg: dict) -> Tuple[Tensor, float, Tuple[int, ...]]:
+    """The raw CT resampled to the configs' spacing and intensity-windowed: ``(volume (1, 1, X, Y, Z), resample s)``."""
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRange, Spacing
+
+    raw = ct_phantom(args.raw_shape, args.raw_spacing)
+    affine = torch.from_numpy(raw_affine(args.raw_spacing))
+    img = MetaTensor(torch.from_numpy(raw.astype(np.float32))[None], affine=affine)
+    del raw
+    t0 = time.perf_counter()
+    vol = Spacing(pixdim=cfg["spacing"], mode="bilinear")(img)
+    dt = time.perf_counter() - t0
+    lo, hi = cfg["hu_window"]
+    vol = ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True)(vol)
+    return vol.as_tensor()[None].contiguous(), dt, tuple(img.shape[1:])
+
+
+def bench_infer(args, cfg: dict, modes: List[Mode], device: torch.device) -> None:
+    vol, resample_s, raw_shape = preprocessed_volume(args, cfg)
+    vol = vol.to(device)
+    shape = tuple(vol.shape[2:])
+    roi = tuple(args.patch)
+    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=args.sw_batch_size, overlap=args.sw_overlap)
+    warm = vol[..., : 2 * roi[0], : 2 * roi[1], : 2 * roi[2]]
+    g = torch.tensor([1], device=device)
+    nets = (DMOE, BACKBONE)
+    fns: Dict[str, Callable[[], None]] = {}
+    for mode in modes:
+        for name in nets:
+            module, call = mode.prepare(build_network(name, cfg), device)
+            module.eval()
+
+            def infer(call=call, mode=mode, v=vol) -> None:
+                with torch.no_grad(), mode.autocast(device):
+                    inferer(v, call, g)
+
+            def warmup(call=call, mode=mode) -> None:
+                with torch.no_grad(), mode.autocast(device):
+                    inferer(warm, call, g)
+
+            warmup()
+            fns[f"{mode.name}|{name}"] = infer
+    windows = n_windows(shape, roi, args.sw_overlap)
+    print(
+        f"## Sliding-window inference ({'x'.join(map(str, raw_shape))} CT at "
+        f"{'x'.join(f'{s:g}' for s in args.raw_spacing)} mm -> {'x'.join(map(str, shape))} at "
+        f"{'x'.join(f'{s:g}' for s in cfg['spacing'])} mm; roi {'x'.join(map(str, roi))}, sw_batch_size "
+        f"{args.sw_batch_size}, overlap {args.sw_overlap}: {windows} windows; {args.infer_repeats} rounds)\n"
+    )
+    print(f"Resampling the raw CT to that grid (`Spacing`, bilinear) took {resample_s:.2f} s.\n")
+    times, mems = interleaved(fns, args.infer_repeats, 0, device)
+    print("| mode | network | time (s) | windows/s | Mvoxels/s | x backbone | x fp32 eager | peak mem (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for name in nets:
+            key = f"{mode.name}|{name}"
+            med = statistics.median(times[key])
+            print(
+                f"| {mode.name} | {name} | {med:.2f} | {windows / med:.1f} | {math.prod(shape) / med / 1e6:.2f} "
+                f"| {ratio(times, key, f'{mode.name}|{BACKBONE}')} | {ratio(times, key, f'{BASE.name}|{name}')} "
+                f"| {mems[key].text()} |"
+            )
+    print(flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------- e2e
+def bench_e2e(args, cfg: dict, modes: List[Mode], device: torch.device, workdir: Path) -> None:
+    from monai.data import decollate_batch, list_data_collate
+
+    data_dir = workdir / "e2e"
+    (data_dir / "out").mkdir(parents=True, exist_ok=True)
+    path = data_dir / "ct.nii.gz"
+    nib.Nifti1Image(ct_phantom(args.raw_shape, args.raw_spacing), raw_affine(args.raw_spacing)).to_filename(path)
+    item = {"image": str(path), "id": "ct", cfg["subgroup_key"]: cfg["subgroups"][1]}
+    print(
+        f"## End-to-end inference (`inference.json` pipeline, dMoE, {'x'.join(map(str, args.raw_shape))} CT at "
+        f"{'x'.join(f'{s:g}' for s in args.raw_spacing)} mm as .nii.gz; sw_batch_size {args.sw_batch_size}, "
+        f"overlap {args.sw_overlap}; {args.e2e_repeats} round(s))\n"
+    )
+    print("| mode | network input | load + preprocess (s) | sliding window (s) | invert + save (s) | total (s) "
+          "| peak mem (MiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for mode in modes:
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "inference.json"))
+        parser.update(
+            {
+                "dataset_dir": str(data_dir),
+                "output_dir": str(data_dir / "out"),
+                "device": f"$torch.device('{device}')",
+                "channels_last": mode.channels_last,
+                "sw_batch_size": args.sw_batch_size,
+                "sw_overlap": args.sw_overlap,
+                "patch_size": list(args.patch),
+            }
+        )
+        pre = parser.get_parsed_content("preprocessing")
+        post = parser.get_parsed_content("postprocessing")
+        for t in post.transforms:
+            if hasattr(t, "saver"):  # SaveImaged: no "writing ..." log line in the table
+                t.saver.write_kwargs["verbose"] = False
+        inferer = parser.get_parsed_content("inferer")
+        net = parser.get_parsed_content("network").eval()
+        with torch.no_grad():
+            net.head.conv.bias.copy_(torch.tensor([4.0, -4.0]))  # mostly background, like a trained model
+        call = torch.compile(net, **COMPILE_KWARGS) if mode.compile else net
+        rounds: List[Tuple[float, float, float]] = []
+        mem = PeakMemory(device)
+        for r in range(args.e2e_repeats):
+            with mem if r == 0 else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                batch = list_data_collate([pre(dict(item))])
+                t1 = time.perf_counter()
+                image = batch["image"].to(device)
+                with torch.no_grad(), mode.autocast(device):
+                    batch["pred"] = inferer(image, call, subgroup=batch["subgroup"].to(device))
+                sync(device)
+                t2 = time.perf_counter()
+                for d in decollate_batch(batch):
+                    post(d)
+                t3 = time.perf_counter()
+            rounds.append((t1 - t0, t2 - t1, t3 - t2))
+            print(f"  [e2e {r + 1}/{args.e2e_repeats}] {mode.name}: {t3 - t0:.2f} s", file=sys.stderr, flush=True)
+        med = [statistics.median(c) for c in zip(*rounds)]
+        shape = "x".join(map(str, image.shape[2:]))
+        print(f"| {mode.name} | {shape} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.2f} | {sum(med):.2f} | {mem.text()} |")
+    print(flush=True)
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def _epochs(loader, n: int) -> List[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for _batch in loader:
+            pass
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _dir_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def bench_data(args, cfg: dict, device: torch.device, workdir: Path, train_step_s: Optional[float]) -> None:
+    from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, load_decathlon_datalist
+    from monai.data.utils import json_hashing
+    from monai.utils import set_determinism
+
+    cohort = workdir / "cohort"
+    synthetic.generate_cohort(cohort, n_cases=args.cases, seed=0, shape=tuple(args.data_shape))
+    items = []
+    for key in ("training", "validation", "testing"):
+        items += load_decathlon_datalist(str(cohort / "datalist.json"), True, key, base_dir=str(cohort))
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"dataset_dir": str(cohort), "patch_size": list(args.patch)})
+    transform = parser.get_parsed_content("train#preprocessing")
+    n, epochs, bs = len(items), args.epochs, cfg["batch_size"]
+
+    if train_step_s is None:  # the training section did not run: time a few dMoE steps here
+        patch = tuple(args.patch)
+        b = bs * cfg["num_samples"]
+        module, call = BASE.prepare(build_network(DMOE, cfg), device)
+        x = torch.rand(b, 1, *patch, device=device)
+        y = (torch.rand(b, 1, *patch, device=device) > 0.7).float()
+        g = torch.zeros(b, dtype=torch.long, device=device)
+        step = make_train_step(call, list(module.parameters()), x, y, g, BASE, cfg)
+        step()
+        train_step_s = statistics.median(interleaved({"dMoE step": step}, 3, 0, device)[0]["dMoE step"])
+    train_rate = bs / train_step_s  # volumes per second the training step consumes
+
+    def loader(ds):
+        return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=args.num_workers)
+
+    rows = []
+    set_determinism(0)
+    t = _epochs(loader(Dataset(items, transform)), epochs)
+    rows.append(("Dataset (no cache)", "-", t, "0"))
+    set_determinism(0)
+    before = rss_mib()
+    t0 = time.perf_counter()
+    ds = CacheDataset(items, transform, cache_rate=1.0, num_workers=args.num_workers, progress=False)
+    build = time.perf_counter() - t0
+    held = rss_mib() - before
+    t = _epochs(loader(ds), epochs + 1)
+    rows.append(("CacheDataset (cache_rate 1)", f"{build:.2f}", t[1:], f"{held:.0f}"))
+    del ds
+    set_determinism(0)
+    cache_dir = workdir / "persistent_cache"
+    ds = PersistentDataset(items, transform, cache_dir=cache_dir, hash_transform=json_hashing)
+    t = _epochs(loader(ds), epochs + 1)
+    disk = f"0 (disk {_dir_mib(cache_dir):.0f})"
+    rows.append(("PersistentDataset (persistent_cache_dir)", f"{t[0]:.2f} (epoch 1)", t[1:], disk))
+    print(
+        f"## Data loading (`train#preprocessing` of train.json on {n} synthetic volumes of "
+        f"{'x'.join(map(str, args.data_shape))}, batch_size {bs}, num_samples {cfg['num_samples']}, num_workers "
+        f"{args.num_workers}; {epochs} epoch(s) timed)\n"
+    )
+    print(
+        f"Training consumes {train_rate:.2f} volumes/s (dMoE, fp32 eager: {train_step_s:.3f} s per step of {bs} "
+        f"volumes). With num_workers 0 loading and training alternate, so the last column is the share of a training "
+        f"epoch spent loading.\n"
+    )
+    print("| dataset | cache build (s) | items/s | x training rate | memory held (MiB) | loading share |")
+    print("|---|---|---|---|---|---|")
+    for name, build_s, ts, held_s in rows:
+        rate = n * len(ts) / sum(ts)
+        share = (1 / rate) / (1 / rate + 1 / train_rate)
+        print(f"| {name} | {build_s} | {rate:.1f} | {rate / train_rate:.1f} | {held_s} | {100 * share:.0f}% |")
+    print(flush=True)
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in text.replace("x", ",").split(",")]
+
+
+def _floats(text: str) -> List[float]:
+    return [float(v) for v in text.replace("x", ",").split(",")]
+
+
+def load_cfg() -> dict:
+    train = json.loads((CONFIGS / "train.json").read_text())
+    infer = json.loads((CONFIGS / "inference.json").read_text())
+    cfg = {k: train[k] for k in ("patch_size", "batch_size", "num_samples", "features", "num_experts", "top_k")}
+    cfg.update({k: train[k] for k in ("subgroups", "subgroup_key", "spacing", "hu_window", "learning_rate")})
+    cfg["optimizer"] = train["optimizer"]
+    cfg["sw_batch_size"], cfg["sw_overlap"] = infer["sw_batch_size"], infer["sw_overlap"]
+    return cfg
+
+
+def parse_args(argv: Optional[Sequence[str]], cfg: dict) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one round per section (smoke test)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (falls back to cpu without CUDA)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--channels-last", action="store_true", help="add the channels_last_3d mode")
+    p.add_argument("--amp", action="store_true", help="add the bf16 autocast mode (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile mode")
+    p.add_argument("--repeats", type=int, default=None, help="timed training-step rounds (default 7, quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed training rounds (default 1, 2 with --compile)")
+    p.add_argument("--infer-repeats", type=int, default=None, help="sliding-window rounds (default 3, quick 1)")
+    p.add_argument("--e2e-repeats", type=int, default=1, help="end-to-end rounds (default 1)")
+    p.add_argument("--sw-batch-size", type=int, default=cfg["sw_batch_size"], help="default: inference.json")
+    p.add_argument("--sw-overlap", type=float, default=cfg["sw_overlap"], help="default: inference.json")
+    p.add_argument("--patch", type=_ints, default=None, help="patch / roi size, default train.json patch_size")
+    p.add_argument("--raw-shape", type=_ints, default=None, help="raw CT voxels (default 512x512x160, quick 96x96x40)")
+    p.add_argument("--raw-spacing", type=_floats, default=[0.98, 0.98, 2.5], help="raw CT spacing mm (0.98x0.98x2.5)")
+    p.add_argument("--cases", type=int, default=None, help="synthetic volumes for the data section (default 12)")
+    p.add_argument("--data-shape", type=_ints, default=None, help="their shape (default 96x96x48, quick 64x64x32)")
+    p.add_argument("--epochs", type=int, default=None, help="timed data epochs (default 3, quick 1)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers in the data section (default 0)")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.repeats = args.repeats or (1 if q else 7)
+    args.infer_repeats = args.infer_repeats or (1 if q else 3)
+    args.patch = args.patch or list(cfg["patch_size"])
+    args.raw_shape = args.raw_shape or ([96, 96, 40] if q else [512, 512, 160])
+    args.cases = args.cases or (4 if q else 12)
+    args.data_shape = args.data_shape or ([64, 64, 32] if q else [96, 96, 48])
+    args.epochs = args.epochs or (1 if q else 3)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad:
+        p.error(f"unknown sections {bad}; choose from {SECTIONS}")
+    for name in ("patch", "raw_shape", "data_shape", "raw_spacing"):
+        if len(getattr(args, name)) != 3:
+            p.error(f"--{name.replace('_', '-')} needs three values (X,Y,Z)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = load_cfg()
+    args = parse_args(argv, cfg)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("note: --device cuda requested but CUDA is not available; running on the CPU.\n")
+        device = torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    modes = build_modes(args, device)
+    print("# FairDRO bundle speed benchmark\n")
+    print("\n".join(machine_lines(device)))
+    print(f"- command: `python bench/bench_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    print(f"- modes: {', '.join(m.name for m in modes)}\n", flush=True)
+    t_start = time.perf_counter()
+    results: Dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
+        workdir = Path(tmp)
+        if "train" in args.sections:
+            results.update(bench_train(args, cfg, modes, device))
+        if "infer" in args.sections:
+            bench_infer(args, cfg, modes, device)
+        if "e2e" in args.sections:
+            bench_e2e(args, cfg, modes, device, workdir)
+        if "data" in args.sections:
+            bench_data(args, cfg, device, workdir, results.get("dmoe_step_s"))
+    print(f"Total benchmark time {time.perf_counter() - t_start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

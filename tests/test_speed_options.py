@@ -1,0 +1,173 @@
+"""The single-machine speed switches (channels_last, compile, amp_kwargs, sw_*, cache_rate, persistent_cache_dir)
+and the speed benchmark script."""
+
+import copy
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import CacheDataset, PersistentDataset
+from scripts import synthetic
+from scripts.dmoe_unet import DMoEResUNet
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+BENCH = REPO / "bench" / "bench_speed.py"
+CL = torch.channels_last_3d
+#: network settings that keep the configs fast on a CPU
+TINY = {"patch_size": [64, 64, 32], "features": 4, "num_experts": 4}
+
+
+def _bench_module():
+    if "bench_speed" not in sys.modules:  # registered before running it: its dataclasses look themselves up there
+        spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_speed"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_speed"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed_cohort")
+    synthetic.generate_cohort(out, n_cases=6, seed=3, shape=(48, 48, 24))
+    return out
+
+
+def _parser(name, **override):
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / name))
+    parser.update(override)
+    return parser
+
+
+@pytest.mark.parametrize("use_dmoe", [True, False], ids=["dmoe", "backbone"])
+def test_channels_last_network_gives_the_same_output(use_dmoe):
+    torch.manual_seed(0)
+    net = DMoEResUNet(features=4, num_experts=4, use_dmoe=use_dmoe).eval()
+    net_cl = copy.deepcopy(net).to(memory_format=CL)
+    assert net_cl.head.conv.weight.is_contiguous(memory_format=CL)
+    x = torch.rand(2, 1, 64, 32, 32)  # the first stage's 16k tokens take the sparse dispatch, deeper ones the dense
+    g = torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = net(x, g)
+        for inp in (x, x.contiguous(memory_format=CL)):
+            out = net_cl(inp, g)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        # unknown subgroups take the fallback routing: same there
+        torch.testing.assert_close(net_cl(x, None), net(x, None), atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_training_gradients_match():
+    torch.manual_seed(0)
+    net = DMoEResUNet(features=4, num_experts=4, dropout=0.0, noise=False).train()  # no randomness in the forward
+    net_cl = copy.deepcopy(net).to(memory_format=CL)
+    x = torch.rand(2, 1, 64, 32, 32)
+    g = torch.tensor([1, 2])
+    for m in (net, net_cl):
+        m(x, g).square().mean().backward()
+    for (name, p), p_cl in zip(net.named_parameters(), net_cl.parameters()):
+        torch.testing.assert_close(p_cl.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda s, n=name: f"{n}: {s}")
+
+
+def test_defaults_keep_the_previous_behaviour(cohort):
+    parser = _parser("train.json", dataset_dir=str(cohort), **TINY)
+    assert not parser["channels_last"] and not parser["compile"] and not parser["amp"]
+    assert parser["persistent_cache_dir"] is None and parser["cache_rate"] == 1.0
+    net = parser.get_parsed_content("network")
+    assert all(p.is_contiguous() for p in net.parameters())
+    loader = parser.get_parsed_content("train#dataloader")
+    assert type(loader.dataset) is CacheDataset and loader.dataset.cache_num == len(loader.dataset)
+    assert parser.get_parsed_content("train#trainer").compile is False
+    inferer = parser.get_parsed_content("validate#inferer")
+    infer = _parser("inference.json")
+    assert (inferer.sw_batch_size, inferer.overlap) == (infer["sw_batch_size"], infer["sw_overlap"]) == (4, 0.25)
+    expected = {"dtype": torch.bfloat16} if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else {}
+    assert parser.get_parsed_content("amp_kwargs") == expected
+
+
+def test_train_config_with_channels_last_builds_and_trains(cohort, tmp_path):
+    parser = _parser("train.json", dataset_dir=str(cohort), output_dir=str(tmp_path), ckpt_dir=str(tmp_path / "m"),
+                     channels_last=True, compile=False, epochs=1, val_interval=10, batch_size=2, num_samples=1,
+                     sw_batch_size=2, sw_overlap=0.5, **TINY)  # fmt: skip
+    parser["train#trainer#epoch_length"] = 1
+    net = parser.get_parsed_content("network")
+    assert all(p.is_contiguous(memory_format=CL) for p in net.parameters() if p.dim() == 5)
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.compile is False and trainer.network is net
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert (evaluator.inferer.sw_batch_size, evaluator.inferer.overlap) == (2, 0.5)
+    trainer.run()
+    assert trainer.state.iteration == 1
+    assert torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
+
+
+def test_compile_switch_wraps_the_network(cohort):
+    parser = _parser("train.json", dataset_dir=str(cohort), compile=True, **TINY)
+    net = parser.get_parsed_content("network")
+    trainer = parser.get_parsed_content("train#trainer")
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    for engine in (trainer, evaluator):  # compiled lazily: nothing is compiled until the first iteration
+        assert engine.compile is True and engine.network is not net and engine.network._orig_mod is net
+    infer = _parser("inference.json", dataset_dir=str(cohort), compile=True, channels_last=True, **TINY)
+    evaluator = infer.get_parsed_content("evaluator")
+    assert evaluator.compile is True
+    assert infer.get_parsed_content("network").head.conv.weight.is_contiguous(memory_format=CL)
+
+
+def test_persistent_cache_dir_switch(cohort, tmp_path):
+    cache = tmp_path / "cache"
+    parser = _parser("train.json", dataset_dir=str(cohort), persistent_cache_dir=str(cache), **TINY)
+    loader = parser.get_parsed_content("train#dataloader")
+    assert isinstance(loader.dataset, PersistentDataset)
+    assert parser.get_parsed_content("train#dataset").cache_num == 0  # the in-memory cache is skipped
+    batch = next(iter(loader))
+    assert batch["image"].shape[1:] == (1, 64, 64, 32) and "subgroup" in batch
+    assert len(list(cache.glob("*.pt"))) >= 1
+    # cache_rate also controls the in-memory caches
+    parser = _parser("train.json", dataset_dir=str(cohort), cache_rate=0.0, **TINY)
+    assert parser.get_parsed_content("train#dataset").cache_num == 0
+    assert parser.get_parsed_content("validate#dataset").cache_num == 0
+
+
+def test_bench_window_count_matches_monai():
+    from monai.inferers import sliding_window_inference
+
+    bench = _bench_module()
+    calls = []
+
+    def net(x):
+        calls.append(x.shape[0])
+        return x
+
+    shape, roi = (94, 70, 34), (64, 64, 32)
+    sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, net, overlap=0.25)
+    assert sum(calls) == bench.n_windows(shape, roi, 0.25)
+
+
+def test_bench_peak_memory_sees_an_allocation():
+    bench = _bench_module()
+    with bench.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(32 * 2**20 // 4)  # 32 MiB, touched
+        del x
+    if not mem.exact:
+        pytest.skip("no resettable peak-RSS counter on this system")
+    assert 28 <= mem.mib < 200
+
+
+@pytest.mark.slow
+def test_bench_speed_quick_runs():
+    cmd = [sys.executable, str(BENCH), "--quick", "--threads", "1", "--channels-last"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for header in ("## Training step", "## Sliding-window inference", "## End-to-end inference", "## Data loading"):
+        assert header in out
+    assert "| mode | network | params | train step (s) | voxels/s |" in out
+    assert "| channels-last | dMoE (bundle default) |" in out
+    assert "torch " + torch.__version__ in out

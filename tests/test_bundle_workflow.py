@@ -105,6 +105,18 @@ def test_train_then_evaluate_writes_fairness_outputs(trained_default, tiny_cohor
     rows = (fair / "per_case.csv").read_text().splitlines()
     datalist = json.loads((tiny_cohort / "datalist.json").read_text())
     assert len(rows) - 1 == len(datalist["testing"])
+    # the routing audit of the dMoE network is in metrics.json
+    assert metrics["routing"] is not None and len(metrics["routing"]["layers"]) == 5
+    # the page references only files beside it, all present, and its headline equals metrics.json
+    from test_fairness_report import _Page
+
+    page = _Page()
+    page.feed((fair / "report.html").read_text())
+    assert page.images and all((fair / src).is_file() for src in page.images), page.images
+    for attribute in ("stage", "institution"):
+        d = metrics["groupings"][attribute]["dice"]
+        for name in ("dice_all", "worst_group_dice", "es_dice", "worst_group_cvar"):
+            assert page.values[f"{attribute}.dice.{name}"] == f"{d[name]:.4f}", (attribute, name)
 
 
 def test_inference_writes_masks_on_original_grid(trained_default, tiny_cohort, tmp_path):
@@ -144,3 +156,33 @@ def test_training_command_from_inside_bundle(tiny_cohort, tmp_path):
     res = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, check=False)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (run_dir / "models" / "model.pt").is_file()
+
+
+def test_training_loss_decreases_over_a_short_schedule(tiny_cohort, tmp_path):
+    from ignite.engine import Events
+
+    wf = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"), workflow_type="train", run_id="training",
+        dataset_dir=str(tiny_cohort), output_dir=str(tmp_path), ckpt_dir=str(tmp_path / "models"),
+        **{**TINY, "epochs": 6, "val_interval": 6},
+    )  # fmt: skip
+    wf.initialize()
+    per_epoch, current = [], []
+
+    def record_iteration(engine):
+        out = engine.state.output
+        current.append(float((out[0] if isinstance(out, list) else out)["loss"]))
+
+    def record_epoch(engine):
+        per_epoch.append(float(np.mean(current)))
+        current.clear()
+
+    wf.trainer.add_event_handler(Events.ITERATION_COMPLETED, record_iteration)
+    wf.trainer.add_event_handler(Events.EPOCH_COMPLETED, record_epoch)
+    wf.run()
+    wf.finalize()
+    assert len(per_epoch) == 6 and all(np.isfinite(per_epoch))
+    # the epoch-mean training loss falls steadily: at least 4 of the 5 epoch-to-epoch changes are decreases, and the
+    # last two epochs are lower than the first two by more than 0.1 (the tiny run starts near 1.6)
+    assert sum(b < a for a, b in zip(per_epoch, per_epoch[1:])) >= 4, per_epoch
+    assert np.mean(per_epoch[-2:]) < np.mean(per_epoch[:2]) - 0.1, per_epoch

@@ -16,11 +16,13 @@ BUNDLE_RUN := $(PY) -m monai.bundle run
 DEMO_RUN = $(abspath $(DEMO_DIR))/run
 DEMO_ARGS = --dataset_dir $(DEMO_DIR)/data --output_dir $(DEMO_RUN) --ckpt_dir $(DEMO_RUN)/models --seed $(DEMO_SEED)
 
-.PHONY: help setup demo test lint format clean-demo check-data benchmark-fairness bench-dmoe bench-speed
+.PHONY: help setup demo demo-weights verify test lint format clean-demo check-data benchmark-fairness bench-dmoe bench-speed
 
 help:
 	@echo "make demo   - set up .venv, generate the synthetic cohort, train FairDRO, evaluate, infer"
 	@echo "make test   - set up .venv and run the test suite (pytest) and lint"
+	@echo "make demo-weights - train the shipped weights (synthetic cohort, seed 0) into bundle/models/ + large_files.yml"
+	@echo "make verify - every official bundle check (metadata, files, net in/out, export, hashes, config properties)"
 	@echo "make lint   - ruff check + format check"
 	@echo "make check-data DATALIST=path/to/datalist.json - report every problem in a cohort"
 	@echo "make benchmark-fairness - the five variants x 3 seeds on the synthetic cohort (about an hour)"
@@ -76,6 +78,26 @@ demo: setup
 	@echo "  NIfTI masks:       $(DEMO_RUN)/inference/"
 	@echo "  DICOM SEG/RTSTRUCT: $(DEMO_RUN)/dicom/"
 
+# the shipped weights: default FairDRO config, synthetic cohort, fixed seed; then TorchScript and large_files.yml.
+# RELEASE_URL: where a published GitHub release puts the assets (written into large_files.yml)
+WEIGHTS_RUN = $(DEMO_DIR)/weights_run
+RELEASE_URL ?= https://github.com/OWNER/REPO/releases/download/v{version}
+demo-weights: setup
+	@test -f $(DEMO_DIR)/data/datalist.json || \
+		$(PY) bundle/scripts/synthetic.py --out $(DEMO_DIR)/data --n-cases $(DEMO_CASES) --seed $(DEMO_SEED)
+	$(BUNDLE_RUN) training --config_file bundle/configs/train.json --dataset_dir $(DEMO_DIR)/data \
+		--output_dir $(WEIGHTS_RUN) --ckpt_dir $(WEIGHTS_RUN)/models --epochs $(DEMO_EPOCHS) --seed $(DEMO_SEED)
+	cp $(WEIGHTS_RUN)/models/model.pt bundle/models/model.pt
+	$(PY) -m monai.bundle ckpt_export network_def --filepath bundle/models/model.ts \
+		--ckpt_file bundle/models/model.pt --meta_file bundle/configs/metadata.json \
+		--config_file bundle/configs/inference.json
+	$(PY) bundle/scripts/write_large_files.py --bundle-dir bundle --url-base "$(RELEASE_URL)"
+
+# every official check; fails on the first problem
+SCHEMA := $(wildcard ../shared/monai/meta_schema_20240725.json)
+verify: setup
+	$(PY) bundle/scripts/verify_bundle.py --bundle-dir bundle $(if $(SCHEMA),--schema $(SCHEMA))
+
 check-data: setup
 	@test -n "$(DATALIST)" || { echo "usage: make check-data DATALIST=path/to/datalist.json"; exit 2; }
 	$(PY) bundle/scripts/check_data.py --datalist $(DATALIST) $(CHECK_ARGS)
@@ -93,8 +115,8 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check bundle tests bench
-	$(PY) -m ruff format --check bundle tests bench
+	$(PY) -m ruff check bundle tests bench tools
+	$(PY) -m ruff format --check bundle tests bench tools
 
 format: setup
 	$(PY) -m ruff check --fix bundle tests bench
@@ -102,3 +124,33 @@ format: setup
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# MONAI Label 0.8.5 in its own venv: it needs pydicom 2.x and numpy<2 (pydicom-seg), which the main venv cannot
+# share. monai is pinned to 1.5.2 there: under monai 1.6.1 every Spacingd crashes in MONAI Label (it walks the
+# data keys starting with "image_" and MONAI Label's "image_path" string is one of them).
+ML_VENV := .venv-monailabel
+ML_PY := $(ML_VENV)/bin/python
+ML_CONSTRAINTS := tools/monailabel-constraints.txt
+ML_PINS := monailabel==0.8.5 monai==1.5.2 "pydicom>=2.4,<2.5" "numpy<2" torch==2.13.0
+ML_STAMP := $(ML_VENV)/.installed-$(shell echo '$(ML_PINS)' | cat - $(ML_CONSTRAINTS) | md5sum | cut -c1-12)
+
+.PHONY: monailabel test-monailabel
+
+$(ML_STAMP): $(ML_CONSTRAINTS)
+	test -x $(ML_PY) || $(PYTHON) -m venv $(ML_VENV)
+	$(ML_PY) -m pip install --quiet --upgrade "pip>=25"
+	$(ML_PY) -m pip install --quiet torch==2.13.0
+	# SAM2_BUILD_CUDA=0 and the build constraint keep sam2's source build on the CPU torch (else it pulls CUDA torch)
+	SAM2_BUILD_CUDA=0 $(ML_PY) -m pip install --quiet $(ML_PINS) -c $(ML_CONSTRAINTS) --build-constraint $(ML_CONSTRAINTS)
+	rm -f $(ML_VENV)/.installed-*
+	touch $@
+
+monailabel: $(ML_STAMP)
+
+# round trip through a MONAI Label server (loopback) against the bundle's own inference, then the negative test
+# (a 'module.'-prefixed model.pt must be caught); both run, the target fails if either fails
+test-monailabel: setup monailabel
+	@w=$$(mktemp -d); trap 'rm -rf "$$w"' EXIT; rc=0; \
+	nice -n 10 $(PY) tools/monailabel_roundtrip.py --work "$$w/rt" --ml-python $(abspath $(ML_PY)) || rc=1; \
+	nice -n 10 $(PY) tools/monailabel_roundtrip.py --work "$$w/rt" --ml-python $(abspath $(ML_PY)) --expect-mismatch || rc=1; \
+	exit $$rc

@@ -8,7 +8,10 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
+from scripts.inferers import SUBGROUP_META_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,9 @@ class SubgroupIndexd(MapTransform):
         case_sensitive: compare values exactly (default) or case-insensitively.
         default: value used when an item has no ``attribute`` (e.g. the ``--subgroup`` of a single
             inference case); ``None`` means unknown.
+        image_key: if this item is a MetaTensor, the index is also written into its metadata (key
+            ``scripts.inferers.SUBGROUP_META_KEY``), so :class:`scripts.inferers.SubgroupSlidingWindowInferer`
+            routes by it when a host calls ``inferer(image, network)`` only (MONAI Label, MONAI Deploy).
     """
 
     def __init__(
@@ -37,6 +43,7 @@ class SubgroupIndexd(MapTransform):
         output_key: str = "subgroup",
         case_sensitive: bool = True,
         default: str | None = None,
+        image_key: str | None = "image",
     ) -> None:
         super().__init__(keys=[attribute], allow_missing_keys=True)
         if isinstance(subgroups, str) or not isinstance(subgroups, Sequence) or len(subgroups) == 0:
@@ -49,6 +56,7 @@ class SubgroupIndexd(MapTransform):
         self.output_key = output_key
         self.case_sensitive = case_sensitive
         self.default = default
+        self.image_key = image_key
         self._index = {n: i for i, n in enumerate(names)}
         self._warned: set[str] = set()
 
@@ -84,6 +92,9 @@ class SubgroupIndexd(MapTransform):
         if isinstance(value, torch.Tensor):
             value = value.item() if value.numel() == 1 else None
         d[self.output_key] = torch.tensor(self.index_of(value), dtype=torch.int64)
+        image = d.get(self.image_key) if self.image_key is not None else None
+        if isinstance(image, MetaTensor):
+            image.meta[SUBGROUP_META_KEY] = int(d[self.output_key])
         return d
 
 

@@ -91,6 +91,17 @@ def test_train_variant_one_epoch(variant, tiny_cohort, tmp_path):
         "fairdro_groupdro": ("cvar", "groupdro"),
     }[variant]
     assert (dro.intra, dro.inter) == expected
+    # the variant's model evaluates (train + variant + evaluate) and serves (inference.json with its network switch)
+    _run(["train.json", f"variants/{variant}.json", "evaluate.json"], "train", "evaluating",
+         dataset_dir=str(tiny_cohort), output_dir=f"$'{out_root}/' + @run_name", **TINY)  # fmt: skip
+    assert (run_dir / "fairness" / "metrics.json").is_file()
+    pred = tmp_path / "pred"
+    _run(["inference.json"], "infer", "inference", dataset_dir=str(tiny_cohort), output_dir=str(pred),
+         ckpt_path=str(run_dir / "models" / "model.pt"), use_dmoe=expect_moe, **TINY_INFER)  # fmt: skip
+    datalist = json.loads((tiny_cohort / "datalist.json").read_text())
+    assert sorted(p.name for p in pred.glob("*_seg.nii.gz")) == sorted(
+        f"{i['id']}_seg.nii.gz" for i in datalist["testing"]
+    )
 
 
 def test_train_then_evaluate_writes_fairness_outputs(trained_default, tiny_cohort):

@@ -53,11 +53,11 @@ from scripts.rtstruct import (  # noqa: E402
     RoiNotFoundError,
     RTStructError,
     check_references,
-    default_file_mode,
     find_roi,
     rasterise_roi,
     read_rtstruct,
 )
+from scripts.safe_io import default_file_mode  # noqa: E402
 from scripts.synthetic import stratified_split  # noqa: E402
 
 logger = logging.getLogger("prepare_cohort")

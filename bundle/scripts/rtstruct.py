@@ -35,6 +35,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from scripts.dicom_series import SeriesInfo, resample_slices
+from scripts.safe_io import default_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,6 @@ class ContourGeometryError(RTStructError):
 
 
 # ------------------------------------------------------------------------------------------------ file helpers
-
-
-def default_file_mode() -> int:
-    """Permission bits a plain ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def save_atomic(ds: Dataset, path: str | Path) -> Path:

@@ -501,7 +501,8 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
     )
 
 
-def _default_mode() -> int:
+def default_file_mode() -> int:
+    """Permission bits a plain ``open()`` would give a new file under the current umask (``mkstemp`` uses 0600)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -537,7 +538,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, save_func: Callable = torch.s
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else _default_mode()
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else default_file_mode()
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

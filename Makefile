@@ -115,12 +115,12 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check bundle tests bench tools
-	$(PY) -m ruff format --check bundle tests bench tools
+	$(PY) -m ruff check bundle tests bench tools deploy
+	$(PY) -m ruff format --check bundle tests bench tools deploy
 
 format: setup
-	$(PY) -m ruff check --fix bundle tests bench
-	$(PY) -m ruff format bundle tests bench
+	$(PY) -m ruff check --fix bundle tests bench tools deploy
+	$(PY) -m ruff format bundle tests bench tools deploy
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
@@ -154,3 +154,40 @@ test-monailabel: setup monailabel
 	nice -n 10 $(PY) tools/monailabel_roundtrip.py --work "$$w/rt" --ml-python $(abspath $(ML_PY)) || rc=1; \
 	nice -n 10 $(PY) tools/monailabel_roundtrip.py --work "$$w/rt" --ml-python $(abspath $(ML_PY)) --expect-mismatch || rc=1; \
 	exit $$rc
+
+# MONAI Deploy App SDK 4.0.0 in its own venv (holoscan is large and only the Deploy app needs it)
+DP_VENV := .venv-deploy
+DP_PY := $(DP_VENV)/bin/python
+DP_REQ := deploy/requirements.txt
+DP_STAMP := $(DP_VENV)/.installed-$(shell cat $(DP_REQ) constraints.txt | md5sum | cut -c1-12)
+
+.PHONY: deploy-env deploy-app test-deploy deploy-stage
+
+$(DP_STAMP): $(DP_REQ) constraints.txt
+	test -x $(DP_PY) || $(PYTHON) -m venv $(DP_VENV)
+	$(DP_PY) -m pip install --quiet --upgrade "pip>=25"
+	$(DP_PY) -m pip install --quiet torch==2.13.0
+	$(DP_PY) -m pip install --quiet -r $(DP_REQ) -c constraints.txt
+	rm -f $(DP_VENV)/.installed-*
+	touch $@
+
+deploy-env: $(DP_STAMP)
+
+# the Deploy app on synthetic DICOM series (several storage orders, oblique), against the bundle's own inference
+test-deploy: setup deploy-env
+	nice -n 5 $(PY) tools/deploy_check.py --deploy-python $(abspath $(DP_PY))
+
+# run the app: make deploy-app INPUT=<CT series folder> OUTPUT=<folder> [SUBGROUP=T2]
+deploy-app: deploy-env
+	@test -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "usage: make deploy-app INPUT=<CT DICOM folder> OUTPUT=<folder> [SUBGROUP=T1..T4]"; exit 2; }
+	ulimit -s 32768; FAIRDRO_SUBGROUP="$(SUBGROUP)" LD_LIBRARY_PATH="$$(echo $(abspath $(DP_VENV))/lib/python3*/site-packages/nvidia/cu13/lib):$$LD_LIBRARY_PATH" \
+	$(DP_PY) deploy/app.py -i "$(INPUT)" -o "$(OUTPUT)" -m bundle/models/model.ts
+
+# a self-contained app folder for `monai-deploy package` (app, operators, the bundle's scripts, metadata)
+DP_STAGE ?= build/deploy-app
+deploy-stage:
+	rm -rf $(DP_STAGE) && mkdir -p $(DP_STAGE)/configs
+	cp deploy/app.py deploy/fairdro_operators.py deploy/app.yaml deploy/requirements.txt $(DP_STAGE)/
+	cp -r bundle/scripts $(DP_STAGE)/scripts && rm -rf $(DP_STAGE)/scripts/__pycache__
+	cp bundle/configs/metadata.json $(DP_STAGE)/configs/
+	@echo "staged in $(DP_STAGE); package with: monai-deploy package $(DP_STAGE) -c $(DP_STAGE)/app.yaml -m bundle/models/model.ts -t fairdro-ctv:0.3.0 --platform x64-workstation"

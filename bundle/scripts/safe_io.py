@@ -46,7 +46,9 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
-DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
+DiskSaver, _HAS_DISK_SAVER = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
+# without ignite (the MONAI Deploy / Label environments) the checkpoint saver below is unusable, the rest is not
+_DiskSaverBase = DiskSaver if _HAS_DISK_SAVER else object
 idist, _ = optional_import("ignite.distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -558,7 +560,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, save_func: Callable = torch.s
     _fsync_folder(folder)
 
 
-class _AtomicDiskSaver(DiskSaver):
+class _AtomicDiskSaver(_DiskSaverBase):
     """ignite ``DiskSaver`` that writes with :func:`atomic_save` and defers removals until the next save is done.
 
     ignite's ``Checkpoint`` removes an outdated file *before* it writes its successor; here the removal waits until

@@ -191,3 +191,23 @@ deploy-stage:
 	cp -r bundle/scripts $(DP_STAGE)/scripts && rm -rf $(DP_STAGE)/scripts/__pycache__
 	cp bundle/configs/metadata.json $(DP_STAGE)/configs/
 	@echo "staged in $(DP_STAGE); package with: monai-deploy package $(DP_STAGE) -c $(DP_STAGE)/app.yaml -m bundle/models/model.ts -t fairdro-ctv:0.3.0 --platform x64-workstation"
+
+# the DICOM node (receives CT, returns RTSTRUCT/SEG): make dicom-node [NODE_CONFIG=site.json] [NODE_ARGS='--port 11113']
+NODE_CONFIG ?=
+NODE_ARGS ?=
+.PHONY: dicom-node test-pacs bench-pacs orthanc
+dicom-node: setup
+	$(PY) -m scripts.dicom_node --config bundle/configs/dicom_node.json $(NODE_CONFIG) $(NODE_ARGS)
+
+# the clinical loop against a real Orthanc (Debian orthanc + orthanc-dicomweb, installed when missing)
+ORTHANC_PKGS := orthanc orthanc-dicomweb
+orthanc:
+	@command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  export DEBIAN_FRONTEND=noninteractive; SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(ORTHANC_PKGS) >/dev/null; }
+
+test-pacs: setup orthanc
+	nice -n 5 $(PY) tools/pacs_check.py
+
+bench-pacs: setup orthanc
+	$(PY) bench/bench_pacs.py --series 10 --out bench/results/pacs/bench_pacs.json

@@ -510,7 +510,7 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # not supported (e.g. Windows): the rename is still atomic
@@ -557,7 +557,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, save_func: Callable = torch.s
         except FileNotFoundError:
             pass
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 class _AtomicDiskSaver(_DiskSaverBase):

@@ -1,0 +1,232 @@
+"""Helpers for the PACS round trip (tools/pacs_check.py) and the load/fault benchmark (bench/bench_pacs.py).
+
+* :class:`Orthanc`: a throw-away Orthanc (Debian package ``orthanc`` + ``orthanc-dicomweb``) on loopback: own
+  storage folder, HTTP and DICOM ports on free ports, HTTP restricted to this machine, only registered
+  modalities may store, our node registered as a modality, the DICOMweb plugin enabled. REST helpers for
+  uploading, sending to a modality and finding what arrived in a study.
+* :class:`NodeProcess`: the bundle's DICOM node as a separate process, started with the documented command
+  (``python -m scripts.dicom_node --config bundle/configs/dicom_node.json <overrides.json>``), so it can be
+  killed with SIGKILL like a real crash.
+
+Nothing here is bundle code; it drives real programs for tests and measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_AET = "ORTHANC"
+NODE_AET = "FAIRDRO"
+NODE_MODALITY = "fairdro"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ct_files(series_dir: Path) -> list[Path]:
+    """The CT slices of a synthetic case folder (its reference RTSTRUCT is left out)."""
+    return [p for p in sorted(series_dir.glob("*.dcm")) if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT"]
+
+
+class Orthanc:
+    """A throw-away Orthanc on 127.0.0.1 (``with Orthanc(work, node_port) as pacs: ...``).
+
+    Args:
+        work: folder for its configuration, storage, index and log (created).
+        node_port: DICOM port of our node (registered as modality ``fairdro``, AE ``FAIRDRO``, 127.0.0.1).
+        concurrent_jobs: Orthanc jobs run at once (a store to a modality is a job).
+    """
+
+    def __init__(self, work: Path, node_port: int, concurrent_jobs: int = 4):
+        if shutil.which("Orthanc") is None:
+            raise RuntimeError("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb).")
+        if not DICOMWEB_PLUGIN.is_file():
+            raise RuntimeError(f"{DICOMWEB_PLUGIN} is missing (Debian: apt-get install orthanc-dicomweb).")
+        self.work = Path(work)
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.config = {
+            "Name": "FAIRDRO_TEST_PACS",
+            "StorageDirectory": str(self.work / "storage"),
+            "IndexDirectory": str(self.work / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ORTHANC_AET,
+            "RemoteAccessAllowed": False,  # HTTP from this machine only
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": False,  # only registered modalities may C-STORE into it ...
+            "DicomAlwaysAllowEcho": False,
+            "DicomCheckModalityHost": True,  # ... from their registered address (127.0.0.1)
+            "DicomModalities": {NODE_MODALITY: [NODE_AET, "127.0.0.1", int(node_port)]},
+            "ConcurrentJobs": int(concurrent_jobs),
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StableAge": 2,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Orthanc:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        cfg = self.work / "orthanc.json"
+        cfg.write_text(json.dumps(self.config, indent=2))
+        self.log_path = self.work / "orthanc.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                self.get("/system")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.3)
+        raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout} s; log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    # ------------------------------------------------------------------------------------------------ REST
+    def _request(self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> Any:
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers={"Content-Type": ctype})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            data = resp.read()
+            if resp.headers.get_content_type() in ("application/json", "application/dicom+json"):
+                return json.loads(data) if data else None
+            return data
+
+    def get(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def post_json(self, path: str, obj: Any) -> Any:
+        return self._request("POST", path, json.dumps(obj).encode())
+
+    def upload(self, files: list[Path]) -> str:
+        """POST every file to ``/instances``; returns the Orthanc id of their series."""
+        series = set()
+        for path in files:
+            answer = self._request("POST", "/instances", path.read_bytes(), "application/dicom")
+            series.add(answer["ParentSeries"])
+        if len(series) != 1:
+            raise ValueError(f"expected the files of one series, got {len(series)} series")
+        return series.pop()
+
+    def send_to_node(self, series_id: str, synchronous: bool = False) -> str | None:
+        """``POST /modalities/fairdro/store``: Orthanc C-STOREs the series to the node; returns the job id."""
+        answer = self.post_json(
+            f"/modalities/{NODE_MODALITY}/store", {"Resources": [series_id], "Synchronous": synchronous}
+        )
+        return None if synchronous else answer["ID"]
+
+    def job(self, job_id: str) -> dict:
+        return self.get(f"/jobs/{job_id}")
+
+    def study_of(self, series_id: str) -> str:
+        return self.get(f"/series/{series_id}")["ParentStudy"]
+
+    def series_in_study(self, study_id: str, modality: str) -> list[dict]:
+        return [s for s in self.get(f"/studies/{study_id}/series") if s["MainDicomTags"].get("Modality") == modality]
+
+    def instance_file(self, instance_id: str) -> bytes:
+        return self._request("GET", f"/instances/{instance_id}/file")
+
+
+class NodeProcess:
+    """The DICOM node in its own process (``python -m scripts.dicom_node``), killable like a real crash.
+
+    Args:
+        work: folder for the override config and the node's log.
+        overrides: config settings over ``bundle/configs/dicom_node.json`` (port, work_dir, destinations, ...).
+    """
+
+    def __init__(self, work: Path, overrides: dict[str, Any]):
+        self.work = Path(work)
+        self.overrides = overrides
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self, timeout: float = 120.0, **changes: Any) -> None:
+        """Start (or restart) the node; returns once it answers C-ECHO."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        self.overrides.update(changes)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.runs += 1
+        cfg = self.work / f"node_overrides_{self.runs}.json"
+        cfg.write_text(json.dumps(self.overrides, indent=2))
+        self.log_path = self.work / f"node_{self.runs}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop/kill)
+        env = dict(os.environ, PYTHONPATH=str(BUNDLE), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        cmd = [sys.executable, "-m", "scripts.dicom_node", "--config", str(BUNDLE / "configs" / "dicom_node.json"),
+               str(cfg)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        ae = AE(ae_title=self.overrides.get("allowed_calling_aets", [ORTHANC_AET])[0])
+        ae.add_requested_context(Verification)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the node exited with {self.proc.returncode}; log: {self.log_path}")
+            assoc = ae.associate("127.0.0.1", int(self.overrides["port"]), ae_title=NODE_AET)
+            if assoc.is_established:
+                status = assoc.send_c_echo()
+                assoc.release()
+                if status and status.Status == 0:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"the node did not answer C-ECHO within {timeout} s; log: {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as a power cut or OOM kill would leave it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.work.glob("node_*.log")))

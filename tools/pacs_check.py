@@ -1,0 +1,193 @@
+"""The clinical loop against a real PACS: Orthanc -> our DICOM node -> RTSTRUCT back in Orthanc (``make test-pacs``).
+
+Run with the main venv's python. Steps:
+
+1. a synthetic cohort with DICOM CT series (several storage orders and an oblique one);
+2. a throw-away Orthanc on loopback (tools/pacs.py) with our node registered as modality ``fairdro``;
+3. the node started with the documented command (``python -m scripts.dicom_node``), calling AE ``ORTHANC``
+   allowed, Orthanc as destination, subgroup from a lookup table keyed by PatientID, SEG also sent;
+4. the CT series uploaded to Orthanc (REST ``POST /instances``; the case's reference RTSTRUCT is not), then
+   sent by Orthanc to the node (REST ``POST /modalities/fairdro/store``);
+5. Orthanc queried until an RTSTRUCT (and SEG) appear in each study; each RTSTRUCT downloaded and checked:
+   same study, references the CT series and only its slices, frame of reference; rasterised onto the CT it
+   agrees with the bundle's own NIfTI output (``monai.bundle run inference`` with ``inference_dicom.json``, same
+   series and subgroup, run here independently of the node): Dice >= 0.95;
+6. the same study over DICOMweb (``/dicom-web/studies/<uid>/series``) lists the RTSTRUCT series;
+7. the same series sent again: processed once (the node logs a duplicate; still one RTSTRUCT in Orthanc).
+
+Exit status 0 = every check passed. ``--keep`` keeps the work folder (logs of Orthanc and the node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(0, str(REPO / "tools"))
+
+from pacs import NODE_AET, ORTHANC_AET, NodeProcess, Orthanc, ct_files, free_port  # noqa: E402
+from scripts import synthetic  # noqa: E402
+from scripts.dicom_seg import read_seg  # noqa: E402
+from scripts.dicom_series import read_series_info  # noqa: E402
+from scripts.rtstruct import rasterise_roi  # noqa: E402
+
+FAILURES: list[str] = []
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def check(ok: bool, what: str) -> None:
+    log(("PASS " if ok else "FAIL ") + what)
+    if not ok:
+        FAILURES.append(what)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def bundle_inference(series: Path, out: Path, subgroup: str | None) -> np.ndarray:
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
+        f"['{REPO / 'bundle/configs/inference.json'}','{REPO / 'bundle/configs/inference_dicom.json'}']",
+        "--input_dir", str(series), "--output_dir", str(out), "--subgroup", repr(subgroup),
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    (nifti,) = out.glob("*_seg.nii.gz")
+    return np.asarray(nib.load(nifti).dataobj) > 0
+
+
+def wait_for(pacs: Orthanc, study_id: str, modality: str, timeout: float, count: int = 1) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = pacs.series_in_study(study_id, modality)
+        if len(found) >= count:
+            return found
+        time.sleep(0.5)
+    return pacs.series_in_study(study_id, modality)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-cases", type=int, default=5, help="synthetic cases in the cohort (>= 3)")
+    ap.add_argument("--series", type=int, default=3, help="series sent through the loop")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each RTSTRUCT")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fairdro_pacs_"))
+    log(f"work folder {work}")
+    datalist = synthetic.generate_cohort(work / "cohort", n_cases=args.n_cases, seed=7, shape=(64, 64, 32), dicom=True)
+    pool = [it for part in ("testing", "validation", "training") for it in datalist[part]]
+    # one series per stage first (each is routed by its own subgroup), then the rest
+    firsts = [next(it for it in pool if it["stage"] == s) for s in dict.fromkeys(it["stage"] for it in pool)]
+    items = (firsts + [it for it in pool if it not in firsts])[: args.series]
+    table = work / "subgroups.json"
+    table.write_text(json.dumps({it["id"]: it["stage"] for it in items}))  # synthetic PatientID = case id
+
+    node_port = free_port()
+    node = NodeProcess(
+        work / "node",
+        {
+            "port": node_port,
+            "ae_title": NODE_AET,
+            "allowed_calling_aets": [ORTHANC_AET],
+            "work_dir": str(work / "node" / "state"),
+            "quiet_seconds": 2,
+            "send_seg": True,
+            "subgroup_source": {"mode": "lookup", "table": str(table), "key": "PatientID"},
+            "retry": {"initial_seconds": 1, "max_seconds": 10, "factor": 2},
+        },
+    )
+    pacs = Orthanc(work / "orthanc", node_port)
+    try:
+        pacs.start()
+        node.overrides["destinations"] = [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": pacs.dicom_port}]
+        node.start()
+        log(f"Orthanc on 127.0.0.1 (HTTP {pacs.http_port}, DICOM {pacs.dicom_port}); node on {node_port}")
+        sent = []
+        for item in items:
+            series_dir = work / "cohort" / item["dicom_dir"]
+            series_id = pacs.upload(ct_files(series_dir))
+            t0 = time.time()
+            pacs.send_to_node(series_id, synchronous=True)
+            sent.append((item, series_dir, series_id, t0))
+            log(f"{item['id']} ({item['dicom_variant']}, stage {item['stage']}) sent by Orthanc to the node")
+        for item, series_dir, series_id, t0 in sent:
+            info = read_series_info(series_dir)
+            study_id = pacs.study_of(series_id)
+            rs_series = wait_for(pacs, study_id, "RTSTRUCT", args.timeout)
+            check(len(rs_series) == 1, f"{item['id']}: one RTSTRUCT series in the study ({time.time() - t0:.1f} s)")
+            if len(rs_series) != 1:
+                continue
+            seg_series = wait_for(pacs, study_id, "SEG", 30)
+            check(len(seg_series) == 1, f"{item['id']}: one SEG series in the study (send_seg)")
+            (rs_instance,) = rs_series[0]["Instances"]
+            rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(rs_instance)))
+            check(rs.StudyInstanceUID == info.study_instance_uid, f"{item['id']}: RTSTRUCT in the CT's study")
+            frame = rs.ReferencedFrameOfReferenceSequence[0]
+            ref = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+            refs = {c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence}
+            check(
+                ref.SeriesInstanceUID == info.series_instance_uid and refs <= set(info.sop_instance_uids),
+                f"{item['id']}: RTSTRUCT references this CT series and only its slices (not mixed)",
+            )
+            check(frame.FrameOfReferenceUID == info.frame_of_reference_uid, f"{item['id']}: frame of reference")
+            own = bundle_inference(series_dir, work / "bundle" / item["id"], item["stage"])
+            d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
+            check(d >= 0.95, f"{item['id']}: RTSTRUCT from Orthanc vs the bundle's own NIfTI: Dice {d:.4f} >= 0.95")
+            if seg_series:
+                seg_file = work / f"{item['id']}_seg.dcm"
+                seg_file.write_bytes(pacs.instance_file(seg_series[0]["Instances"][0]))
+                ds = dice(read_seg(seg_file, info), own)
+                check(ds >= 0.999, f"{item['id']}: SEG from Orthanc vs the bundle's own NIfTI: Dice {ds:.4f}")
+            uid = info.study_instance_uid
+            web = pacs.get(f"/dicom-web/studies/{uid}/series")
+            modalities = sorted(s.get("00080060", {}).get("Value", ["?"])[0] for s in web)
+            check("RTSTRUCT" in modalities and "CT" in modalities, f"{item['id']}: DICOMweb lists {modalities}")
+
+        # the same series sent again: processed once
+        item, series_dir, series_id, _ = sent[0]
+        pacs.send_to_node(series_id, synchronous=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and "duplicate" not in node.log_text().lower():
+            time.sleep(0.5)
+        time.sleep(3)
+        study_id = pacs.study_of(series_id)
+        n_rs = sum(len(s["Instances"]) for s in pacs.series_in_study(study_id, "RTSTRUCT"))
+        check("duplicate" in node.log_text().lower() and n_rs == 1,
+              f"{item['id']}: sent twice, processed once (duplicate logged; {n_rs} RTSTRUCT in Orthanc)")  # fmt: skip
+        names = [it["id"] for it in items]
+        text = node.log_text()
+        leaked = [n for n in names if f"SYNTHETIC^{n}" in text or n in text]  # PatientName / PatientID
+        check(not leaked, "no patient name or ID in the node's log")
+    finally:
+        node.stop()
+        pacs.stop()
+    if FAILURES:
+        log(f"{len(FAILURES)} check(s) failed; logs in {work}")
+        return 1
+    log("all PACS checks passed")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

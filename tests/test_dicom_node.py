@@ -367,7 +367,11 @@ def test_delivery_is_retried_with_backoff_and_resumed_after_restart(cohort, tmp_
     caplog.set_level(logging.INFO)
     series = cohort.series[3]
     uid = _uid(series)
-    port = _free_port()  # the destination is down at first
+    # the destination is down at first: its port is held by a bound socket that does not listen (connections are
+    # refused), so no other socket of the run (e.g. an outgoing association's ephemeral port) can take it meanwhile
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
     dest = {"ae_title": "PACS", "host": "127.0.0.1", "port": port}
     key = f"PACS@127.0.0.1:{port}"
 
@@ -393,12 +397,14 @@ def test_delivery_is_retried_with_backoff_and_resumed_after_restart(cohort, tmp_
     receiver = None
     try:
         assert _wait(lambda: len(failures()) > seen, 30)
+        holder.close()
         receiver = Receiver(port)
         assert restarted.wait_idle(30), restarted.status()
         assert len(receiver.rtstructs(uid)) == 1 and len(receiver.received) == 1
         assert restarted.status()["processed"] == 0 and restarted.status()["delivered"] == 1
     finally:
         restarted.stop()
+        holder.close()
         if receiver is not None:
             receiver.stop()
     delivery = json.loads((node.work_dir / "results" / uid / "delivery.json").read_text())

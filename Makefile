@@ -148,11 +148,13 @@ $(ML_STAMP): $(ML_CONSTRAINTS)
 monailabel: $(ML_STAMP)
 
 # round trip through a MONAI Label server (loopback) against the bundle's own inference, then the negative test
-# (a 'module.'-prefixed model.pt must be caught); both run, the target fails if either fails
+# (a 'module.'-prefixed model.pt must be caught), then training through MONAI Label's bundle trainer; all run,
+# the target fails if any fails
 test-monailabel: setup monailabel
 	@w=$$(mktemp -d); trap 'rm -rf "$$w"' EXIT; rc=0; \
 	nice -n 10 $(PY) tools/monailabel_roundtrip.py --work "$$w/rt" --ml-python $(abspath $(ML_PY)) || rc=1; \
 	nice -n 10 $(PY) tools/monailabel_roundtrip.py --work "$$w/rt" --ml-python $(abspath $(ML_PY)) --expect-mismatch || rc=1; \
+	env -u PYTHONPATH nice -n 10 $(ML_PY) tools/monailabel_train.py || rc=1; \
 	exit $$rc
 
 # MONAI Deploy App SDK 4.0.0 in its own venv (holoscan is large and only the Deploy app needs it)

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "tools"))
 
-from pacs import NODE_AET, ORTHANC_AET, NodeProcess, Orthanc, ct_files, free_port  # noqa: E402
+from pacs import ORTHANC_AET, NodeProcess, Orthanc, ct_files, free_port, node_settings  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
 
@@ -119,18 +119,7 @@ def main() -> int:
     table = work / "subgroups.json"
     table.write_text(json.dumps({it["id"]: it["stage"] for it in items}))
     node_port = free_port()
-    node = NodeProcess(
-        work / "node",
-        {
-            "port": node_port,
-            "ae_title": NODE_AET,
-            "allowed_calling_aets": [ORTHANC_AET],
-            "work_dir": str(work / "node" / "state"),
-            "quiet_seconds": args.quiet,
-            "subgroup_source": {"mode": "lookup", "table": str(table), "key": "PatientID"},
-            "retry": {"initial_seconds": 1, "max_seconds": 10, "factor": 2},
-        },
-    )
+    node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, args.quiet))
     results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "quiet_s": args.quiet}
     failed = False
     with Orthanc(work / "orthanc", node_port, concurrent_jobs=args.series) as pacs:

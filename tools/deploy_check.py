@@ -30,36 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
+sys.path.insert(0, str(REPO / "tools"))
 
+from checklib import Checks, bundle_dicom_inference, dice, log  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_seg import read_seg  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
 from scripts.rtstruct import rasterise_roi  # noqa: E402
 
-FAILURES: list[str] = []
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def check(ok: bool, what: str) -> None:
-    log(("PASS " if ok else "FAIL ") + what)
-    if not ok:
-        FAILURES.append(what)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+check = Checks()
 
 
 def deploy_env(deploy_python: Path) -> dict[str, str]:
@@ -85,17 +70,6 @@ def run_app(
     res = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True)
     log(f"  app on {series.name} (subgroup {subgroup}): rc={res.returncode} in {time.time() - t0:.1f} s")
     return res
-
-
-def bundle_inference(series: Path, out: Path, subgroup: str | None) -> np.ndarray:
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
-        f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'inference_dicom.json'}']",
-        "--input_dir", str(series), "--output_dir", str(out), "--subgroup", repr(subgroup),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
-    (nifti,) = out.glob("*_seg.nii.gz")
-    return np.asarray(nib.load(nifti).dataobj) > 0
 
 
 def main() -> int:
@@ -138,12 +112,12 @@ def main() -> int:
         ref = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
         check(ref.SeriesInstanceUID == info.series_instance_uid, f"{item['id']}: RTSTRUCT references the CT series")
         app_mask = read_seg(seg_files[0], info) > 0
-        own = bundle_inference(series, work / "bundle" / item["id"] / stage, stage)
+        own = bundle_dicom_inference(series, work / "bundle" / item["id"] / stage, stage)
         d_own = dice(app_mask, own)
         check(d_own >= 0.99, f"{item['id']}: app SEG vs bundle inference ({stage}) Dice {d_own:.4f} >= 0.99")
         d_rs = dice(rasterise_roi(rs_files[0], info, names=["CTV"]), own)
         check(d_rs >= 0.95, f"{item['id']}: app RTSTRUCT vs bundle inference Dice {d_rs:.4f} >= 0.95")
-        alt = bundle_inference(series, work / "bundle" / item["id"] / other, other)
+        alt = bundle_dicom_inference(series, work / "bundle" / item["id"] / other, other)
         if dice(own, alt) < 0.999:
             d_alt = dice(app_mask, alt)
             what = f"{item['id']}: subgroup reaches the network (Dice {d_own:.4f} own vs {d_alt:.4f} {other})"
@@ -156,7 +130,7 @@ def main() -> int:
     res = run_app(args.deploy_python, first, work / "no_subgroup", None, args.model)
     seg_files = [p for p in (work / "no_subgroup").glob("*.dcm") if not p.name.startswith("RS_")]
     if res.returncode == 0 and len(seg_files) == 1:
-        d = dice(read_seg(seg_files[0], info), bundle_inference(first, work / "bundle" / "no_subgroup", None))
+        d = dice(read_seg(seg_files[0], info), bundle_dicom_inference(first, work / "bundle" / "no_subgroup", None))
         check(d >= 0.99, f"no FAIRDRO_SUBGROUP: app vs bundle fallback routing (subgroup None) Dice {d:.4f} >= 0.99")
     else:
         check(False, f"app without FAIRDRO_SUBGROUP: rc={res.returncode}, SEG files {seg_files}\n{res.stderr[-2000:]}")
@@ -169,8 +143,8 @@ def main() -> int:
     if timings:
         med, worst = np.median(timings), max(timings)
         log(f"app wall time per series (process start to exit): median {med:.1f} s, max {worst:.1f} s")
-    if FAILURES:
-        log(f"{len(FAILURES)} check(s) failed")
+    if check.failures:
+        log(f"{len(check.failures)} check(s) failed")
         return 1
     log("all Deploy checks passed")
     return 0

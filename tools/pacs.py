@@ -165,6 +165,20 @@ class Orthanc:
         return self._request("GET", f"/instances/{instance_id}/file")
 
 
+def node_settings(work: Path, port: int, subgroup_table: Path, quiet_seconds: float, **extra: Any) -> dict[str, Any]:
+    """Node settings for these runs: Orthanc may call, subgroups from a PatientID table, quick retries."""
+    return {
+        "port": port,
+        "ae_title": NODE_AET,
+        "allowed_calling_aets": [ORTHANC_AET],
+        "work_dir": str(Path(work) / "state"),
+        "quiet_seconds": quiet_seconds,
+        "subgroup_source": {"mode": "lookup", "table": str(subgroup_table), "key": "PatientID"},
+        "retry": {"initial_seconds": 1, "max_seconds": 10, "factor": 2},
+        **extra,
+    }
+
+
 class NodeProcess:
     """The DICOM node in its own process (``python -m scripts.dicom_node``), killable like a real crash.
 

@@ -24,54 +24,25 @@ import argparse
 import io
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "tools"))
 
-from pacs import NODE_AET, ORTHANC_AET, NodeProcess, Orthanc, ct_files, free_port  # noqa: E402
+from checklib import Checks, bundle_dicom_inference, dice, log  # noqa: E402
+from pacs import ORTHANC_AET, NodeProcess, Orthanc, ct_files, free_port, node_settings  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_seg import read_seg  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
 from scripts.rtstruct import rasterise_roi  # noqa: E402
 
-FAILURES: list[str] = []
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def check(ok: bool, what: str) -> None:
-    log(("PASS " if ok else "FAIL ") + what)
-    if not ok:
-        FAILURES.append(what)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
-
-
-def bundle_inference(series: Path, out: Path, subgroup: str | None) -> np.ndarray:
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
-        f"['{REPO / 'bundle/configs/inference.json'}','{REPO / 'bundle/configs/inference_dicom.json'}']",
-        "--input_dir", str(series), "--output_dir", str(out), "--subgroup", repr(subgroup),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
-    (nifti,) = out.glob("*_seg.nii.gz")
-    return np.asarray(nib.load(nifti).dataobj) > 0
+check = Checks()
 
 
 def wait_for(pacs: Orthanc, study_id: str, modality: str, timeout: float, count: int = 1) -> list[dict]:
@@ -102,19 +73,7 @@ def main() -> int:
     table.write_text(json.dumps({it["id"]: it["stage"] for it in items}))  # synthetic PatientID = case id
 
     node_port = free_port()
-    node = NodeProcess(
-        work / "node",
-        {
-            "port": node_port,
-            "ae_title": NODE_AET,
-            "allowed_calling_aets": [ORTHANC_AET],
-            "work_dir": str(work / "node" / "state"),
-            "quiet_seconds": 2,
-            "send_seg": True,
-            "subgroup_source": {"mode": "lookup", "table": str(table), "key": "PatientID"},
-            "retry": {"initial_seconds": 1, "max_seconds": 10, "factor": 2},
-        },
-    )
+    node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, 2, send_seg=True))
     pacs = Orthanc(work / "orthanc", node_port)
     try:
         pacs.start()
@@ -149,7 +108,7 @@ def main() -> int:
                 f"{item['id']}: RTSTRUCT references this CT series and only its slices (not mixed)",
             )
             check(frame.FrameOfReferenceUID == info.frame_of_reference_uid, f"{item['id']}: frame of reference")
-            own = bundle_inference(series_dir, work / "bundle" / item["id"], item["stage"])
+            own = bundle_dicom_inference(series_dir, work / "bundle" / item["id"], item["stage"])
             d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
             check(d >= 0.95, f"{item['id']}: RTSTRUCT from Orthanc vs the bundle's own NIfTI: Dice {d:.4f} >= 0.95")
             if seg_series:
@@ -180,8 +139,8 @@ def main() -> int:
     finally:
         node.stop()
         pacs.stop()
-    if FAILURES:
-        log(f"{len(FAILURES)} check(s) failed; logs in {work}")
+    if check.failures:
+        log(f"{len(check.failures)} check(s) failed; logs in {work}")
         return 1
     log("all PACS checks passed")
     if not args.keep:

@@ -613,14 +613,19 @@ class CohortCheck:
             elif p.severity == "info":
                 logger.info("cohort check: %s", p)
         errors = [p for p in self.problems if p.is_error]
+        if isinstance(self.datalist, Mapping):  # the lists a config will train on (e.g. set by MONAI Label)
+            sizes = ", ".join(f"{k} {len(v) if isinstance(v, Sequence) else '?'}" for k, v in self.datalist.items())
+            what, report = f"the configured data lists ({sizes} items)", "--datalist <your datalist.json>"
+        else:
+            what, report = str(self.datalist), f"--datalist {self.datalist}"
         if errors:
             listing = "\n".join(f"  {p}" for p in errors)
             raise ValueError(
-                f"cohort check of {self.datalist} found {len(errors)} error(s); fix them before training (full "
-                f"report: python bundle/scripts/check_data.py --datalist {self.datalist}):\n{listing}"
+                f"cohort check of {what} found {len(errors)} error(s); fix them before training (full "
+                f"report: python bundle/scripts/check_data.py {report}):\n{listing}"
             )
         n_warnings = sum(p.severity == "warning" for p in self.problems)
-        logger.info("cohort check of %s passed (%d warning(s)).", self.datalist, n_warnings)
+        logger.info("cohort check of %s passed (%d warning(s)).", what, n_warnings)
         return self.problems
 
     def __call__(self) -> list[Problem]:

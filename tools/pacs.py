@@ -1,8 +1,9 @@
 """Helpers for the PACS round trip (tools/pacs_check.py) and the load/fault benchmark (bench/bench_pacs.py).
 
-* :class:`Orthanc`: a throw-away Orthanc (Debian package ``orthanc`` + ``orthanc-dicomweb``) on loopback: own
-  storage folder, HTTP and DICOM ports on free ports, HTTP restricted to this machine, only registered
-  modalities may store, our node registered as a modality, the DICOMweb plugin enabled. REST helpers for
+* :class:`Orthanc`: a throw-away Orthanc (Debian package ``orthanc`` + ``orthanc-dicomweb``) for loopback use:
+  own storage folder, HTTP and DICOM on free ports (Orthanc 1.10 cannot bind them to 127.0.0.1 alone), HTTP
+  answering this machine only, DICOM services allowed to the registered modality at 127.0.0.1 only (our node),
+  the DICOMweb plugin enabled. REST helpers for
   uploading, sending to a modality and finding what arrived in a study.
 * :class:`NodeProcess`: the bundle's DICOM node as a separate process, started with the documented command
   (``python -m scripts.dicom_node --config bundle/configs/dicom_node.json <overrides.json>``), so it can be
@@ -75,6 +76,9 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": False,  # only registered modalities may C-STORE into it ...
             "DicomAlwaysAllowEcho": False,
+            "DicomAlwaysAllowFind": False,
+            "DicomAlwaysAllowGet": False,
+            "DicomAlwaysAllowMove": False,
             "DicomCheckModalityHost": True,  # ... from their registered address (127.0.0.1)
             "DicomModalities": {NODE_MODALITY: [NODE_AET, "127.0.0.1", int(node_port)]},
             "ConcurrentJobs": int(concurrent_jobs),

@@ -45,7 +45,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from scripts.dicom_series import DicomSeriesError, read_header
-from scripts.safe_io import atomic_save, fsync_folder
+from scripts.safe_io import atomic_write_bytes, atomic_write_json, fsync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,6 @@ def series_fingerprint(sop_instance_uids: Iterable[str]) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename + folder fsync (``safe_io.atomic_save`` with a bytes writer)."""
-    atomic_save(data, path, save_func=lambda blob, f: f.write(blob), verify=False)
-
-
-def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _read_json(path: Path) -> dict | None:
@@ -503,7 +494,7 @@ class DicomNode:
             if not folder.is_dir():
                 folder.mkdir(parents=True)
                 fsync_folder(str(self.spool))
-            _write_atomic(folder / f"{sop}.dcm", data)
+            atomic_write_bytes(data, folder / f"{sop}.dcm")
         except OSError as err:
             logger.error("Cannot spool instance %s of series %s: %s.", sop, series, err)
             return STATUS_OUT_OF_RESOURCES
@@ -625,8 +616,8 @@ class DicomNode:
                 for d in self.destinations
             },
         }
-        _write_json(tmp / "result.json", result)
-        _write_json(tmp / "delivery.json", delivery)
+        atomic_write_json(result, tmp / "result.json")
+        atomic_write_json(delivery, tmp / "delivery.json")
         _fsync_tree(tmp)
         with self._lock:
             old = None
@@ -676,7 +667,7 @@ class DicomNode:
             shutil.rmtree(target)  # an earlier failure of the same series is superseded
         folder.rename(target)
         fsync_folder(str(self.processing))
-        _write_atomic(target / "reason.txt", f"{_now()} series {uid}: {reason}\n".encode())
+        atomic_write_bytes(f"{_now()} series {uid}: {reason}\n".encode(), target / "reason.txt")
         with self._lock:
             self._counts["failed"] += 1
 
@@ -730,7 +721,7 @@ class DicomNode:
                 delay = min(r["initial_seconds"] * r["factor"] ** (item.attempts - 1), r["max_seconds"])
                 item.due = time.monotonic() + delay
                 entry["next_attempt_in_seconds"] = delay
-            _write_json(result_dir / "delivery.json", record)
+            atomic_write_json(record, result_dir / "delivery.json")
         if error is None:
             logger.info("Series %s: delivered %s to %s.", item.uid, [p.name for p in paths], item.dest.key)
         else:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -57,7 +56,7 @@ from scripts.rtstruct import (  # noqa: E402
     rasterise_roi,
     read_rtstruct,
 )
-from scripts.safe_io import default_file_mode  # noqa: E402
+from scripts.safe_io import atomic_write_json, default_file_mode  # noqa: E402
 from scripts.synthetic import stratified_split  # noqa: E402
 
 logger = logging.getLogger("prepare_cohort")
@@ -196,14 +195,6 @@ def save_case(out: Path, case_id: str, volume: np.ndarray, mask: np.ndarray, aff
     return tuple(str(t.relative_to(out)) for t in targets)  # type: ignore[return-value]
 
 
-def _write_json_atomic(data: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    os.chmod(tmp, default_file_mode())
-    os.replace(tmp, path)
-
-
 def _check_output_folder(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     """Refuse an output folder inside an input folder, or a non-empty one without ``overwrite``."""
     resolved = out.resolve()
@@ -282,7 +273,7 @@ def prepare_cohort(
         except Exception as err:  # an unexpected problem fails only this case, and is reported
             logger.exception("Case %s failed unexpectedly", case_id)
             report.failed.append((case_id, f"{type(err).__name__}: {err}"))
-    _write_json_atomic(
+    atomic_write_json(
         {
             "prepared": [item["id"] for item in report.prepared],
             "failed": [{"id": i, "error": e} for i, e in report.failed],
@@ -295,7 +286,7 @@ def prepare_cohort(
             datalist = {"training": report.prepared}
         else:
             datalist = stratified_split(report.prepared, split_by, seed)
-        _write_json_atomic(datalist, report.datalist)
+        atomic_write_json(datalist, report.datalist)
     return report
 
 

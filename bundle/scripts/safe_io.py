@@ -560,6 +560,16 @@ def atomic_save(obj: Any, path: str | os.PathLike, save_func: Callable = torch.s
     fsync_folder(folder)
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """:func:`atomic_save` of raw bytes (temp file, ``fsync``, rename, folder ``fsync``)."""
+    atomic_save(data, path, save_func=lambda blob, f: f.write(blob), verify=False)
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
+    """:func:`atomic_save` of ``obj`` as indented JSON with a final newline."""
+    atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode("utf-8"), path)
+
+
 class _AtomicDiskSaver(_DiskSaverBase):
     """ignite ``DiskSaver`` that writes with :func:`atomic_save` and defers removals until the next save is done.
 

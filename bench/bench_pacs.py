@@ -33,51 +33,44 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "tools"))
 
-from pacs import ORTHANC_AET, NodeProcess, Orthanc, ct_files, free_port, node_settings  # noqa: E402
+from checklib import free_port, log  # noqa: E402
+from pacs import ORTHANC_AET, NodeProcess, Orthanc, ct_files, node_settings, references_only_series  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def rtstruct_ok(pacs: Orthanc, study_id: str, info) -> bool | None:
-    """None while no RTSTRUCT is in the study; else whether it references exactly this series' slices."""
+    """None while no RTSTRUCT is in the study; else whether it is one and references exactly this series' slices."""
     found = pacs.series_in_study(study_id, "RTSTRUCT")
     if not found:
         return None
     instances = [i for s in found for i in s["Instances"]]
     rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(instances[0])))
-    ref = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
-    refs = {c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence}
-    return (
-        len(instances) == 1
-        and ref.SeriesInstanceUID == info.series_instance_uid
-        and refs <= set(info.sop_instance_uids)
-    )
+    return len(instances) == 1 and references_only_series(rs, info)
+
+
+def wait_for_rtstructs(pacs: Orthanc, uploaded: list, rows: list[dict], deadline: float) -> None:
+    """Poll every 0.2 s until every series' RTSTRUCT is in Orthanc, noting when each was first seen and whether it
+    is ok, and (rows with a store ``job``) when Orthanc's store job finished, i.e. every instance was acknowledged."""
+    while time.time() < deadline and any(r["stored"] is None for r in rows):
+        now = time.time()
+        for row, (_, _, study_id, info) in zip(rows, uploaded, strict=True):
+            if row.get("job") and row["acked"] is None and pacs.job(row["job"])["State"] == "Success":
+                row["acked"] = now
+            if row["stored"] is None and (ok := rtstruct_ok(pacs, study_id, info)) is not None:
+                row["stored"], row["ok"] = now, ok
+        time.sleep(0.2)
 
 
 def run_load(pacs: Orthanc, uploaded: list, timeout: float) -> list[dict]:
-    jobs = {pacs.send_to_node(series_id): k for k, (_, series_id, _) in enumerate(uploaded)}
-    rows = [{"case": item["id"], "acked": None, "stored": None, "ok": None} for item, _, _ in uploaded]
-    start = time.time()
-    while time.time() - start < timeout and any(r["stored"] is None for r in rows):
-        now = time.time()
-        for job_id, k in jobs.items():
-            if rows[k]["acked"] is None and pacs.job(job_id)["State"] == "Success":
-                rows[k]["acked"] = now
-        for k, (_, series_id, info) in enumerate(uploaded):
-            if rows[k]["stored"] is None:
-                ok = rtstruct_ok(pacs, pacs.study_of(series_id), info)
-                if ok is not None:
-                    rows[k]["stored"], rows[k]["ok"] = now, ok
-        time.sleep(0.2)
+    rows = [{"case": item["id"], "job": pacs.send_to_node(series_id), "acked": None, "stored": None, "ok": None}
+            for item, series_id, _, _ in uploaded]  # fmt: skip
+    wait_for_rtstructs(pacs, uploaded, rows, time.time() + timeout)
     return rows
 
 
 def run_kill(pacs: Orthanc, node: NodeProcess, uploaded: list, while_processing: bool, timeout: float) -> dict:
-    for _, series_id, _ in uploaded:
+    for _, series_id, _, _ in uploaded:
         pacs.send_to_node(series_id, synchronous=True)  # returns when every instance is acknowledged
     if while_processing:
         deadline = time.time() + 120
@@ -89,19 +82,15 @@ def run_kill(pacs: Orthanc, node: NodeProcess, uploaded: list, while_processing:
     killed = time.time()
     node.start()
     restarted = time.time()
-    arrived: dict[int, float] = {}
-    while time.time() - killed < timeout and len(arrived) < len(uploaded):
-        for k, (_, series_id, info) in enumerate(uploaded):
-            if k not in arrived and rtstruct_ok(pacs, pacs.study_of(series_id), info) is not None:
-                arrived[k] = time.time()
-        time.sleep(0.2)
-    oks = [rtstruct_ok(pacs, pacs.study_of(s), i) for _, s, i in uploaded]
+    rows = [{"stored": None, "ok": None} for _ in uploaded]
+    wait_for_rtstructs(pacs, uploaded, rows, killed + timeout)
+    arrived = [r["stored"] for r in rows if r["stored"] is not None]
     return {
         "sent": len(uploaded),
         "arrived": len(arrived),
-        "correct": sum(bool(o) for o in oks),
+        "correct": sum(bool(r["ok"]) for r in rows),
         "restart_s": restarted - killed,
-        "all_after_restart_s": (max(arrived.values()) - restarted) if arrived else float("nan"),
+        "all_after_restart_s": (max(arrived) - restarted) if arrived else float("nan"),
     }
 
 
@@ -128,7 +117,8 @@ def main() -> int:
         uploaded = []
         for item in items:
             series_dir = work / "cohort" / item["dicom_dir"]
-            uploaded.append((item, pacs.upload(ct_files(series_dir)), read_series_info(series_dir)))
+            series_id = pacs.upload(ct_files(series_dir))
+            uploaded.append((item, series_id, pacs.study_of(series_id), read_series_info(series_dir)))
         log(f"{len(uploaded)} series in Orthanc; load test with {args.series} at once")
         rows = run_load(pacs, uploaded[: args.series], args.timeout)
         lat = [r["stored"] - r["acked"] for r in rows if r["stored"] and r["acked"]]

@@ -1,7 +1,8 @@
-"""Small helpers shared by the end-to-end check scripts (tools/deploy_check.py, tools/pacs_check.py)."""
+"""Small helpers shared by the end-to-end check scripts and benchmarks (tools/, bench/bench_pacs.py)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Checks:

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,15 +34,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from checklib import free_port, log  # tools/ is on sys.path when this file runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 MODEL_NAME = "fairdro_ctv_segmentation"  # contains "segmentation": MONAI Label infers the task type from it
 KEY_WARNING = "Checkpoint keys don't match"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def run(cmd: list[str], **kw) -> float:
@@ -53,12 +49,6 @@ def run(cmd: list[str], **kw) -> float:
     dt = time.time() - t0
     log(f"  done in {dt:.1f} s")
     return dt
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_data_and_model(work: Path, py: str, model: Path | None, epochs: int) -> Path:

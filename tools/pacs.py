@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from checklib import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -37,15 +37,17 @@ NODE_AET = "FAIRDRO"
 NODE_MODALITY = "fairdro"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ct_files(series_dir: Path) -> list[Path]:
     """The CT slices of a synthetic case folder (its reference RTSTRUCT is left out)."""
     return [p for p in sorted(series_dir.glob("*.dcm")) if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT"]
+
+
+def references_only_series(rtstruct: pydicom.Dataset, info: Any) -> bool:
+    """Whether an RTSTRUCT references the CT series of ``info`` (a bundle ``SeriesInfo``) and only its slices."""
+    frame = rtstruct.ReferencedFrameOfReferenceSequence[0]
+    ref = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    refs = {c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence}
+    return ref.SeriesInstanceUID == info.series_instance_uid and refs <= set(info.sop_instance_uids)
 
 
 class Orthanc:

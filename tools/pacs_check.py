@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "tools"))
 
-from checklib import Checks, bundle_dicom_inference, dice, log  # noqa: E402
-from pacs import ORTHANC_AET, NodeProcess, Orthanc, ct_files, free_port, node_settings  # noqa: E402
+from checklib import Checks, bundle_dicom_inference, dice, free_port, log  # noqa: E402
+from pacs import ORTHANC_AET, NodeProcess, Orthanc, ct_files, node_settings, references_only_series  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_seg import read_seg  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
@@ -100,14 +100,12 @@ def main() -> int:
             (rs_instance,) = rs_series[0]["Instances"]
             rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(rs_instance)))
             check(rs.StudyInstanceUID == info.study_instance_uid, f"{item['id']}: RTSTRUCT in the CT's study")
-            frame = rs.ReferencedFrameOfReferenceSequence[0]
-            ref = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
-            refs = {c.ReferencedSOPInstanceUID for c in ref.ContourImageSequence}
             check(
-                ref.SeriesInstanceUID == info.series_instance_uid and refs <= set(info.sop_instance_uids),
+                references_only_series(rs, info),
                 f"{item['id']}: RTSTRUCT references this CT series and only its slices (not mixed)",
             )
-            check(frame.FrameOfReferenceUID == info.frame_of_reference_uid, f"{item['id']}: frame of reference")
+            frame_uid = rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+            check(frame_uid == info.frame_of_reference_uid, f"{item['id']}: frame of reference")
             own = bundle_dicom_inference(series_dir, work / "bundle" / item["id"], item["stage"])
             d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
             check(d >= 0.95, f"{item['id']}: RTSTRUCT from Orthanc vs the bundle's own NIfTI: Dice {d:.4f} >= 0.95")

@@ -52,6 +52,7 @@ from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSel
 from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator  # noqa: E402
 from monai.deploy.operators.monai_bundle_inference_operator import BundleConfigNames, IOMapping  # noqa: E402
 from pydicom.sr.codedict import codes  # noqa: E402
+from scripts.dicom_write import ensure_output_outside  # noqa: E402
 
 #: the CT series of the study; RTSTRUCT/SEG objects in the same folder are ignored
 CT_SELECTION = json.dumps({"selections": [{"name": "CT", "conditions": {"Modality": "(?i)^CT$"}}]})
@@ -70,13 +71,8 @@ class FairDROSegApp(Application):
 
     def compose(self) -> None:
         app_context: AppContext = Application.init_app_context(self.argv)
-        input_dir = Path(app_context.input_path)
-        output_dir = Path(app_context.output_path)
-        if not input_dir.is_dir():
-            raise FileNotFoundError(f"input folder {input_dir} does not exist (give -i DICOM_DIR).")
-        output_dir = output_dir.resolve()
-        if output_dir == input_dir.resolve() or input_dir.resolve() in output_dir.parents:
-            raise ValueError(f"output folder {output_dir} is inside the input folder {input_dir}; choose another.")
+        input_dir, output_dir = Path(app_context.input_path), Path(app_context.output_path).resolve()
+        check_folders(input_dir, output_dir)
         version = _bundle_version()
 
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_dir, name="dcm_loader")
@@ -115,21 +111,30 @@ class FairDROSegApp(Application):
         logging.info("FairDRO app composed: %s -> %s (bundle %s)", input_dir, output_dir, version)
 
 
+def check_folders(input_dir: Path, output_dir: Path) -> None:
+    """Refuse a missing input folder and an output folder inside it (the bundle's own rule: inputs are never written).
+
+    Raises:
+        FileNotFoundError, ValueError: naming the folder(s).
+    """
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input folder {input_dir} does not exist (give -i DICOM_DIR).")
+    ensure_output_outside(output_dir, input_dir)
+
+
 def check_paths(argv: list[str]) -> None:
-    """Refuse an output folder inside the input before the SDK creates it (nothing is written into the input)."""
+    """:func:`check_folders` on ``-i``/``-o`` before the SDK creates the output folder (it does so before compose)."""
     import argparse
 
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("-i", "--input", type=Path)
     ap.add_argument("-o", "--output", type=Path)
     args, _ = ap.parse_known_args(argv)
-    if args.input is None or args.output is None:
-        return
-    inp, out = args.input.resolve(), args.output.resolve()
-    if not inp.is_dir():
-        raise SystemExit(f"input folder {inp} does not exist (give -i DICOM_DIR).")
-    if out == inp or inp in out.parents:
-        raise SystemExit(f"output folder {out} is inside the input folder {inp}; choose another.")
+    if args.input is not None and args.output is not None:
+        try:
+            check_folders(args.input, args.output)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.deploy.core import ConditionType, Fragment, Image, Operator, OperatorSpec
+from monai.deploy.core import Fragment, Image, Operator, OperatorSpec
 from monai.deploy.core.domain.dicom_series_selection import StudySelectedSeries
 from monai.deploy.operators.monai_bundle_inference_operator import MonaiBundleInferenceOperator
 
@@ -135,19 +135,17 @@ class RTStructWriterOperator(Operator):
         self.algorithm_version = algorithm_version
         self.input_name_seg = "seg_image"
         self.input_name_series = "study_selected_series_list"
-        self.written: list[Path] = []
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input(self.input_name_seg)
         spec.input(self.input_name_series)
-        spec.input("output_folder").condition(ConditionType.NONE)
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         series_list = op_input.receive(self.input_name_series)
         seg = op_input.receive(self.input_name_seg)
         seg = seg.asnumpy() if isinstance(seg, Image) else np.asarray(seg)
-        self.written.append(self.write(seg, _selected_series(series_list)))
+        self.write(seg, _selected_series(series_list))
 
     def write(self, seg: np.ndarray, series: Any) -> Path:
         """Write the RTSTRUCT for ``seg`` (``(D, H, W)``, SDK order) against the SDK ``series``."""

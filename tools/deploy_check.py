@@ -138,7 +138,7 @@ def main() -> int:
     check(res.returncode != 0 and "'T9'" in res.stderr and "not one of the bundle's subgroups" in res.stderr,
           "unknown FAIRDRO_SUBGROUP refused with a message naming it")  # fmt: skip
     res = run_app(args.deploy_python, first, first / "out", items[0]["stage"], args.model)
-    check(res.returncode != 0 and "inside the input folder" in res.stderr and not (first / "out").exists(),
+    check(res.returncode != 0 and "inside the input series folder" in res.stderr and not (first / "out").exists(),
           "output folder inside the input refused, nothing written there")  # fmt: skip
     if timings:
         med, worst = np.median(timings), max(timings)

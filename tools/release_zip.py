@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -21,17 +22,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_NAME = "fairdro_ctv_segmentation"
 INCLUDE = ("LICENSE", "large_files.yml", "configs", "scripts", "models", "docs")
-SKIP_PARTS = {"__pycache__", ".pytest_cache"}
 
 
 def bundle_files(bundle: Path) -> list[Path]:
+    """The files git tracks under the bundle's INCLUDE entries (a local model, cache or run never ships)."""
     files = []
     for entry in INCLUDE:
-        path = bundle / entry
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing; the release zip needs it.")
-        candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        files += [p for p in candidates if not SKIP_PARTS & set(p.parts) and p.suffix != ".pyc"]
+        if not (bundle / entry).exists():
+            raise FileNotFoundError(f"{bundle / entry} is missing; the release zip needs it.")
+        listed = subprocess.run(["git", "ls-files", "-z", "--", entry], cwd=bundle, capture_output=True, check=True)
+        tracked = sorted(bundle / name for name in listed.stdout.decode().split("\0") if name)
+        if not tracked:
+            raise FileNotFoundError(f"git tracks nothing under {bundle / entry}; commit it before building a release.")
+        files += tracked
     return files
 
 

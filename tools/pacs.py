@@ -42,6 +42,17 @@ def ct_files(series_dir: Path) -> list[Path]:
     return [p for p in sorted(series_dir.glob("*.dcm")) if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT"]
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM a running process and wait; SIGKILL it if it has not exited after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def references_only_series(rtstruct: pydicom.Dataset, info: Any) -> bool:
     """Whether an RTSTRUCT references the CT series of ``info`` (a bundle ``SeriesInfo``) and only its slices."""
     frame = rtstruct.ReferencedFrameOfReferenceSequence[0]
@@ -116,13 +127,7 @@ class Orthanc:
         raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout} s; log: {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 20)
         if getattr(self, "_log", None):
             self._log.close()
 
@@ -238,13 +243,7 @@ class NodeProcess:
         self._log.close()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 60)
         if getattr(self, "_log", None):
             self._log.close()
 

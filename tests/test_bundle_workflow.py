@@ -15,7 +15,7 @@ from scripts import synthetic
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
-VARIANTS = ["erm", "groupdro", "dmoe", "fairdro", "fairdro_groupdro"]
+VARIANTS = ["erm", "groupdro", "dmoe", "fairdro", "fairdro_groupdro", "oracle"]
 
 #: settings that make one epoch take seconds on a CPU
 TINY = {
@@ -89,6 +89,7 @@ def test_train_variant_one_epoch(variant, tiny_cohort, tmp_path):
         "dmoe": ("none", "empirical"),
         "fairdro": ("cvar", "uniform"),
         "fairdro_groupdro": ("cvar", "groupdro"),
+        "oracle": ("oracle", "empirical"),
     }[variant]
     assert (dro.intra, dro.inter) == expected
     # the variant's model evaluates (train + variant + evaluate) and serves (inference.json with its network switch)

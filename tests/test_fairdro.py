@@ -14,6 +14,7 @@ from scripts.fairdro import (
     cvar_weights,
     groupdro_update,
     intra_group_weights,
+    oracle_weights,
     tilted_weights,
 )
 
@@ -439,3 +440,63 @@ def test_distributed_update_gives_every_rank_the_same_bank(tmp_path):
     torch.testing.assert_close(s0["bank"], expected)
     torch.testing.assert_close(s1["bank"], expected)
     assert s0["num_updates"] == s1["num_updates"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# oracle (intra="oracle"): minority and majority of each group carry equal total weight
+# ----------------------------------------------------------------------------------------------------------------------
+def _oracle_cohort():
+    # stage T1: 8 cases, 2 necrotic; T2: 5 cases, 1 necrotic; T3: 3 cases, none; T4: 4 cases, 1 distractor
+    spec = {"T1": (8, 2), "T2": (5, 1), "T3": (3, 0), "T4": (4, 1)}
+    items = []
+    for stage, (n, n_min) in spec.items():
+        for k in range(n):
+            subtype = ("necrotic" if stage != "T4" else "distractor") if k < n_min else "majority"
+            items.append({"id": f"{stage}_{k}", "stage": stage, "subtype": subtype})
+    return items
+
+
+def test_oracle_weights_by_hand():
+    # 2 minority of 8: minority 1/(2*2) = 0.25 each, majority 1/(2*6) = 1/12 each
+    w = oracle_weights([True, True, False, False, False, False, False, False])
+    assert torch.allclose(w, torch.tensor([0.25, 0.25] + [1 / 12] * 6, dtype=torch.float64))
+    # one subtype only: uniform
+    assert torch.allclose(oracle_weights([False] * 3), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert oracle_weights([]).numel() == 0
+
+
+def test_oracle_gives_minority_and_majority_equal_weight_in_every_stage_group():
+    items = _oracle_cohort()
+    dro = FairDRO(4, items, intra="oracle", inter="empirical", group_names=["T1", "T2", "T3", "T4"],
+                  group_key="stage", subtype_key="subtype", apply="sample")  # fmt: skip
+    assert not dro.in_warmup  # weights do not depend on the bank: no ERM warm-up
+    w = dro.case_weights()
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-12)
+    n = len(items)
+    for stage in ("T1", "T2", "T3", "T4"):
+        rows = [i for i, it in enumerate(items) if it["stage"] == stage]
+        mino = [i for i in rows if items[i]["subtype"] != "majority"]
+        majo = [i for i in rows if items[i]["subtype"] == "majority"]
+        # the stage group keeps its empirical mass n_g / N (as in ERM)
+        assert math.isclose(float(w[rows].sum()), len(rows) / n, rel_tol=1e-12)
+        if mino:
+            assert math.isclose(float(w[mino].sum()), float(w[majo].sum()), rel_tol=1e-12)
+        else:  # T3 has no minority: uniform inside the group
+            assert torch.allclose(w[rows], torch.full((len(rows),), 1 / n, dtype=torch.float64))
+    # by hand, T1: mass 8/20 split 0.2 / 0.2: minority 0.1 each, majority 0.2/6 each
+    assert math.isclose(float(w[0]), 0.1, rel_tol=1e-12) and math.isclose(float(w[2]), 0.2 / 6, rel_tol=1e-12)
+    # the bank does not move the oracle weights
+    dro.update([it["id"] for it in items[:4]], torch.tensor([5.0, 0.1, 0.2, 0.3]))
+    assert torch.equal(dro.case_weights(), w)
+
+
+def test_oracle_needs_the_subtype():
+    items = _oracle_cohort()
+    with pytest.raises(ValueError, match="subtype_key"):
+        FairDRO(4, items, intra="oracle", group_names=["T1", "T2", "T3", "T4"], group_key="stage")
+    del items[3]["subtype"]
+    with pytest.raises(ValueError, match="lack it"):
+        FairDRO(4, items, intra="oracle", group_names=["T1", "T2", "T3", "T4"], group_key="stage",
+                subtype_key="subtype")  # fmt: skip
+    # other modes never read it
+    assert FairDRO(4, items, intra="cvar", group_names=["T1", "T2", "T3", "T4"], group_key="stage").minority is None

@@ -83,12 +83,13 @@ __all__ = [
     "cvar_weights",
     "groupdro_update",
     "intra_group_weights",
+    "oracle_weights",
     "tilted_weights",
 ]
 
 logger = logging.getLogger(__name__)
 
-INTRA_MODES = ("cvar", "tilted", "none")
+INTRA_MODES = ("cvar", "tilted", "none", "oracle")
 INTER_MODES = ("uniform", "empirical", "groupdro")
 APPLY_MODES = ("loss", "sample")
 UNKNOWN_POLICIES = ("erm", "group")
@@ -206,26 +207,57 @@ def tilted_weights(losses: torch.Tensor | Sequence[float], tau: float = 1.0) -> 
     return torch.softmax(x / tau, dim=0)
 
 
+def oracle_weights(minority: torch.Tensor | Sequence[bool]) -> torch.Tensor:
+    """Oracle weights of one group: its minority and its majority carry equal total weight (1/2 each).
+
+    A minority case gets ``1 / (2 n_min)`` and a majority case ``1 / (2 n_maj)``: relative to a majority case,
+    a minority case weighs ``n_maj / n_min = (1 - f) / f`` for a minority share ``f``. A group with only one
+    subtype gets the uniform weights ``1/n``. This is the upper reference of what a method that *knew* the
+    hidden minority could do (the ``oracle`` variant); it reads the ``subtype`` that no other variant sees.
+
+    Args:
+        minority: whether each case of the group is a minority case, shape ``(n,)``.
+
+    Returns:
+        weights, shape ``(n,)``, float64, summing to 1 (empty for n = 0).
+    """
+    m = torch.as_tensor(minority, dtype=torch.bool).flatten()
+    n, n_min = m.numel(), int(m.sum())
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if n_min in (0, n):
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    w = torch.full((n,), 0.5 / (n - n_min), dtype=torch.float64)
+    w[m] = 0.5 / n_min
+    return w
+
+
 def intra_group_weights(
     losses: torch.Tensor | Sequence[float],
     intra: str = "cvar",
     alpha: float = 0.2,
     tau: float = 1.0,
     floor: float = 0.0,
+    minority: torch.Tensor | Sequence[bool] | None = None,
 ) -> torch.Tensor:
-    """Intra-group weights ``q_{i|g}`` of one group for the ``intra`` option (``"cvar"``, ``"tilted"``, ``"none"``).
+    """Intra-group weights ``q_{i|g}`` of one group for the ``intra`` option.
 
     Args:
         losses: per-case losses of one group, shape ``(n,)``.
-        intra: ``"cvar"``, ``"tilted"`` or ``"none"`` (uniform ``1/n``).
+        intra: ``"cvar"``, ``"tilted"``, ``"none"`` (uniform ``1/n``) or ``"oracle"`` (:func:`oracle_weights`).
         alpha: CVaR tail fraction (``"cvar"``).
         tau: temperature (``"tilted"``).
         floor: uniform share mixed into the CVaR weights (``"cvar"``).
+        minority: minority flag of each case (``"oracle"`` only, required there).
 
     Returns:
         weights, shape ``(n,)``, summing to 1 (empty for n = 0).
     """
     intra = _check_choice("intra", intra, INTRA_MODES)
+    if intra == "oracle":
+        if minority is None:
+            raise ValueError("intra='oracle' needs the minority flag of every case (FairDRO subtype_key).")
+        return oracle_weights(minority).to(_as_vector(losses).dtype)
     if intra == "cvar":
         return cvar_weights(losses, alpha=alpha, floor=floor)
     if intra == "tilted":
@@ -266,7 +298,14 @@ def groupdro_update(
 
 
 def _intra_all(
-    values: torch.Tensor, groups: torch.Tensor, num_groups: int, intra: str, alpha: float, tau: float, floor: float
+    values: torch.Tensor,
+    groups: torch.Tensor,
+    num_groups: int,
+    intra: str,
+    alpha: float,
+    tau: float,
+    floor: float,
+    minority: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Intra weights for every case at once (cases with group < 0 get 0) and the group risks ``(K,)``."""
     q = torch.zeros_like(values)
@@ -275,7 +314,8 @@ def _intra_all(
         idx = torch.nonzero(groups == g).flatten()
         if idx.numel() == 0:
             continue
-        qg = intra_group_weights(values[idx], intra=intra, alpha=alpha, tau=tau, floor=floor)
+        flags = None if minority is None else minority[idx]
+        qg = intra_group_weights(values[idx], intra=intra, alpha=alpha, tau=tau, floor=floor, minority=flags)
         q[idx] = qg
         risks[g] = (qg * values[idx]).sum()
     return q, risks
@@ -289,6 +329,7 @@ def composite_weights(
     alpha: float = 0.2,
     tau: float = 1.0,
     floor: float = 0.0,
+    minority: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Composite weights ``w_i = m * pi_{g(i)} * q_{i|g(i)}`` over a cohort.
 
@@ -298,7 +339,7 @@ def composite_weights(
             out of the DRO statistics, which keeps its ERM weight ``1/N``.
         pi: inter-group weights, shape ``(K,)``; renormalised over the non-empty groups (an empty group never gets
             mass, and no NaN appears).
-        intra, alpha, tau, floor: see :func:`intra_group_weights`.
+        intra, alpha, tau, floor, minority: see :func:`intra_group_weights` (``minority``: ``(N,)`` bool).
 
     Returns:
         weights, shape ``(N,)``, float64, summing to 1. The DRO cases share ``m = (number of DRO cases) / N``.
@@ -323,7 +364,7 @@ def composite_weights(
     if float(pi.sum()) <= 0.0:  # no mass on any non-empty group: fall back to uniform over them
         pi = (sizes > 0).to(torch.float64)
     pi = pi / pi.sum()
-    q, _ = _intra_all(values, groups, num_groups, intra, alpha, tau, floor)
+    q, _ = _intra_all(values, groups, num_groups, intra, alpha, tau, floor, minority)
     mass = float(included.sum()) / n
     w[included] = mass * pi[groups[included]] * q[included]
     return w
@@ -366,7 +407,9 @@ class FairDRO:
             ``id_key`` and ``group_key``; a missing/None group value is unknown), a mapping ``{id: group}``, or a
             sequence of ``(id, group)`` pairs. A group is an index (``0..G-1``; anything else is unknown) or a name
             from ``group_names`` (a name not in it is unknown). Ids are compared as strings and must be unique.
-        intra: intra-group weights: ``"cvar"`` (default), ``"tilted"`` or ``"none"``.
+        intra: intra-group weights: ``"cvar"`` (default), ``"tilted"``, ``"none"`` or ``"oracle"`` (minority and
+            majority of each group weighted equally, from ``subtype_key``; the weights never depend on the bank,
+            so there is no warm-up).
         alpha: CVaR tail fraction, in (0, 1]. Default 0.2.
         tau: tilted temperature, > 0. Default 1.0.
         floor: share of the uniform intra weight mixed into the CVaR weights, in [0, 1]. Default 0 (pure CVaR).
@@ -383,6 +426,9 @@ class FairDRO:
         id_key: key of the case id in cohort items. Default ``"id"``.
         group_key: key of the subgroup value in cohort items. Default ``"subgroup"``.
         sync_dist: all-gather the step's losses across ranks when ``torch.distributed`` is initialised.
+        subtype_key: key of the hidden subtype in cohort items, read only with ``intra="oracle"`` (required there):
+            a case is in the minority when its value is not ``majority_value``. ``None`` (default): not read.
+        majority_value: the subtype value of the majority. Default ``"majority"``.
 
     Raises:
         ValueError: for an invalid hyperparameter (naming it and the value) or an invalid cohort.
@@ -406,6 +452,8 @@ class FairDRO:
         id_key: str = "id",
         group_key: str = "subgroup",
         sync_dist: bool = True,
+        subtype_key: str | None = None,
+        majority_value: str = "majority",
     ) -> None:
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
@@ -435,6 +483,8 @@ class FairDRO:
         self.sync_dist = sync_dist
 
         self.ids, groups = self._parse_cohort(cohort)
+        #: minority flag of each case, ``(N,)`` bool, only with ``intra="oracle"`` (else None: never read)
+        self.minority = self._parse_minority(cohort, subtype_key, majority_value) if intra == "oracle" else None
         self._row = {cid: r for r, cid in enumerate(self.ids)}
         #: subgroup index of each case, ``(N,)`` in ``0..G`` (``G`` = unknown)
         self.groups = torch.tensor(groups, dtype=torch.long)
@@ -489,6 +539,21 @@ class FairDRO:
             raise ValueError(f"cohort case ids must be unique, repeated: {dup[:10]}.")
         groups = [_to_group_index(g, self.num_groups, names) for _, g in pairs]
         return ids, groups
+
+    def _parse_minority(self, cohort: Any, subtype_key: str | None, majority_value: str) -> torch.Tensor:
+        """Minority flags of the cohort for ``intra="oracle"`` (datalist items with ``subtype_key``)."""
+        if not subtype_key:
+            raise ValueError(
+                "intra='oracle' needs subtype_key (the datalist key of the hidden subtype, e.g. 'subtype')."
+            )
+        items = cohort if isinstance(cohort, Sequence) and not isinstance(cohort, str) else []
+        lacking = [k for k, it in enumerate(items) if not isinstance(it, Mapping) or subtype_key not in it]
+        if not items or lacking:
+            raise ValueError(
+                f"intra='oracle' reads {subtype_key!r} from every cohort item; items {lacking[:5]} lack it (give the "
+                "cohort as datalist items that carry the subtype)."
+            )
+        return torch.tensor([str(it[subtype_key]) != majority_value for it in items], dtype=torch.bool)
 
     @property
     def num_cases(self) -> int:
@@ -546,7 +611,9 @@ class FairDRO:
     # ------------------------------------------------------------------ bank
     @property
     def in_warmup(self) -> bool:
-        """Whether the weights are still ERM weights (see ``warmup_steps``)."""
+        """Whether the weights are still ERM weights (see ``warmup_steps``; never for ``intra="oracle"``)."""
+        if self.intra == "oracle":
+            return False
         if self.warmup_steps is None:
             return not bool(self.seen.all())
         return self.num_updates <= self.warmup_steps
@@ -646,7 +713,14 @@ class FairDRO:
     def group_risks(self) -> torch.Tensor:
         """Robust risk ``R_g = sum_{i in g} q_{i|g} b_i`` of each DRO group from the (filled) bank, ``(K,)``."""
         _, risks = _intra_all(
-            self.filled_bank(), self.dro_groups(), self.num_dro_groups, self.intra, self.alpha, self.tau, self.floor
+            self.filled_bank(),
+            self.dro_groups(),
+            self.num_dro_groups,
+            self.intra,
+            self.alpha,
+            self.tau,
+            self.floor,
+            self.minority,
         )
         return risks
 
@@ -666,7 +740,14 @@ class FairDRO:
         if self.in_warmup:
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
         return composite_weights(
-            self.filled_bank(), self.dro_groups(), self.current_pi(), self.intra, self.alpha, self.tau, self.floor
+            self.filled_bank(),
+            self.dro_groups(),
+            self.current_pi(),
+            self.intra,
+            self.alpha,
+            self.tau,
+            self.floor,
+            self.minority,
         )
 
     def loss_weights(self, ids: Sequence[Any]) -> torch.Tensor:

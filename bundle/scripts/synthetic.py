@@ -1,24 +1,38 @@
-"""Synthetic heterogeneous radiotherapy cohort (METHOD.md section 5).
+"""Synthetic heterogeneous radiotherapy cohort with hidden sub-populations (model card, section *Data*).
 
 Each case is a CT-like phantom in Hounsfield units with a CTV-like target:
 
-- a body (elliptic cylinder of soft tissue) in air, two lungs, a spine and a table;
-- a target whose size and irregularity grow with tumour **stage** (T1..T4);
+- a body (elliptic cylinder of soft tissue) in air, two lungs, a spine, a table and one or two hypodense
+  **cysts** (non-target, label 0);
+- a visible gross tumour (GTV, enhancing: hyperdense) whose size overlaps between stages, and a CTV label that
+  is the GTV plus a **stage-specific margin** (T1 0 mm ... T4 3 mm): the margin cannot be seen in the image,
+  so a network must know the stage to draw it (what the stage-routed dMoE layers can learn);
 - **institution** effects: noise level, target contrast and slice thickness differ by site;
 - imbalanced group sizes (stage and institution frequencies are skewed);
-- a planted minority of **hard cases inside every group** (low target contrast, metal streak
-  artefacts, unusual target position): the intra-group hidden failures FairDRO is built for.
+- a **hidden minority** inside every stage group (``--minority KIND``, ``--minority-frac F``) whose
+  image-to-label rule departs from the majority's (``--difficulty 0..3``):
+
+  - ``necrotic``: the GTV is a hypodense core with an enhancing rim, while the majority shows hypodense
+    blobs (cysts) as background: the two rules conflict;
+  - ``distractor``: an enhancing non-target structure touches the CTV and must stay background, while for
+    the majority everything enhancing is target;
+
+  level 0 is a placebo: minority-tagged cases are drawn with the majority's rule;
+- a few majority **hard cases** (low target contrast, metal streak artefacts, unusual position) that follow the
+  majority's rule.
 
 Everything is deterministic by seed: the same arguments give byte-identical files.
 
 Command line::
 
     python bundle/scripts/synthetic.py --out DIR --n-cases 60 --seed 0 [--shape 96 96 48]
+        [--minority necrotic] [--minority-frac 0.15] [--difficulty 2] [--split 0.6 0.2 0.2]
         [--grouping stage] [--dicom]
 
 writes ``DIR/images/<id>.nii.gz`` (int16 HU), ``DIR/labels/<id>.nii.gz`` (uint8, 0/1) and
 ``DIR/datalist.json`` with ``training``/``validation``/``testing`` lists. Paths in the datalist are
-relative to ``DIR`` (MONAI's ``load_decathlon_datalist`` resolves them against ``base_dir``).
+relative to ``DIR`` (MONAI's ``load_decathlon_datalist`` resolves them against ``base_dir``). Every item
+records ``subtype`` (``"majority"`` or the minority kind): only evaluation and the ``oracle`` variant read it.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +53,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 STAGES = ("T1", "T2", "T3", "T4")
-STAGE_FREQ = (0.40, 0.30, 0.20, 0.10)
-#: target radius (mm) and irregularity (relative amplitude of the surface modulation) per stage
-STAGE_RADIUS_MM = {"T1": 9.0, "T2": 13.0, "T3": 17.0, "T4": 21.0}
+STAGE_FREQ = (0.35, 0.30, 0.20, 0.15)
+#: mean GTV radius (mm, drawn x U(0.8, 1.2): the stages overlap in size) and irregularity per stage
+STAGE_RADIUS_MM = {"T1": 6.0, "T2": 7.0, "T3": 8.0, "T4": 9.0}
 STAGE_IRREGULARITY = {"T1": 0.05, "T2": 0.12, "T3": 0.20, "T4": 0.30}
+#: CTV margin around the GTV per stage (mm): the stage-specific mapping that routing by stage can learn
+STAGE_MARGIN_MM = {"T1": 0.0, "T2": 1.0, "T3": 2.0, "T4": 3.0}
 
 
 @dataclass(frozen=True)
@@ -61,8 +78,17 @@ INSTITUTIONS = (
     Institution("C", 0.15, noise_hu=40.0, contrast_hu=35.0, slice_mm=3.0),
 )
 HARD_KINDS = ("low_contrast", "metal_artefact", "unusual_position")
-HARD_FRACTION = 0.2
-SPLIT_PATTERN = ("training", "testing", "validation", "training", "training")  # 60/20/20
+HARD_FRACTION = 0.1
+MINORITY_KINDS = ("necrotic", "distractor")
+DEFAULT_MINORITY = "necrotic"
+DEFAULT_MINORITY_FRAC = 0.15
+MIN_MINORITY_FRAC = 0.05
+#: default difficulty per kind, chosen by the ERM/oracle calibration (model card, *Calibration*)
+DEFAULT_DIFFICULTY = {"necrotic": 2, "distractor": 2}
+#: how far the minority's rule departs from the majority's, per level (0 = placebo), used by every kind
+LEVEL_SEVERITY = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
+DEFAULT_SPLIT = (0.6, 0.2, 0.2)
+SPLIT_NAMES = ("training", "validation", "testing")
 IN_PLANE_MM = 1.0
 
 
@@ -70,45 +96,78 @@ def _case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 
-def draw_attributes(n_cases: int, seed: int) -> list[dict]:
-    """Draw stage, institution and the hard-case flag of every case.
+def _exact_counts(n: int, freqs) -> np.ndarray:
+    """Largest-remainder apportionment of ``n`` items over ``freqs`` (sums to ``n`` exactly)."""
+    raw = np.asarray(freqs, dtype=float) / float(np.sum(freqs)) * n
+    counts = np.floor(raw).astype(int)
+    for k in np.argsort(-(raw - counts), kind="stable")[: n - int(counts.sum())]:
+        counts[k] += 1
+    return counts
 
-    Hard cases are planted inside every stage group and every institution group (at least one in
-    each group of two or more cases, about ``HARD_FRACTION`` of each group).
+
+def _draw_stages(rng: np.random.Generator, n_cases: int) -> np.ndarray:
+    """Stage index of every case: exact stage frequencies (largest remainder), in random order."""
+    stages = np.repeat(np.arange(len(STAGES)), _exact_counts(n_cases, STAGE_FREQ))
+    return stages[rng.permutation(n_cases)]
+
+
+def _draw_minority(rng: np.random.Generator, stages: np.ndarray, frac: float) -> np.ndarray:
+    """Minority flag: ``round(frac * n_g)`` cases of every stage group g (at least one in a group of >= 4)."""
+    minority = np.zeros(stages.size, dtype=bool)
+    for g in range(len(STAGES)):
+        members = np.flatnonzero(stages == g)
+        n_min = int(math.floor(frac * members.size + 0.5))
+        if members.size >= 4:
+            n_min = max(n_min, 1)
+        if n_min:
+            minority[rng.choice(members, size=n_min, replace=False)] = True
+    return minority
+
+
+def _draw_hard(rng: np.random.Generator, stages: np.ndarray, minority: np.ndarray) -> np.ndarray:
+    """Hard-case flag: about ``HARD_FRACTION`` of the majority cases of every stage group (at least one)."""
+    hard = np.zeros(stages.size, dtype=bool)
+    for g in range(len(STAGES)):
+        members = np.flatnonzero((stages == g) & ~minority)
+        if members.size >= 2:
+            n_hard = max(1, int(round(HARD_FRACTION * members.size)))
+            hard[rng.choice(members, size=n_hard, replace=False)] = True
+    return hard
+
+
+def draw_attributes(n_cases: int, seed: int, minority: str = DEFAULT_MINORITY, frac: float = DEFAULT_MINORITY_FRAC):
+    """Draw stage, institution, subtype and the hard-case flag of every case.
+
+    Stage counts follow ``STAGE_FREQ`` exactly; institutions are drawn with their frequencies (every one present
+    when there are enough cases). The minority is ``round(frac * n_g)`` cases of each stage group; hard cases
+    are drawn among the majority only, so a minority case shows one departure from the majority at a time.
 
     Args:
         n_cases: number of cases (>= 1).
         seed: random seed.
+        minority: minority kind recorded as the ``subtype`` of minority cases.
+        frac: share of minority cases inside every stage group.
 
     Returns:
-        a list of dicts with ``id``, ``stage``, ``institution``, ``hard`` and ``hard_kind``.
+        a list of dicts with ``id``, ``stage``, ``institution``, ``subtype``, ``hard`` and ``hard_kind``.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 10**6]))
-    stages = rng.choice(len(STAGES), size=n_cases, p=STAGE_FREQ)
+    stages = _draw_stages(rng, n_cases)
     insts = rng.choice(len(INSTITUTIONS), size=n_cases, p=[i.freq for i in INSTITUTIONS])
-    # every stage and every institution present when there are enough cases
-    for values, n_groups in ((stages, len(STAGES)), (insts, len(INSTITUTIONS))):
-        if n_cases >= 2 * n_groups:
-            for g in range(n_groups):
-                if not np.any(values == g):
-                    largest = np.bincount(values, minlength=n_groups).argmax()
-                    values[np.flatnonzero(values == largest)[0]] = g
-    hard = np.zeros(n_cases, dtype=bool)
-    for g in range(len(STAGES)):
-        members = np.flatnonzero(stages == g)
-        if len(members) >= 2:
-            n_hard = max(1, int(round(HARD_FRACTION * len(members))))
-            hard[rng.choice(members, size=n_hard, replace=False)] = True
-    for g in range(len(INSTITUTIONS)):
-        members = np.flatnonzero(insts == g)
-        if len(members) >= 2 and not hard[members].any():
-            hard[rng.choice(members)] = True
+    if n_cases >= 2 * len(INSTITUTIONS):
+        for g in range(len(INSTITUTIONS)):
+            if not np.any(insts == g):
+                largest = np.bincount(insts, minlength=len(INSTITUTIONS)).argmax()
+                insts[np.flatnonzero(insts == largest)[0]] = g
+    is_minority = _draw_minority(rng, stages, frac)
+    hard = _draw_hard(rng, stages, is_minority)
     kinds = rng.choice(len(HARD_KINDS), size=n_cases)
     return [
         {
             "id": f"case_{i:03d}",
             "stage": STAGES[stages[i]],
             "institution": INSTITUTIONS[insts[i]].name,
+            "subtype": minority if is_minority[i] else "majority",
             "hard": bool(hard[i]),
             "hard_kind": HARD_KINDS[kinds[i]] if hard[i] else "",
         }
@@ -116,8 +175,12 @@ def draw_attributes(n_cases: int, seed: int) -> list[dict]:
     ]
 
 
-def _target_mask(rng, coords, centre, radius, irregularity) -> np.ndarray:
-    """Star-shaped blob: a sphere whose radius is modulated by a few random low-order harmonics."""
+def _star_boundary(rng: np.random.Generator, coords, centre, radius: float, irregularity: float):
+    """Distance of every voxel to ``centre`` and the star-shaped boundary radius in its direction (mm).
+
+    The boundary is a sphere of ``radius`` modulated by a few random low-order harmonics; ``r <= boundary``
+    is the GTV and ``r <= boundary + margin`` the GTV grown by ``margin`` mm along each ray.
+    """
     dx, dy, dz = (c - c0 for c, c0 in zip(coords, centre))
     r = np.sqrt(dx**2 + dy**2 + dz**2) + 1e-6
     theta = np.arccos(np.clip(dz / r, -1.0, 1.0))
@@ -127,17 +190,123 @@ def _target_mask(rng, coords, centre, radius, irregularity) -> np.ndarray:
         m, n = rng.integers(1, 4), rng.integers(1, 4)
         mod += rng.uniform(-1, 1) * np.cos(m * phi + rng.uniform(0, 2 * np.pi)) * np.sin(n * theta)
     mod /= 4.0
-    return r <= radius * (1.0 + irregularity * 2.5 * mod)
+    return r, radius * (1.0 + irregularity * 2.5 * mod)
 
 
-def make_case(attrs: dict, seed: int, index: int, shape: tuple[int, int, int]):
+@dataclass
+class _Phantom:
+    """The anatomy of one case on its voxel grid (mm coordinates ``xx, yy, zz``)."""
+
+    img: np.ndarray
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]
+    body: np.ndarray
+    lung: np.ndarray
+    spine: np.ndarray
+    half_axes: tuple[float, float]
+
+
+def _anatomy(rng: np.random.Generator, shape, spacing) -> _Phantom:
+    """Body, table, lungs and spine in HU."""
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+    xx, yy, zz = np.meshgrid(*axes, indexing="ij")
+    half_x, half_y = shape[0] * spacing[0] / 2, shape[1] * spacing[1] / 2
+    img = np.full(shape, -1000.0, dtype=np.float32)
+    ax, ay = half_x * rng.uniform(0.78, 0.88), half_y * rng.uniform(0.60, 0.72)
+    body = (xx / ax) ** 2 + (yy / ay) ** 2 <= 1.0
+    img[body] = 40.0
+    # table under the patient (posterior is -y in RAS)
+    img[(yy < -ay - 2) & (yy > -ay - 5) & (np.abs(xx) < 0.95 * half_x)] = 300.0
+    lung = np.zeros(shape, dtype=bool)
+    for side in (-1, 1):
+        lung |= ((xx - side * 0.45 * ax) / (0.30 * ax)) ** 2 + ((yy - 0.05 * ay) / (0.55 * ay)) ** 2 <= 1.0
+    lung &= body
+    img[lung] = -800.0
+    spine = (xx**2 + (yy + 0.68 * ay) ** 2) <= (0.12 * ay) ** 2
+    img[spine] = 700.0
+    return _Phantom(img, (xx, yy, zz), body, lung, spine, (ax, ay))
+
+
+def _target_centre(rng: np.random.Generator, ph: _Phantom, radius: float, unusual: bool, depth_mm: float):
+    ax, ay = ph.half_axes
+    if unusual:  # close to the body wall, laterally, at an extreme slice
+        cx = rng.choice([-1, 1]) * (ax - radius - 4.0)
+        cy = rng.uniform(-0.2, 0.3) * ay
+        cz = rng.choice([-1, 1]) * max(0.0, depth_mm / 2 - radius - 6.0)
+        return cx, cy, cz
+    return rng.uniform(-0.15, 0.15) * ax, rng.uniform(-0.25, 0.15) * ay, rng.uniform(-0.1, 0.1) * depth_mm
+
+
+def _place_cysts(rng: np.random.Generator, ph: _Phantom, keep_out: np.ndarray, contrast: float) -> np.ndarray:
+    """One or two hypodense non-target blobs (label 0) in soft tissue, away from ``keep_out``; returns their mask."""
+    xx, yy, zz = ph.coords
+    ax, ay = ph.half_axes
+    allowed = ph.body & ~ph.lung & ~ph.spine & ~keep_out
+    cysts = np.zeros(xx.shape, dtype=bool)
+    for _ in range(1 + int(rng.uniform() < 0.5)):
+        for _try in range(40):
+            rc = rng.uniform(3.5, 6.0)
+            c = (rng.uniform(-0.7, 0.7) * ax, rng.uniform(-0.7, 0.7) * ay, rng.uniform(-0.3, 0.3) * np.ptp(zz))
+            blob = (xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2 <= rc**2
+            if blob.any() and not (blob & ~allowed).any():
+                cysts |= blob
+                ph.img[blob] = 40.0 - contrast * rng.uniform(0.8, 1.2)
+                break
+    return cysts
+
+
+def _grow(mask: np.ndarray, spacing, mm: float) -> np.ndarray:
+    """``mask`` dilated by about ``mm`` along every axis (a box of half-width ``mm // spacing`` voxels)."""
+    out = mask.copy()
+    for axis, s in enumerate(spacing):
+        for step in range(1, int(mm // s) + 1):
+            out |= np.roll(mask, step, axis=axis) | np.roll(mask, -step, axis=axis)
+    return out
+
+
+def _render_necrotic(rng, ph: _Phantom, r, boundary, gtv, contrast: float, severity: float) -> None:
+    """Hypodense core inside an enhancing rim: the deeper the level, the thinner the rim and the darker the core."""
+    rim_mm = 3.0 - 1.5 * severity
+    core = gtv & (r <= boundary - rim_mm)
+    ph.img[gtv] = 40.0 + 1.5 * contrast
+    ph.img[core] = 40.0 + contrast * (1.0 - 2.0 * severity) * rng.uniform(0.8, 1.2)
+
+
+def _render_distractor(rng, ph: _Phantom, centre, ctv, ctv_radius: float, contrast: float, severity: float):
+    """An enhancing non-target blob next to the CTV (label 0): larger, closer and more target-like with the level."""
+    xx, yy, zz = ph.coords
+    size = ctv_radius * (0.6 + 0.8 * severity)
+    gap = 3.0 * (1.0 - severity)
+    angle = rng.uniform(0, 2 * np.pi)
+    d = ctv_radius + gap + size
+    cx, cy = centre[0] + d * np.cos(angle), centre[1] + d * np.sin(angle)
+    blob = ((xx - cx) ** 2 + (yy - cy) ** 2 + (zz - centre[2]) ** 2 <= size**2) & ph.body & ~ctv
+    ph.img[blob] = 40.0 + contrast * (2.0 - severity) * rng.uniform(0.9, 1.1)
+
+
+def _render_metal(rng, ph: _Phantom, centre, radius: float) -> None:
+    """Bright/dark streaks radiating from a small metal insert near the target."""
+    xx, yy, zz = ph.coords
+    mx, my = centre[0] + rng.uniform(-10, 10), centre[1] + rng.uniform(-10, 10)
+    ang = np.arctan2(yy - my, xx - mx)
+    streak = 250.0 * np.cos(7 * ang) * np.exp(-np.sqrt((xx - mx) ** 2 + (yy - my) ** 2) / 40.0)
+    ph.img += (streak * ph.body).astype(np.float32)
+    ph.img[((xx - mx) ** 2 + (yy - my) ** 2 <= 9.0) & (np.abs(zz - centre[2]) <= radius)] = 2500.0
+
+
+def make_case(attrs: dict, seed: int, index: int, shape: tuple[int, int, int], difficulty: int = 2):
     """Render one case.
+
+    The majority's rule: the enhancing (hyperdense) GTV grown by the stage margin is the CTV; hypodense cysts are
+    background. A minority case (``attrs["subtype"]`` not ``"majority"``) departs from it by its kind at
+    ``difficulty`` (0: placebo, drawn with the majority's rule). The minority's own random stream is separate, so
+    the rest of a case is the same at every level.
 
     Args:
         attrs: one item of :func:`draw_attributes`.
         seed: cohort seed.
         index: case index (decides the case's own random stream).
         shape: volume shape (X, Y, Z) in voxels.
+        difficulty: minority level 0..3.
 
     Returns:
         ``(image, label, affine)``: int16 HU array (X, Y, Z), uint8 0/1 array (X, Y, Z) and the 4x4
@@ -145,58 +314,34 @@ def make_case(attrs: dict, seed: int, index: int, shape: tuple[int, int, int]):
     """
     rng = _case_rng(seed, index)
     inst = next(i for i in INSTITUTIONS if i.name == attrs["institution"])
-    sx, sy, sz = IN_PLANE_MM, IN_PLANE_MM, inst.slice_mm
-    nx, ny, nz = shape
-    x = (np.arange(nx) - (nx - 1) / 2) * sx
-    y = (np.arange(ny) - (ny - 1) / 2) * sy
-    z = (np.arange(nz) - (nz - 1) / 2) * sz
-    xx, yy, zz = np.meshgrid(x, y, z, indexing="ij")
-    half_x, half_y = nx * sx / 2, ny * sy / 2
-
-    img = np.full(shape, -1000.0, dtype=np.float32)
-    ax, ay = half_x * rng.uniform(0.78, 0.88), half_y * rng.uniform(0.60, 0.72)
-    body = (xx / ax) ** 2 + (yy / ay) ** 2 <= 1.0
-    img[body] = 40.0
-    # table under the patient (posterior is -y in RAS)
-    img[(yy < -ay - 2) & (yy > -ay - 5) & (np.abs(xx) < 0.95 * half_x)] = 300.0
-    lung_r = (0.30 * ax, 0.55 * ay)
-    for side in (-1, 1):
-        lung = ((xx - side * 0.45 * ax) / lung_r[0]) ** 2 + ((yy - 0.05 * ay) / lung_r[1]) ** 2 <= 1.0
-        img[lung & body] = -800.0
-    spine = (xx**2 + (yy + 0.68 * ay) ** 2) <= (0.12 * ay) ** 2
-    img[spine] = 700.0
-
-    stage = attrs["stage"]
-    radius = STAGE_RADIUS_MM[stage] * rng.uniform(0.85, 1.15)
-    radius = min(radius, 0.30 * min(ax, ay), 0.30 * nz * sz)
-    kind = attrs.get("hard_kind", "") if attrs.get("hard") else ""
-    if kind == "unusual_position":
-        # close to the body wall, laterally, at an extreme slice
-        cx = rng.choice([-1, 1]) * (ax - radius - 4.0)
-        cy = rng.uniform(-0.2, 0.3) * ay
-        cz = rng.choice([-1, 1]) * max(0.0, nz * sz / 2 - radius - 2 * sz)
-    else:
-        cx, cy = rng.uniform(-0.15, 0.15) * ax, rng.uniform(-0.25, 0.15) * ay
-        cz = rng.uniform(-0.1, 0.1) * nz * sz
-    target = _target_mask(rng, (xx, yy, zz), (cx, cy, cz), radius, STAGE_IRREGULARITY[stage]) & body
+    spacing = (IN_PLANE_MM, IN_PLANE_MM, inst.slice_mm)
+    ph = _anatomy(rng, shape, spacing)
+    stage, kind = attrs["stage"], attrs.get("hard_kind", "") if attrs.get("hard") else ""
+    margin = STAGE_MARGIN_MM[stage]
+    radius = STAGE_RADIUS_MM[stage] * rng.uniform(0.8, 1.2)
+    radius = min(radius, 0.40 * min(ph.half_axes) - margin, 0.30 * shape[2] * spacing[2])
+    centre = _target_centre(rng, ph, radius + margin, kind == "unusual_position", shape[2] * spacing[2])
+    r, boundary = _star_boundary(rng, ph.coords, centre, radius, STAGE_IRREGULARITY[stage])
+    gtv = (r <= boundary) & ph.body
+    ctv = (r <= boundary + margin) & ph.body & (~ph.lung | gtv)
     contrast = inst.contrast_hu * rng.uniform(0.85, 1.15)
-    if kind == "low_contrast":
-        contrast *= 0.15
-    img[target] = 40.0 + contrast
+    _place_cysts(rng, ph, _grow(ctv, spacing, 5.0), inst.contrast_hu)
+    ph.img[gtv] = 40.0 + contrast * (0.15 if kind == "low_contrast" else 1.0)
+    severity = LEVEL_SEVERITY[difficulty] if attrs.get("subtype", "majority") != "majority" else 0.0
+    if severity > 0:
+        mrng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
+        if attrs["subtype"] == "necrotic":
+            _render_necrotic(mrng, ph, r, boundary, gtv, contrast, severity)
+        elif attrs["subtype"] == "distractor":
+            _render_distractor(mrng, ph, centre, ctv, radius + margin, contrast, severity)
     # soft-tissue texture and acquisition noise
-    img += rng.normal(0.0, inst.noise_hu, size=shape).astype(np.float32) * (img > -900)
+    ph.img += rng.normal(0.0, inst.noise_hu, size=shape).astype(np.float32) * (ph.img > -900)
     if kind == "metal_artefact":
-        # bright/dark streaks radiating from a small metal insert near the target
-        mx, my = cx + rng.uniform(-10, 10), cy + rng.uniform(-10, 10)
-        ang = np.arctan2(yy - my, xx - mx)
-        streak = 250.0 * np.cos(7 * ang) * np.exp(-np.sqrt((xx - mx) ** 2 + (yy - my) ** 2) / 40.0)
-        img += (streak * body).astype(np.float32)
-        img[((xx - mx) ** 2 + (yy - my) ** 2 <= 9.0) & (np.abs(zz - cz) <= radius)] = 2500.0
-    image = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
-    label = target.astype(np.uint8)
-    affine = np.diag([sx, sy, sz, 1.0])
-    affine[:3, 3] = [x[0], y[0], z[0]]
-    return image, label, affine
+        _render_metal(rng, ph, centre, radius)
+    image = np.clip(np.rint(ph.img), -1024, 3071).astype(np.int16)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [float(c.flat[0]) for c in ph.coords]
+    return image, ctv.astype(np.uint8), affine
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -207,32 +352,83 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_sform(affine, code=1)
     raw = img.to_bytes()
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=1, mtime=0, filename="") as gz:
         gz.write(raw)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
 
 
-def stratified_split(items: list[dict], key: str, seed: int) -> dict[str, list[dict]]:
-    """Split items into disjoint training/validation/testing lists, stratified by ``item[key]``.
+def _deal(cases: list[dict], fractions) -> dict[str, list[dict]]:
+    """Deal ``cases`` in order, each to the split furthest below its share relative to its fraction.
 
-    Inside each group the cases are dealt, hard cases first, in the repeating order
-    ``SPLIT_PATTERN`` (60/20/20), so every split gets its share of each group and of its hard cases
-    (the first hard case of a group goes to training, the second to testing, the third to validation).
+    Ties go to training, then testing, then validation; with 0.6/0.2/0.2 this deals training, testing,
+    validation, training, training, and repeats. Every prefix of ``cases`` is split in proportion (within one
+    case per split), so a block at the front (the minority, the hard cases) gets its share in every split.
     """
+    out: dict[str, list[dict]] = {name: [] for name in SPLIT_NAMES}
+    ties = ("training", "testing", "validation")
+    for j, item in enumerate(cases, start=1):
+        need = {n: (f * j - len(out[n])) / f for n, f in zip(SPLIT_NAMES, fractions) if f > 0}
+        best = max((n for n in ties if n in need), key=lambda n: (round(need[n], 9), -ties.index(n)))
+        out[best].append(item)
+    return out
+
+
+def _flag(item: dict, key: str) -> bool:
+    return str(item.get(key, False)).lower() in ("true", "1", "yes")
+
+
+def stratified_split(
+    items: list[dict], key: str, seed: int, fractions=DEFAULT_SPLIT, subtype_key: str = "subtype"
+) -> dict[str, list[dict]]:
+    """Split items into disjoint training/validation/testing lists, stratified by ``item[key]`` and subtype.
+
+    Inside each group (a value of ``key``) the cases are shuffled and ordered minority first (``item[subtype_key]``
+    not ``"majority"``, when items have one), then the hard cases, then the rest, and dealt by :func:`_deal`. So
+    every split gets its share of every group, of the group's minority and of its hard cases.
+
+    Args:
+        items: datalist items.
+        key: attribute to stratify by (e.g. ``"stage"``).
+        seed: shuffle seed.
+        fractions: training, validation and testing fractions (non-negative, summing to 1).
+        subtype_key: second stratification attribute (ignored where items lack it).
+    """
+    fractions = _check_split(fractions)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2 * 10**6]))
-    out: dict[str, list[dict]] = {"training": [], "validation": [], "testing": []}
-    for value in sorted({it[key] for it in items}):
-        members = [it for it in items if it[key] == value]
-        is_hard = [str(m.get("hard", False)).lower() in ("true", "1", "yes") for m in members]
-        hard = [members[i] for i in rng.permutation(len(members)) if is_hard[i]]
-        easy = [members[i] for i in rng.permutation(len(members)) if not is_hard[i]]
-        for j, item in enumerate(hard + easy):
-            out[SPLIT_PATTERN[j % len(SPLIT_PATTERN)]].append(item)
+    out: dict[str, list[dict]] = {name: [] for name in SPLIT_NAMES}
+    for value in sorted({str(it[key]) for it in items}):
+        members = [items[i] for i in rng.permutation(len(items)) if str(items[i][key]) == value]
+        rank = [(str(m.get(subtype_key, "majority")) == "majority", not _flag(m, "hard")) for m in members]
+        order = [m for _, m in sorted(zip(rank, members), key=lambda pair: pair[0])]
+        for name, part in _deal(order, fractions).items():
+            out[name].extend(part)
     for part in out.values():
         part.sort(key=lambda it: it["id"])
     return out
+
+
+def _check_split(fractions) -> tuple[float, float, float]:
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3 or any(not math.isfinite(f) or f < 0 for f in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(
+            f"split must be three fractions >= 0 (training validation testing) summing to 1, got {fractions}."
+        )
+    if values[0] <= 0 or values[2] <= 0:
+        raise ValueError(f"split needs a training and a testing fraction > 0, got {fractions}.")
+    return values
+
+
+def _check_minority(kind: str, frac: float, difficulty: int) -> None:
+    if kind not in MINORITY_KINDS:
+        raise ValueError(f"minority must be one of {list(MINORITY_KINDS)}, got {kind!r}.")
+    if not (math.isfinite(frac) and MIN_MINORITY_FRAC <= frac <= 0.5):
+        raise ValueError(
+            f"minority_frac must be in [{MIN_MINORITY_FRAC}, 0.5] (share of each stage group), got {frac}."
+        )
+    if isinstance(difficulty, bool) or difficulty not in range(len(LEVEL_SEVERITY)):
+        raise ValueError(f"difficulty must be an integer level 0..{len(LEVEL_SEVERITY) - 1}, got {difficulty!r}.")
 
 
 def generate_cohort(
@@ -242,6 +438,10 @@ def generate_cohort(
     shape: tuple[int, int, int] = (96, 96, 48),
     grouping: str = "stage",
     dicom: bool = False,
+    minority: str = DEFAULT_MINORITY,
+    minority_frac: float = DEFAULT_MINORITY_FRAC,
+    difficulty: int | None = None,
+    split=DEFAULT_SPLIT,
 ) -> dict:
     """Generate the cohort and its datalist.
 
@@ -251,8 +451,12 @@ def generate_cohort(
         n_cases: number of cases (>= 4).
         seed: random seed; the same arguments give byte-identical files.
         shape: volume shape (X, Y, Z) in voxels, each >= 16.
-        grouping: attribute the split is stratified by (``stage`` or ``institution``).
+        grouping: attribute the split is stratified by (``stage`` or ``institution``), with the subtype.
         dicom: also write each case as a DICOM CT series with an RTSTRUCT of the target.
+        minority: hidden minority kind (``MINORITY_KINDS``).
+        minority_frac: share of minority cases inside every stage group, in [0.05, 0.5].
+        difficulty: minority level 0..3 (0: placebo); ``None``: the kind's calibrated default.
+        split: training, validation and testing fractions.
 
     Returns:
         the datalist dict that was written to ``out_dir/datalist.json``.
@@ -264,12 +468,15 @@ def generate_cohort(
         raise ValueError(f"shape must be three sizes >= 16 voxels (X Y Z), got {shape}.")
     if grouping not in ("stage", "institution"):
         raise ValueError(f"grouping must be 'stage' or 'institution', got {grouping!r}.")
+    difficulty = DEFAULT_DIFFICULTY.get(minority, 0) if difficulty is None else difficulty
+    _check_minority(minority, float(minority_frac), difficulty)
+    split = _check_split(split)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     items = []
-    for index, attrs in enumerate(draw_attributes(n_cases, seed)):
-        image, label, affine = make_case(attrs, seed, index, shape)
+    for index, attrs in enumerate(draw_attributes(n_cases, seed, minority, float(minority_frac))):
+        image, label, affine = make_case(attrs, seed, index, shape, difficulty)
         case_id = attrs["id"]
         _write_nifti(image, affine, out / "images" / f"{case_id}.nii.gz")
         _write_nifti(label, affine, out / "labels" / f"{case_id}.nii.gz")
@@ -277,13 +484,18 @@ def generate_cohort(
         if dicom:
             item.update(_write_dicom_case(image, label, affine, out, case_id, attrs, seed, index))
         items.append(item)
-        logger.info("wrote %s (%s, %s, hard=%s)", case_id, attrs["stage"], attrs["institution"], attrs["hard"])
+        logger.info("wrote %s (%s, %s, %s, hard=%s)", case_id, attrs["stage"], attrs["institution"],
+                    attrs["subtype"], attrs["hard"])  # fmt: skip
     datalist = {
         "name": "FairDRO synthetic heterogeneous cohort",
         "seed": seed,
         "shape": list(shape),
         "grouping": grouping,
-        **stratified_split(items, grouping, seed),
+        "minority": minority,
+        "minority_frac": float(minority_frac),
+        "difficulty": int(difficulty),
+        "split": list(split),
+        **stratified_split(items, grouping, seed, split),
     }
     tmp = out / "datalist.json.tmp"
     tmp.write_text(json.dumps(datalist, indent=2) + "\n")
@@ -322,17 +534,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--shape", type=int, nargs=3, default=(96, 96, 48), metavar=("X", "Y", "Z"))
     parser.add_argument("--grouping", choices=("stage", "institution"), default="stage", help="split stratified by")
+    parser.add_argument("--minority", default=DEFAULT_MINORITY, help=f"hidden minority kind {list(MINORITY_KINDS)}")
+    parser.add_argument("--minority-frac", type=float, default=DEFAULT_MINORITY_FRAC,
+                        help=f"share of minority cases per stage group (default {DEFAULT_MINORITY_FRAC})")  # fmt: skip
+    parser.add_argument("--difficulty", type=int, default=None,
+                        help="minority level 0..3 (0: placebo); default: the kind's calibrated level")  # fmt: skip
+    parser.add_argument("--split", type=float, nargs=3, default=DEFAULT_SPLIT, metavar=("TRAIN", "VAL", "TEST"),
+                        help="split fractions (default 0.6 0.2 0.2)")  # fmt: skip
     parser.add_argument("--dicom", action="store_true", help="also write DICOM CT series + RTSTRUCT per case")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        datalist = generate_cohort(args.out, args.n_cases, args.seed, tuple(args.shape), args.grouping, args.dicom)
+        datalist = generate_cohort(
+            args.out, args.n_cases, args.seed, tuple(args.shape), args.grouping, args.dicom,
+            args.minority, args.minority_frac, args.difficulty, tuple(args.split),
+        )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    counts = {k: len(datalist[k]) for k in ("training", "validation", "testing")}
-    n_hard = sum(it["hard"] for k in counts for it in datalist[k])
-    print(f"wrote {sum(counts.values())} cases ({counts}, {n_hard} hard) to {Path(args.out) / 'datalist.json'}")
+    counts = {k: len(datalist[k]) for k in SPLIT_NAMES}
+    items = [it for k in SPLIT_NAMES for it in datalist[k]]
+    n_hard = sum(it["hard"] for it in items)
+    n_min = sum(it["subtype"] != "majority" for it in items)
+    print(
+        f"wrote {len(items)} cases ({counts}, {n_hard} hard, {n_min} {datalist['minority']} minority at level "
+        f"{datalist['difficulty']}) to {Path(args.out) / 'datalist.json'}"
+    )
     return 0
 
 

@@ -221,11 +221,13 @@ def test_report_handler_on_fake_evaluator(tmp_path):
         rows = {r["id"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["p0", "p1", "p2", "p3"]
     assert rows["p0"]["dice"] == "1.0" and rows["p3"]["hard"] == "true" and rows["p1"]["institution"] == "A"
+    assert "subtype" not in rows["p0"]  # cases without a subtype: no column, no minority block
     # case 1: a 6x6x2 block shifted by one voxel: dice = 2*5*6*2 / (2*72) = 5/6; HD95 = 1 mm along axis 0
     assert float(rows["p1"]["dice"]) == pytest.approx(5 / 6)
     assert float(rows["p1"]["hd95"]) == pytest.approx(1.0)
     metrics = json.loads((fair / "metrics.json").read_text())
     assert metrics["settings"]["nsd_tolerance_mm"] == 2.0
+    assert "minority" not in metrics["groupings"]["stage"]
     assert metrics["routing"]["layers"]["enc0"]["counts"][1] == [0, 5, 0]
     assert net.resets == 1 and net.enabled is False  # reset at start, recording switched off at the end
     page = _Page()
@@ -252,7 +254,7 @@ def test_handlers_in_a_monai_supervised_evaluator(tmp_path):
         image = torch.roll(label, shifts=2 * (k % 2), dims=1)  # odd cases: shifted by 2 -> dice 0.5
         data.append(
             {"image": MetaTensor(image, affine=affine), "label": MetaTensor(label, affine=affine), "id": f"s{k}",
-             "stage": "T1" if k < 3 else "T2", "hard": k == 1}
+             "stage": "T1" if k < 3 else "T2", "hard": k == 1, "subtype": "necrotic" if k == 1 else "majority"}
         )  # fmt: skip
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
@@ -271,3 +273,144 @@ def test_handlers_in_a_monai_supervised_evaluator(tmp_path):
     assert metrics["groupings"]["stage"]["dice"]["worst_group_dice"] == pytest.approx(0.75)
     assert metrics["groupings"]["stage"]["dice"]["hard_failures"] == 0  # s1 (hard) scores 0.5, not below
     assert metrics["n_cases"] == 5
+    # the subtype strings survive collation: T1's minority is s1 (Dice 0.5), its majority s0 and s2 (Dice 1)
+    t1 = metrics["groupings"]["stage"]["minority"]["groups"]["T1"]
+    assert (t1["minority_dice"], t1["majority_dice"], t1["n_majority"]) == (pytest.approx(0.5), 1.0, 2)
+
+
+def _subtype_records():
+    """Cases with known Dice and hidden subtype; T2 has no minority case, t4b has no subtype at all."""
+    cases = [  # id, stage, institution, subtype, dice
+        ("t1a", "T1", "A", "majority", 0.9),
+        ("t1b", "T1", "B", "majority", 0.8),
+        ("t1c", "T1", "A", "necrotic", 0.3),
+        ("t1d", "T1", "B", "distractor", 0.6),
+        ("t2a", "T2", "A", "majority", 0.7),
+        ("t2b", "T2", "B", "majority", 0.75),
+        ("t2c", "T2", "A", "majority", 0.4),
+        ("t3a", "T3", "B", "margin", 0.2),
+        ("t3b", "T3", "A", "margin", 0.45),
+        ("t3c", "T3", "B", "majority", 0.95),
+        ("t4a", "T4", "A", "necrotic", 0.5),
+        ("t4b", "T4", "B", None, 0.1),
+    ]
+    rows = []
+    for cid, stage, inst, subtype, dice in cases:
+        row = {"id": cid, "stage": stage, "institution": inst, "dice": dice}
+        if subtype is not None:
+            row["subtype"] = subtype
+        rows.append(row)
+    return rows
+
+
+def _recompute_minority(rows, attribute, threshold):
+    """Minority/majority Dice and minority failure rate per group and overall, from per_case.csv rows."""
+
+    def cell(members):
+        minority = [float(r["dice"]) for r in members if r["subtype"] not in ("", "majority")]
+        majority = [float(r["dice"]) for r in members if r["subtype"] == "majority"]
+        failures = sum(d < threshold for d in minority)
+        return {
+            "n_minority": len(minority),
+            "n_majority": len(majority),
+            "minority_dice": sum(minority) / len(minority) if minority else None,
+            "majority_dice": sum(majority) / len(majority) if majority else None,
+            "minority_failure_rate": failures / len(minority) if minority else None,
+            "minority_failures": failures,
+        }
+
+    groups = sorted({r[attribute] for r in rows})
+    return {g: cell([r for r in rows if r[attribute] == g]) for g in groups}, cell(rows)
+
+
+def _assert_cells_equal(actual, expected, where):
+    assert set(actual) == set(expected), where
+    for key, value in expected.items():
+        if value is None:
+            assert actual[key] is None, (where, key)
+        else:
+            assert actual[key] == pytest.approx(value), (where, key)
+
+
+def test_report_minority_block_recomputed_from_per_case_csv(tmp_path):
+    paths = write_fairness_report(tmp_path, _subtype_records(), ["stage", "institution"], threshold=0.5, n_boot=20)
+    with paths["per_case"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert "subtype" in rows[0]
+    assert {r["id"]: r["subtype"] for r in rows}["t4b"] == ""  # no subtype information: an empty cell
+    metrics = json.loads(paths["metrics"].read_text())
+    for attribute in ("stage", "institution"):
+        block = metrics["groupings"][attribute]["minority"]
+        groups, overall = _recompute_minority(rows, attribute, metrics["settings"]["threshold"])
+        assert list(block["groups"]) == list(groups)
+        for g, expected in groups.items():
+            _assert_cells_equal(block["groups"][g], expected, (attribute, g))
+        _assert_cells_equal(block["overall"], overall, (attribute, "overall"))
+        with_minority = {g: c["minority_dice"] for g, c in groups.items() if c["n_minority"]}
+        assert block["worst_group_minority_dice"] == pytest.approx(min(with_minority.values()))
+        assert block["threshold"] == 0.5
+
+    stage = metrics["groupings"]["stage"]["minority"]
+    # T1: minority necrotic 0.3 + distractor 0.6 -> 0.45, majority (0.9 + 0.8) / 2 = 0.85, 0.3 < 0.5: 1 of 2 fails
+    assert stage["groups"]["T1"] == pytest.approx(
+        {"n_minority": 2, "n_majority": 2, "minority_dice": 0.45, "majority_dice": 0.85,
+         "minority_failure_rate": 0.5, "minority_failures": 1}
+    )  # fmt: skip
+    # T2: no minority case: Dice and rate are null, majority (0.7 + 0.75 + 0.4) / 3
+    assert stage["groups"]["T2"]["n_minority"] == 0 and stage["groups"]["T2"]["minority_dice"] is None
+    assert stage["groups"]["T2"]["minority_failure_rate"] is None
+    assert stage["groups"]["T2"]["majority_dice"] == pytest.approx(1.85 / 3)
+    # T4: necrotic 0.5 does not fail (Dice < 0.5 fails); t4b without subtype counts in neither set
+    assert (stage["groups"]["T4"]["n_minority"], stage["groups"]["T4"]["n_majority"]) == (1, 0)
+    assert stage["groups"]["T4"]["minority_failures"] == 0 and stage["groups"]["T4"]["majority_dice"] is None
+    # overall: minority 0.3, 0.6, 0.2, 0.45, 0.5 -> 2.05 / 5 = 0.41, failures 0.3, 0.2, 0.45 -> 3 / 5 = 0.6;
+    # majority 0.9, 0.8, 0.7, 0.75, 0.4, 0.95 -> 4.5 / 6 = 0.75; worst group T3: (0.2 + 0.45) / 2 = 0.325
+    assert stage["overall"]["minority_dice"] == pytest.approx(0.41)
+    assert stage["overall"]["minority_failure_rate"] == pytest.approx(0.6)
+    assert stage["overall"]["majority_dice"] == pytest.approx(0.75)
+    assert stage["worst_group_minority_dice"] == pytest.approx(0.325) and stage["worst_minority_group"] == "T3"
+    # kinds over all cases: necrotic 0.3, 0.5 -> 0.4 (1 failure); margin 0.2, 0.45 -> 0.325 (2 failures)
+    assert set(stage["kinds"]) == {"necrotic", "distractor", "margin"}
+    assert stage["kinds"]["necrotic"] == pytest.approx({"n": 2, "dice": 0.4, "failure_rate": 0.5, "failures": 1})
+    assert stage["kinds"]["margin"] == pytest.approx({"n": 2, "dice": 0.325, "failure_rate": 1.0, "failures": 2})
+
+    text = paths["report"].read_text()
+    assert "Hidden minority (subtype) by stage" in text and "Hidden minority (subtype) by institution" in text
+    page = _Page()
+    page.feed(text)
+    assert page.values["stage.minority.groups.T1.minority_dice"] == "0.4500"
+    assert page.values["stage.minority.groups.T1.minority_failure_rate"] == "0.5000"
+    assert page.values["stage.minority.groups.T2.minority_dice"] == "\u2013"  # no minority case: a dash
+    assert page.values["stage.minority.overall.minority_dice"] == "0.4100"
+    assert page.values["stage.minority.overall.majority_dice"] == "0.7500"
+    assert page.values["stage.minority.worst_group_minority_dice"] == "0.3250"
+
+
+def test_report_without_subtype_has_no_minority_block(tmp_path):
+    records = [{k: v for k, v in r.items() if k != "subtype"} for r in _subtype_records()]
+    paths = write_fairness_report(tmp_path, records, ["stage"], n_boot=10)
+    with paths["per_case"].open() as f:
+        assert "subtype" not in next(csv.DictReader(f))
+    assert "minority" not in json.loads(paths["metrics"].read_text())["groupings"]["stage"]
+    assert "Hidden minority" not in paths["report"].read_text()
+
+
+def test_report_handler_copies_subtype(tmp_path):
+    def step(engine, batch):
+        return [{"image": b["image"], "label": b["label"], "pred": b["pred"]} for b in batch]
+
+    batches = _evaluator_batches()
+    for case, subtype in zip([c for b in batches for c in b], ["majority", "necrotic", None, "margin"]):
+        case["subtype"] = subtype  # p2: no subtype information
+    engine = Engine(step)
+    FairnessReportHandler(tmp_path, ["stage"], n_boot=20, thumbnails=False).attach(engine)
+    engine.run(batches, max_epochs=1)
+    fair = Path(tmp_path) / "fairness"
+    with (fair / "per_case.csv").open() as f:
+        rows = {r["id"]: r["subtype"] for r in csv.DictReader(f)}
+    assert rows == {"p0": "majority", "p1": "necrotic", "p2": "", "p3": "margin"}
+    block = json.loads((fair / "metrics.json").read_text())["groupings"]["stage"]["minority"]
+    # T2 = p1 (shift 1: dice 5/6) and p3 (shift 3: dice 3/6), both minority: mean 2/3, none below 0.5
+    assert block["groups"]["T2"]["minority_dice"] == pytest.approx(2 / 3)
+    assert block["groups"]["T2"]["minority_failures"] == 0
+    assert (block["overall"]["n_minority"], block["overall"]["n_majority"]) == (2, 1)

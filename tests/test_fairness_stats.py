@@ -183,3 +183,40 @@ def test_aggregate_over_seeds_by_hand(tmp_path):
 def test_flatten_skips_settings_and_intervals():
     flat = flatten_metrics({"settings": {"alpha": 0.2}, "overall": {"dice": {"mean": 0.5, "ci": [0, 1]}}, "x": 1})
     assert flat == {"overall/dice/mean": 0.5}
+
+
+def _summary_metrics(minority=None):
+    dice = {"worst_group_dice": 0.6, "worst_group": "T2", "group_gap": 0.2, "es_dice": 0.7, "worst_group_cvar": 0.4,
+            "hidden_failures": 3}  # fmt: skip
+    stage = {"dice": dice, **({"minority": minority} if minority else {})}
+    overall = {"dice": {"mean": 0.75}, "hd95": {"mean": 4.0}, "nsd": {"mean": 0.8}}
+    return {"n_cases": 12, "overall": overall, "groupings": {"stage": stage}}
+
+
+def test_summary_headline_has_the_minority_numbers(tmp_path, capsys):
+    cell = {"n_minority": 5, "n_majority": 6, "minority_dice": 0.41, "majority_dice": 0.75,
+            "minority_failure_rate": 0.6, "minority_failures": 3}  # fmt: skip
+    minority = {"threshold": 0.5, "groups": {"T1": cell}, "overall": cell, "worst_group_minority_dice": 0.325,
+                "worst_minority_group": "T3", "kinds": {}}  # fmt: skip
+    run = tmp_path / "run"
+    (run / "fairness").mkdir(parents=True)
+    (run / "fairness" / "metrics.json").write_text(json.dumps(_summary_metrics(minority)))
+    assert main(["summary", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "5 minority / 6 majority cases, minority Dice 0.410, majority Dice 0.750" in out
+    assert "minority failure rate 0.600 (3/5)" in out
+    assert "worst-group minority Dice: stage 0.325 (T3)" in out
+    # an old metrics.json (no subtype in the datalist): the headline has no minority line
+    (run / "fairness" / "metrics.json").write_text(json.dumps(_summary_metrics()))
+    assert main(["summary", str(run)]) == 0
+    assert "minority" not in capsys.readouterr().out
+
+
+def test_flatten_skips_minority_counts_and_nulls():
+    cell = {"n_minority": 0, "n_majority": 3, "minority_dice": None, "majority_dice": 0.8,
+            "minority_failure_rate": None, "minority_failures": 0}  # fmt: skip
+    flat = flatten_metrics({"groupings": {"stage": {"minority": {"threshold": 0.5, "groups": {"T2": cell}}}}})
+    assert flat == {
+        "groupings/stage/minority/groups/T2/majority_dice": 0.8,
+        "groupings/stage/minority/groups/T2/minority_failures": 0.0,
+    }

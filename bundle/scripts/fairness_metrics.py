@@ -47,6 +47,10 @@ Subgroup statistics (for a higher-is-better score ``m`` such as Dice; ``m_i`` pe
   weight 1, the next 0.4, the sum is divided by 1.4); ``worst_group_cvar = min_g cvar_g``;
 - ``hidden_failures_g``: number of cases of ``g`` with ``m_i < threshold`` (default 0.5); when the records
   carry a ``hard`` flag, ``hard_cases_g`` and ``hard_failures_g`` (hard cases of ``g`` below threshold).
+
+Hidden minority (:func:`minority_metrics`, when the records carry a ``subtype``: ``"majority"`` or the name
+of a minority kind such as ``"necrotic"``): per group the mean Dice of its minority and of its majority
+cases, and the minority failure rate (share of its minority cases with Dice below the threshold).
 """
 
 from __future__ import annotations
@@ -79,8 +83,10 @@ __all__ = [
     "group_statistics",
     "image_diagonal_mm",
     "metric_output_names",
+    "minority_metrics",
     "records_to_table",
     "spacing_of",
+    "subtype_kind",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +97,10 @@ CASE_METRICS: tuple[str, ...] = ("dice", "hd95", "nsd")
 BOUNDED_METRICS: tuple[str, ...] = ("dice", "nsd")
 #: Group label given to a case whose attribute value is missing.
 UNKNOWN_GROUP = "unknown"
+#: Per-case column naming the case's hidden subtype: ``MAJORITY`` or a minority kind (read by evaluation only).
+SUBTYPE_KEY = "subtype"
+#: The ``subtype`` value of the majority; every other non-missing value is a minority kind.
+MAJORITY = "majority"
 
 _warned_unit_spacing = False
 
@@ -123,7 +133,10 @@ def as_binary_mask(x: Any, spatial_dims: int = 3) -> torch.Tensor:
     if t.ndim == spatial_dims + 1:
         if t.shape[0] == 1:
             return t[0].float() > 0.5
-        return t.float().argmax(dim=0) > 0
+        # arg-max != 0 without an arg-max over the channel axis (slow on the CPU): some foreground channel
+        # strictly above channel 0 (a tie goes to channel 0, as in argmax)
+        t = t.float()
+        return t[1:].amax(dim=0) > t[0]
     raise ValueError(
         f"a case must have shape C{'HWD'[:spatial_dims]} or {'HWD'[:spatial_dims]} ({spatial_dims} spatial dims), "
         f"got shape {tuple(t.shape)}; pass one case at a time, channel-first."
@@ -462,6 +475,89 @@ def compute_group_metrics(
         result["hard_failures"] = sum(e["hard_failures"] for e in per_group.values())
     result["groups"] = per_group
     return result
+
+
+def subtype_kind(value: Any) -> str | None:
+    """The hidden subtype of a case: ``"majority"``, the minority kind's name, or ``None`` when not known.
+
+    Missing values (``None``, NaN, ``""``) and ``"unknown"`` (the label :func:`_group_label` gives a missing
+    value) carry no subtype information; ``"majority"`` is matched without regard to case or spaces.
+    """
+    if _is_missing(value):
+        return None
+    kind = _group_label(value).strip()
+    if kind == UNKNOWN_GROUP:
+        return None
+    return MAJORITY if kind.lower() == MAJORITY else kind
+
+
+def _minority_cell(kinds: Sequence[str | None], values: np.ndarray, threshold: float) -> dict[str, Any]:
+    minority = np.array([k not in (None, MAJORITY) for k in kinds], dtype=bool)
+    majority = np.array([k == MAJORITY for k in kinds], dtype=bool)
+    failures = int((values[minority] < threshold).sum())
+    n_min = int(minority.sum())
+    return {
+        "n_minority": n_min,
+        "n_majority": int(majority.sum()),
+        "minority_dice": float(values[minority].mean()) if n_min else None,
+        "majority_dice": float(values[majority].mean()) if majority.any() else None,
+        "minority_failure_rate": failures / n_min if n_min else None,
+        "minority_failures": failures,
+    }
+
+
+def minority_metrics(
+    records: Any, attribute: str, threshold: float = 0.5, subtype_key: str = SUBTYPE_KEY
+) -> dict[str, Any] | None:
+    """Hidden-minority statistics per group of ``attribute``: minority vs majority Dice and minority failures.
+
+    A case is a minority case when its ``subtype_key`` value is neither missing nor ``"majority"`` (see
+    :func:`subtype_kind`); cases without subtype information count in neither set.
+
+    Args:
+        records: per-case records (sequence of mappings or DataFrame) with ``attribute``, ``dice`` and, for
+            some cases at least, ``subtype_key``.
+        attribute: grouping column, e.g. ``"stage"``; a missing value is the group ``"unknown"``.
+        threshold: a minority case with Dice below ``threshold`` is a failure.
+        subtype_key: column of the hidden subtype.
+
+    Returns:
+        ``None`` when no record has subtype information, else ``{"threshold", "groups": {g: cell}, "overall":
+        cell, "worst_group_minority_dice", "worst_minority_group", "kinds": {kind: {"n", "dice",
+        "failure_rate", "failures"}}}`` where a cell is ``{"n_minority", "n_majority", "minority_dice",
+        "majority_dice", "minority_failure_rate", "minority_failures"}`` (Dice and rate ``None`` without
+        cases); groups sorted by name, the worst group is the lowest minority Dice among groups with
+        minority cases (``None`` if none has), ``kinds`` covers all cases, one entry per minority kind.
+
+    Raises:
+        ValueError: a record without a finite Dice.
+    """
+    rows = records_to_table(records)
+    kinds = [subtype_kind(r.get(subtype_key)) for r in rows]
+    if all(k is None for k in kinds):
+        return None
+    values = np.array([float(r.get("dice", float("nan"))) for r in rows], dtype=float)
+    bad = [str(r.get("id", i)) for i, (r, v) in enumerate(zip(rows, values)) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"non-finite dice for case(s) {bad[:10]}: every case needs a score.")
+    labels = np.array([_group_label(r.get(attribute)) for r in rows], dtype=object)
+    kind_arr = np.array(kinds, dtype=object)
+    groups = {g: _minority_cell(kind_arr[labels == g], values[labels == g], threshold) for g in sorted(set(labels))}
+    with_minority = {g: c["minority_dice"] for g, c in groups.items() if c["n_minority"]}
+    worst = min(with_minority, key=lambda g: (with_minority[g], g)) if with_minority else None
+    by_kind = {}
+    for kind in sorted({k for k in kinds if k not in (None, MAJORITY)}):
+        v = values[kind_arr == kind]
+        failures = int((v < threshold).sum())
+        by_kind[kind] = {"n": len(v), "dice": float(v.mean()), "failure_rate": failures / len(v), "failures": failures}
+    return {
+        "threshold": float(threshold),
+        "groups": groups,
+        "overall": _minority_cell(kinds, values, threshold),
+        "worst_group_minority_dice": with_minority[worst] if worst is not None else None,
+        "worst_minority_group": worst,
+        "kinds": by_kind,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------

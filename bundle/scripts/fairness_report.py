@@ -2,14 +2,18 @@
 
 :func:`write_fairness_report` writes, into ``<out_dir>/fairness/``:
 
-- ``per_case.csv``: one row per case: ``id``, every attribute, ``dice``, ``hd95`` (mm), ``nsd``, ``hard``;
+- ``per_case.csv``: one row per case: ``id``, every attribute (``subtype`` among them when the cases have
+  one), ``dice``, ``hd95`` (mm), ``nsd``, ``hard``;
 - ``metrics.json``: ``settings``, ``overall`` (mean/median/std/min/max of each per-case metric) and, per
   grouping attribute, the subgroup statistics of Dice and NSD with 95% bootstrap intervals
-  (:func:`scripts.fairness_stats.bootstrap_group_metrics`), the per-group HD95 mean and median, and the
-  intra-group worst cases; plus ``routing``: expert usage per subgroup and dMoE layer (or ``null``);
+  (:func:`scripts.fairness_stats.bootstrap_group_metrics`), the per-group HD95 mean and median, the
+  intra-group worst cases and, when the cases carry a hidden ``subtype``, ``minority``: minority and
+  majority Dice and the minority failure rate per group (:func:`scripts.fairness_metrics.minority_metrics`);
+  plus ``routing``: expert usage per subgroup and dMoE layer (or ``null``);
 - ``report.html``: a self-contained page (no network resource; PNGs beside it in ``plots/`` and
   ``thumbs/``, drawn with matplotlib's Agg canvas): the headline table, per-group Dice box plots, the
-  worst cases of each group with image/label/prediction thumbnails, and the routing heat-map.
+  hidden-minority table, the worst cases of each group with image/label/prediction thumbnails, and the
+  routing heat-map.
 
 :class:`FairnessReportHandler` collects the same per-case data from a MONAI evaluator and calls
 :func:`write_fairness_report` at the end of each evaluation epoch.
@@ -35,6 +39,7 @@ from monai.data import MetaTensor
 
 from scripts.fairness_metrics import (
     CASE_METRICS,
+    SUBTYPE_KEY,
     _all_gather_objects,
     _as_bool,
     _as_item_list,
@@ -44,6 +49,7 @@ from scripts.fairness_metrics import (
     case_metadata,
     compute_case_metrics,
     metric_output_names,
+    minority_metrics,
     records_to_table,
 )
 from scripts.fairness_stats import FAIRNESS_DIR, METRICS_FILE, PER_CASE_FILE, bootstrap_group_metrics
@@ -311,12 +317,18 @@ def _describe(values: list[float]) -> dict[str, float]:
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "&ndash;"
     return f"{x:.{digits}f}" if isinstance(x, float) else html.escape(str(x))
+
+
+def _value(key: str, value: Any) -> str:
+    return f'<span data-key="{html.escape(key)}">{_fmt(value)}</span>'
 
 
 def _cell(key: str, value: Any, ci: Sequence[float] | None = None) -> str:
     ci_html = f' <span class="ci">[{ci[0]:.3f}, {ci[1]:.3f}]</span>' if ci is not None else ""
-    return f'<td><span data-key="{html.escape(key)}">{_fmt(value)}</span>{ci_html}</td>'
+    return f"<td>{_value(key, value)}{ci_html}</td>"
 
 
 _CSS = """
@@ -349,14 +361,15 @@ def write_fairness_report(
     Args:
         out_dir: the run's output folder; files go to its ``fairness`` sub-folder (created).
         records: per-case records (sequence of mappings or DataFrame) with ``id``, the grouping attributes,
-            ``dice`` and optionally ``hd95``, ``nsd``, ``hard`` and further attributes (all kept in the CSV).
+            ``dice`` and optionally ``hd95``, ``nsd``, ``hard``, ``subtype`` (``"majority"`` or a hidden
+            minority kind: adds the ``minority`` block) and further attributes (all kept in the CSV).
         groupings: grouping attributes to analyse, e.g. ``["stage", "institution"]``.
         routing: optional expert usage: a :func:`routing_summary` dict, or ``{"counts": {layer: (G+1, E)},
             "subgroups": names}``.
         thumbnails: optional ``{case id: (image2d, label2d, pred2d)}`` (see :func:`make_thumbnail`); the worst
             cases that have one are shown with it.
         alpha: CVaR tail fraction (also the share of each group listed as worst cases).
-        threshold: failure threshold on Dice / NSD.
+        threshold: failure threshold on Dice / NSD (also of the minority failure rate).
         n_boot: bootstrap draws per interval.
         seed: bootstrap seed.
         confidence: interval level.
@@ -473,6 +486,9 @@ def write_fairness_report(
             }
         worst[attribute] = worst_cases(rows, attribute, "dice", alpha=alpha, n_worst=n_worst)
         entry["worst_cases"] = {g: [str(r["id"]) for r in cases] for g, cases in worst[attribute].items()}
+        minority = minority_metrics(rows, attribute, threshold=threshold)
+        if minority is not None:
+            entry["minority"] = minority
         metrics["groupings"][attribute] = entry
     if routing is not None:
         metrics["routing"] = (
@@ -590,6 +606,8 @@ def _render_html(
                 ]
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")
+        if "minority" in entry:
+            out += _minority_table(attribute, entry["minority"])
         for m in ("dice", "nsd"):
             if f"{attribute}/{m}" in images:
                 out.append(
@@ -632,6 +650,41 @@ def _render_html(
     return "\n".join(out) + "\n"
 
 
+def _minority_table(attribute: str, block: Mapping[str, Any]) -> list[str]:
+    """The "Hidden minority (subtype)" table of one grouping: minority vs majority Dice per group and overall."""
+    out = [
+        f"<h3>Hidden minority (subtype) by {html.escape(attribute)}</h3>",
+        f"<p>Cases whose <code>{SUBTYPE_KEY}</code> is not <code>majority</code> form the hidden minority; a "
+        f"minority case fails when its Dice is below {block['threshold']:g}. Cases without a subtype count in "
+        "neither set.</p>",
+        "<table><tr><th>group</th><th>minority n</th><th>majority n</th><th>minority Dice</th>"
+        "<th>majority Dice</th><th>minority failures</th><th>minority failure rate</th></tr>",
+    ]
+    fields = (
+        "n_minority",
+        "n_majority",
+        "minority_dice",
+        "majority_dice",
+        "minority_failures",
+        "minority_failure_rate",
+    )
+    lines = [(html.escape(g), f"groups.{g}", c) for g, c in block["groups"].items()]
+    for label, path, cell in [*lines, ("<b>all cases</b>", "overall", block["overall"])]:
+        cells = "".join(_cell(f"{attribute}.minority.{path}.{f}", cell[f]) for f in fields)
+        out.append(f"<tr><td>{label}</td>{cells}</tr>")
+    out.append("</table>")
+    if block["worst_minority_group"] is not None:
+        value = _value(f"{attribute}.minority.worst_group_minority_dice", block["worst_group_minority_dice"])
+        out.append(f"<p>Worst-group minority Dice: {value} ({html.escape(block['worst_minority_group'])}).</p>")
+    kinds = "; ".join(
+        f"{html.escape(k)}: n {e['n']}, Dice {e['dice']:.4f}, failures {e['failures']}"
+        for k, e in block["kinds"].items()
+    )
+    if kinds:
+        out.append(f"<p>Minority kinds (all cases): {kinds}.</p>")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # handler
 # --------------------------------------------------------------------------------------------------------------
@@ -641,10 +694,10 @@ class FairnessReportHandler:
     At every ``ITERATION_COMPLETED`` it reads, per case, ``pred_key`` and ``label_key`` from the decollated
     and post-transformed ``engine.state.output`` (one-hot ``C[spatial]`` or label maps ``1[spatial]``, on the
     grid the metrics should be computed on: invert the prediction to the original image first), the case
-    metadata (``id_key``, ``attribute_keys``, ``hard_key``) from ``engine.state.batch`` (else the output),
-    computes Dice, HD95 and NSD (spacing from the prediction's MetaTensor affine unless ``spacing`` is set)
-    and keeps a downsampled thumbnail. At ``EPOCH_COMPLETED`` all ranks gather the cases (attach it on
-    every rank), rank 0 writes ``<output_dir>/fairness/{per_case.csv, metrics.json, report.html}``.
+    metadata (``id_key``, ``attribute_keys``, ``hard_key``, ``subtype_key``) from ``engine.state.batch``
+    (else the output), computes Dice, HD95 and NSD (spacing from the prediction's MetaTensor affine unless
+    ``spacing`` is set) and keeps a downsampled thumbnail. At ``EPOCH_COMPLETED`` all ranks gather the cases
+    (attach it on every rank), rank 0 writes ``<output_dir>/fairness/{per_case.csv, metrics.json, report.html}``.
 
     Args:
         output_dir: the run's output folder (the report goes to its ``fairness`` sub-folder).
@@ -655,6 +708,9 @@ class FairnessReportHandler:
         image_key: key of the image for thumbnails (only used when on the label's grid).
         id_key: batch key of the case id (missing: the prediction's file name, else a counter).
         hard_key: batch key of the optional hard-case flag.
+        subtype_key: batch key of the optional hidden subtype (``"majority"`` or a minority kind), kept as the
+            ``subtype`` column when the case has one (cases of datalists without it get no column); ``None``:
+            never read.
         spacing: voxel spacing in mm; ``None``: from the prediction's affine.
         tolerance_mm: NSD tolerance in mm.
         percentile: Hausdorff percentile (95).
@@ -684,6 +740,7 @@ class FairnessReportHandler:
         image_key: str | None = "image",
         id_key: str = "id",
         hard_key: str = "hard",
+        subtype_key: str | None = SUBTYPE_KEY,
         spacing: float | Sequence[float] | None = None,
         tolerance_mm: float = 2.0,
         percentile: float = 95.0,
@@ -710,7 +767,7 @@ class FairnessReportHandler:
         self.groupings = list(groupings)
         self.attribute_keys = list(dict.fromkeys([*(attribute_keys or []), *self.groupings]))
         self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
-        self.id_key, self.hard_key = id_key, hard_key
+        self.id_key, self.hard_key, self.subtype_key = id_key, hard_key, subtype_key
         self.spacing, self.tolerance_mm, self.percentile = spacing, tolerance_mm, percentile
         self.alpha, self.threshold = alpha, threshold
         self.n_boot, self.seed, self.confidence = n_boot, seed, confidence
@@ -755,7 +812,7 @@ class FairnessReportHandler:
         outputs = _as_item_list(engine.state.output)
         if outputs is None:
             raise TypeError(f"engine.state.output must be a dict or a list of dicts, got {type(engine.state.output)}.")
-        keys = (self.id_key, self.hard_key, *self.attribute_keys)
+        keys = (self.id_key, self.hard_key, *self.attribute_keys, *([self.subtype_key] if self.subtype_key else []))
         meta = case_metadata(engine.state.batch, outputs, keys)
         for item, m in zip(outputs, meta):
             if self.pred_key not in item or self.label_key not in item:
@@ -774,6 +831,8 @@ class FairnessReportHandler:
             hard = _as_bool(m.get(self.hard_key))
             if hard is not None:
                 record["hard"] = hard
+            if self.subtype_key and not _is_missing(m.get(self.subtype_key)):
+                record[SUBTYPE_KEY] = _group_label(m[self.subtype_key])
             self.records.append(record)
             if self.keep_thumbnails:
                 image = item.get(self.image_key) if self.image_key else None

@@ -11,6 +11,7 @@
 Command line (reads the files a run's :mod:`scripts.fairness_report` wrote; ``RUN`` is a run folder holding
 ``fairness/``, the ``fairness`` folder itself, or the file)::
 
+    python bundle/scripts/fairness_stats.py summary RUN
     python bundle/scripts/fairness_stats.py compare RUN_A RUN_B [--groupings stage institution] [--out FILE]
     python bundle/scripts/fairness_stats.py aggregate RUN1 RUN2 ... [--out FILE]
 """
@@ -281,14 +282,26 @@ def compare_records(
 # --------------------------------------------------------------------------------------------------------------
 # seed aggregation
 # --------------------------------------------------------------------------------------------------------------
-_SKIP_KEYS = {"ci", "alpha", "threshold", "n_cases", "n_groups", "n", "bootstrap", "settings", "routing"}
+_SKIP_KEYS = {
+    "ci",
+    "alpha",
+    "threshold",
+    "n_cases",
+    "n_groups",
+    "n",
+    "n_minority",
+    "n_majority",
+    "bootstrap",
+    "settings",
+    "routing",
+}
 
 
 def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Numeric summaries of a ``metrics.json`` as ``{"groupings/stage/dice/worst_group_dice": value}``.
 
     Only the ``overall`` and ``groupings`` sections are read; intervals, counts of cases and settings are
-    skipped (booleans and strings too).
+    skipped (booleans, strings and nulls too).
     """
     flat: dict[str, float] = {}
 
@@ -373,8 +386,33 @@ def read_metrics_json(run: str | Path) -> dict[str, Any]:
     return json.loads(_resolve(run, METRICS_FILE).read_text())
 
 
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _format_minority(groupings: Mapping[str, Any]) -> list[str]:
+    """Headline lines of the hidden-minority blocks (none when the run's cases had no ``subtype``)."""
+    blocks = {attr: block["minority"] for attr, block in groupings.items() if "minority" in block}
+    if not blocks:
+        return []
+    first = next(iter(blocks.values()))
+    o = first["overall"]
+    worst = []
+    for attr, b in blocks.items():
+        group = f" ({b['worst_minority_group']})" if b["worst_minority_group"] is not None else ""
+        worst.append(f"{attr} {_num(b['worst_group_minority_dice'])}{group}")
+    return [
+        f"hidden minority (subtype; fails below Dice {first['threshold']:g}): {o['n_minority']} minority / "
+        f"{o['n_majority']} majority cases, minority Dice {_num(o['minority_dice'])}, majority Dice "
+        f"{_num(o['majority_dice'])}, minority failure rate {_num(o['minority_failure_rate'])} "
+        f"({o['minority_failures']}/{o['n_minority']})",
+        f"worst-group minority Dice: {', '.join(worst)}",
+    ]
+
+
 def format_summary(metrics: Mapping[str, Any]) -> str:
-    """Headline table of one run: overall Dice/HD95/NSD, then per grouping the fairness summaries."""
+    """Headline table of one run: overall Dice/HD95/NSD, per grouping the fairness summaries, and the hidden
+    minority's Dice, the majority's and the minority failure rate when ``metrics.json`` has them."""
     overall = metrics["overall"]
     lines = [
         f"{metrics['n_cases']} cases: mean Dice {overall['dice']['mean']:.3f}, "
@@ -389,6 +427,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
             f"{attr:<12} {d['worst_group_dice']:>11.3f} ({d['worst_group']:>3}) {d['group_gap']:>10.3f} "
             f"{d['es_dice']:>8.3f} {d['worst_group_cvar']:>17.3f} {d['hidden_failures']:>16d} {hard:>12}"
         )
+    lines += _format_minority(metrics["groupings"])
     return "\n".join(lines)
 
 
@@ -396,7 +435,7 @@ def _default_groupings(run: str | Path, rows: list[dict[str, Any]]) -> list[str]
     try:
         return list(read_metrics_json(run)["groupings"])
     except (FileNotFoundError, KeyError):
-        skip = {"id", "hard", *CASE_METRICS}
+        skip = {"id", "hard", "subtype", *CASE_METRICS}
         return [c for c in rows[0] if c not in skip] if rows else []
 
 

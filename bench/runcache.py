@@ -1,0 +1,188 @@
+"""Run cache of the fairness benchmarks: one folder per run, rerun only when its configuration changes.
+
+A run is (variant, seed, cohort, config overrides). Its **key** is a hash of
+
+- ``BENCH_VERSION`` (bump it when a code change alters results: a new loss, another network);
+- the run's resolved configuration: ``train.json`` + the variant overlay + ``evaluate.json`` merged by MONAI's
+  ``ConfigParser``, with the overrides applied and the run-local paths and help texts left out;
+- the cohort's arguments (``synthetic.generate_cohort``) and the seed.
+
+So a change that leaves results equal (a faster kernel, a moved file, a reworded help text) keeps every finished
+run, and a change to one variant's overlay reruns only that variant's runs.
+
+Each run folder holds only small files, all committed: ``run.json`` (key, spec, git commit, times),
+``per_case.csv`` and ``metrics.json`` (the evaluation on the testing split) and ``train_log.json`` (the
+validation curve and the DRO summary of the last epoch, parsed from the training log). Weights, checkpoints and
+logs stay in a scratch folder (``--work``), never in the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CONFIGS = BUNDLE / "configs"
+
+#: bump when a code change alters the results of finished runs (their keys change, so they rerun)
+BENCH_VERSION = 1
+#: configuration keys that never change a result (paths of this run, documentation)
+_NEUTRAL_KEYS = ("settings_help", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "bundle_root", "run_name")
+_SMALL_FILES = ("per_case.csv", "metrics.json")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One benchmark run: a variant with a seed on a synthetic cohort, with config overrides."""
+
+    variant: str
+    seed: int
+    cohort: dict[str, Any]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        c = self.cohort
+        return f"{self.variant}_{c.get('minority', 'none')}_l{c.get('difficulty', 'd')}_s{self.seed}"
+
+    def config_files(self) -> list[str]:
+        return [str(CONFIGS / "train.json"), str(CONFIGS / "variants" / f"{self.variant}.json")]
+
+
+def cohort_name(cohort: dict[str, Any]) -> str:
+    """Folder name of a cohort: readable, plus a short hash of all its arguments."""
+    digest = hashlib.sha256(json.dumps(cohort, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cohort.get('minority', 'none')}_l{cohort.get('difficulty', 'd')}_{digest}"
+
+
+def resolved_config(spec: RunSpec) -> dict[str, Any]:
+    """The merged configuration of a run (train + variant + evaluate + overrides), without neutral keys."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(spec.config_files() + [str(CONFIGS / "evaluate.json")])
+    for key, value in spec.overrides.items():
+        parser[key] = value
+    config = parser.get()
+    return {k: v for k, v in config.items() if k not in _NEUTRAL_KEYS}
+
+
+def run_key(spec: RunSpec) -> str:
+    """Cache key of a run (see the module notes)."""
+    blob = {"bench_version": BENCH_VERSION, "config": resolved_config(spec), "cohort": spec.cohort, "seed": spec.seed}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_done(run_dir: Path, key: str) -> bool:
+    """Whether ``run_dir`` holds a finished run with this key."""
+    meta = run_dir / "run.json"
+    if not meta.is_file() or not all((run_dir / f).is_file() for f in _SMALL_FILES):
+        return False
+    try:
+        return json.loads(meta.read_text()).get("key") == key
+    except json.JSONDecodeError:
+        return False
+
+
+def git_commit() -> str:
+    """Commit of the working tree (``+dirty`` when it has uncommitted changes to tracked files)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def ensure_cohort(cohort: dict[str, Any], data_root: Path) -> Path:
+    """Generate the cohort once (deterministic by its arguments) under ``data_root``; returns its folder."""
+    sys.path.insert(0, str(BUNDLE))
+    from scripts import synthetic
+
+    folder = data_root / cohort_name(cohort)
+    if not (folder / "datalist.json").is_file():
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        synthetic.generate_cohort(tmp, **cohort)
+        tmp.replace(folder)
+    return folder
+
+
+_EPOCH_METRIC = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
+_PAIR = re.compile(r"(\w+): ([-+0-9.eE]+|nan)")
+
+
+def parse_train_log(text: str) -> dict[str, Any]:
+    """The validation curve and the last DRO summary from a training log (MONAI StatsHandler lines)."""
+    curve: dict[int, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = _EPOCH_METRIC.search(line)
+        if m:
+            values = {k: float(v) for k, v in _PAIR.findall(m.group(2))}
+            curve.setdefault(int(m.group(1)), {}).update(values)
+    val = {e: v["val_mean_dice"] for e, v in sorted(curve.items()) if "val_mean_dice" in v}
+    dro = {}
+    for e in sorted(curve, reverse=True):
+        dro = {k: v for k, v in curve[e].items() if k.startswith("dro_")}
+        if dro:
+            break
+    return {"val_mean_dice": val, "last_dro": dro}
+
+
+def _bundle(cmd: list[str], log: Path) -> None:
+    with log.open("a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        res = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"command failed ({res.returncode}), see {log}: {' '.join(cmd)}")
+
+
+def execute(spec: RunSpec, data: Path, work: Path) -> dict[str, float]:
+    """Train and evaluate one run in ``work``; returns the wall time of each phase (s)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log = work / "run.log"
+    common = ["--dataset_dir", str(data), "--output_dir", str(work), "--ckpt_dir", str(work / "models"),
+              "--seed", str(spec.seed)]  # fmt: skip
+    for key, value in spec.overrides.items():
+        common += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    py = [sys.executable, "-m", "monai.bundle", "run"]
+    files = spec.config_files()
+    t0 = time.time()
+    _bundle(py + ["training", "--config_file", json.dumps(files)] + common, log)
+    t1 = time.time()
+    _bundle(py + ["evaluating", "--config_file", json.dumps(files + [str(CONFIGS / "evaluate.json")])] + common, log)
+    return {"train_s": round(t1 - t0, 1), "evaluate_s": round(time.time() - t1, 1)}
+
+
+def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path) -> tuple[Path, bool]:
+    """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key; returns (folder, ran)."""
+    key = run_key(spec)
+    run_dir = out_root / spec.name
+    if is_done(run_dir, key):
+        return run_dir, False
+    data = ensure_cohort(spec.cohort, data_root)
+    work = work_root / spec.name
+    times = execute(spec, data, work)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in _SMALL_FILES:
+        shutil.copyfile(work / "fairness" / name, run_dir / name)
+    summary = parse_train_log((work / "run.log").read_text())
+    (run_dir / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
+    meta = {"key": key, "bench_version": BENCH_VERSION, "commit": git_commit(), "variant": spec.variant,
+            "seed": spec.seed, "cohort": spec.cohort, "overrides": spec.overrides, **times,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the run finished
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    return run_dir, True

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -140,10 +141,12 @@ def parse_train_log(text: str) -> dict[str, Any]:
 
 
 def _bundle(cmd: list[str], log: Path) -> None:
+    # this checkout's bundle first on the path (before a bundle registered in the venv by `make setup`)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BUNDLE), os.environ.get("PYTHONPATH")]))}
     with log.open("a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
-        res = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, check=False)
+        res = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"command failed ({res.returncode}), see {log}: {' '.join(cmd)}")
 

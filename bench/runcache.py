@@ -8,7 +8,8 @@ A run is (variant, seed, cohort, config overrides). Its **key** is a hash of
 - the cohort's arguments (``synthetic.generate_cohort``) and the seed.
 
 So a change that leaves results equal (a faster kernel, a moved file, a reworded help text) keeps every finished
-run, and a change to one variant's overlay reruns only that variant's runs.
+run, and a change to one variant's overlay reruns only that variant's runs. DRO settings that a run without DRO
+weights never reads (ERM, the oracle: the ESS floor, the refresh, the warm-up) are left out of its key.
 
 Each run folder holds only small files, all committed: ``run.json`` (key, spec, git commit, times),
 ``per_case.csv`` and ``metrics.json`` (the evaluation on the testing split) and ``train_log.json`` (the
@@ -35,7 +36,7 @@ BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
 
 #: bump when a code change alters the results of finished runs (their keys change, so they rerun)
-BENCH_VERSION = 1
+BENCH_VERSION = 2
 #: configuration keys that never change a result (paths of this run, documentation)
 _NEUTRAL_KEYS = ("settings_help", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "bundle_root", "run_name")
 _SMALL_FILES = ("per_case.csv", "metrics.json")
@@ -77,9 +78,25 @@ def resolved_config(spec: RunSpec) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _NEUTRAL_KEYS}
 
 
+#: the FairDRO settings that a run with plain weights (intra none or oracle, inter not groupdro) still reads
+_PLAIN_DRO_KEYS = ("_target_", "intra", "inter", "apply", "unknown", "subtype_key", "cohort", "group_key",
+                   "group_names", "num_groups")  # fmt: skip
+
+
+def _drop_unread_dro_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Without DRO weights (ERM, the oracle) the bank, the ESS floor, the warm-up and the refresh never change a
+    weight, a draw or an update (the refresh pass is eval-mode, without augmentation, and draws no random number), so
+    a change to those settings keeps such runs."""
+    dro = config.get("dro")
+    if not isinstance(dro, dict) or dro.get("intra") not in ("none", "oracle") or dro.get("inter") == "groupdro":
+        return config
+    return {**config, "dro": {k: v for k, v in dro.items() if k in _PLAIN_DRO_KEYS}}
+
+
 def run_key(spec: RunSpec) -> str:
     """Cache key of a run (see the module notes)."""
-    blob = {"bench_version": BENCH_VERSION, "config": resolved_config(spec), "cohort": spec.cohort, "seed": spec.seed}
+    config = _drop_unread_dro_settings(resolved_config(spec))
+    blob = {"bench_version": BENCH_VERSION, "config": config, "cohort": spec.cohort, "seed": spec.seed}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

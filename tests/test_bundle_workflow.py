@@ -15,7 +15,7 @@ from scripts import synthetic
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
-VARIANTS = ["erm", "groupdro", "dmoe", "fairdro", "fairdro_groupdro", "oracle"]
+VARIANTS = ["erm", "groupdro", "dmoe", "fairdro", "fairdro_groupdro", "oracle", "erm_cvar", "fairdro_empirical"]
 
 #: settings that make one epoch take seconds on a CPU
 TINY = {
@@ -68,7 +68,7 @@ def test_train_default_one_epoch(trained_default):
     assert wf.trainer.state.epoch == 1
     # the resumable checkpoint carries the DRO state beside model, optimizer and trainer counters
     full = torch.load(run_dir / "checkpoints" / "checkpoint_final.pt", weights_only=True, map_location="cpu")
-    assert set(full) == {"model", "optimizer", "dro", "trainer", "rng"}
+    assert set(full) == {"model", "optimizer", "lr_scheduler", "dro", "selection", "trainer", "rng"}
     assert wf.parser.get_parsed_content("dro").intra == "cvar"
 
 
@@ -80,7 +80,7 @@ def test_train_variant_one_epoch(variant, tiny_cohort, tmp_path):
     run_dir = out_root / variant
     assert (run_dir / "models" / "model.pt").is_file(), "each variant writes into its own folder"
     net = wf.parser.get_parsed_content("network_def")
-    expect_moe = variant in ("dmoe", "fairdro", "fairdro_groupdro")
+    expect_moe = variant in ("dmoe", "fairdro", "fairdro_groupdro", "fairdro_empirical")
     assert net.use_dmoe == expect_moe
     dro = wf.parser.get_parsed_content("dro")
     expected = {
@@ -90,6 +90,8 @@ def test_train_variant_one_epoch(variant, tiny_cohort, tmp_path):
         "fairdro": ("cvar", "uniform"),
         "fairdro_groupdro": ("cvar", "groupdro"),
         "oracle": ("oracle", "empirical"),
+        "erm_cvar": ("cvar", "empirical"),
+        "fairdro_empirical": ("cvar", "empirical"),
     }[variant]
     assert (dro.intra, dro.inter) == expected
     # the variant's model evaluates (train + variant + evaluate) and serves (inference.json with its network switch)

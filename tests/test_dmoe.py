@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from scripts.dmoe import DMoE, fast_dropout, normalize_subgroup, top_k_along
+from scripts.dmoe import DMoE, ExpertBank, fast_dropout, normalize_subgroup, top_k_along
 from scripts.dmoe_unet import DMoEResUNet
 
 G = 4
@@ -27,17 +27,32 @@ def _single_thread():
     torch.set_num_threads(n)
 
 
-def make_net(seed: int = 0, **kw) -> DMoEResUNet:
+def randomize_experts(module: torch.nn.Module) -> None:
+    """Draw the experts' output layers like ``nn.Linear`` (they start at zero), so the dMoE branches are non-zero."""
+    for m in module.modules():
+        if isinstance(m, ExpertBank):
+            m.reset_parameters(zero_output=False)
+
+
+def make_net(seed: int = 0, identity: bool = False, **kw) -> DMoEResUNet:
+    """A small network; ``identity=False`` re-draws the expert output layers (as after training, non-zero branch)."""
     torch.manual_seed(seed)
     kw.setdefault("features", 4)
     kw.setdefault("num_subgroups", G)
-    return DMoEResUNet(**kw)
+    net = DMoEResUNet(**kw)
+    if not identity:
+        randomize_experts(net)
+    return net
 
 
-def make_layer(seed: int = 0, c: int = 4, **kw) -> DMoE:
+def make_layer(seed: int = 0, c: int = 4, identity: bool = False, **kw) -> DMoE:
+    """A dMoE layer on C = ``c`` channels; ``identity=False`` as in :func:`make_net`."""
     torch.manual_seed(seed)
     kw.setdefault("num_subgroups", G)
-    return DMoE(c, **kw)
+    layer = DMoE(c, **kw)
+    if not identity:
+        randomize_experts(layer)
+    return layer
 
 
 def reference_layer(layer: DMoE, x: torch.Tensor, subgroup: list[int]) -> torch.Tensor:
@@ -97,6 +112,8 @@ def test_fast_dropout_rate_and_scale():
     assert abs(kept.float().mean().item() - 0.9) < 0.005  # 100k draws: std of the rate ~0.001
     assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
     assert fast_dropout(x, 0.1, False) is x
+    kept = torch.jit.script(fast_dropout)(x, 0.1, True) != 0  # TorchScript falls back to F.dropout
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
 
 
 # --- network I/O
@@ -214,14 +231,89 @@ def test_use_dmoe_false_is_the_backbone():
     moe_keys = {k for k in dmoe_sd if ".moe." in k}
     assert moe_keys and set(plain.state_dict()) == set(dmoe_sd) - moe_keys  # same names, minus the dMoE ones
     plain.load_state_dict({k: v for k, v in dmoe_sd.items() if k not in moe_keys}, strict=True)
-    with torch.no_grad():  # remove the residual branch: zero output projection of every expert
-        for m in dmoe.moe_layers().values():
-            m.experts.w2.zero_()
-            m.experts.b2.zero_()
+    assert plain.moe_layers() == {} and plain.routing_stats() == {}
+
+
+# --- dMoE starts as the identity (the dMoE network starts as its backbone)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_same_seed_gives_the_same_backbone_weights(seed):
+    dmoe = make_net(seed, identity=True, use_dmoe=True)
+    plain = make_net(seed, identity=True, use_dmoe=False)
+    dmoe_params = dict(dmoe.named_parameters())
+    plain_params = dict(plain.named_parameters())
+    assert set(plain_params) == {k for k in dmoe_params if ".moe." not in k}
+    for name, p in plain_params.items():
+        assert torch.equal(p, dmoe_params[name]), name
+    for m in dmoe.moe_layers().values():  # zero output layers, random input layers and routers
+        assert m.experts.w2.abs().sum() == 0 and m.experts.b2.abs().sum() == 0
+        assert m.experts.w1.abs().sum() > 0 and m.router.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_layer_starts_as_the_identity(dispatch, mode):
+    layer = make_layer(identity=True, dispatch=dispatch).train(mode == "train")
+    x = torch.randn(2, 4, 4, 4, 2)
+    with torch.no_grad():
+        for g in (torch.tensor([0, 3]), torch.tensor([2, G]), torch.tensor([G, G]), None):
+            assert torch.equal(layer(x, g), x)
+
+
+def _as_path(net: DMoEResUNet, path: str, x: torch.Tensor):
+    """The network run through ``path``: eager, TorchScript-scripted or traced (with subgroups (B,))."""
+    if path == "script":
+        return torch.jit.script(net)
+    if path == "trace":
+        return torch.jit.trace(net, (x, torch.tensor([0, 1])))
+    return net
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize(
+    "path, mode",
+    [("dense", "eval"), ("sparse", "eval"), ("auto", "eval"), ("script", "eval"), ("trace", "eval"),
+     ("dense", "train"), ("sparse", "train"), ("script", "train")],
+)  # fmt: skip
+def test_network_starts_as_its_backbone(path, mode):
+    dispatch = path if path in ("dense", "sparse") else "auto"
+    dmoe = make_net(3, identity=True, dispatch=dispatch).train(mode == "train")
+    plain = make_net(3, identity=True, use_dmoe=False).train(mode == "train")
     x = torch.rand(SHAPE)
     with torch.no_grad():
-        assert torch.equal(dmoe(x, torch.tensor([0, 3])), plain(x, torch.tensor([0, 3])))
-    assert plain.moe_layers() == {} and plain.routing_stats() == {}
+        run = _as_path(dmoe, path, x)
+        for g in (torch.tensor([0, 3]), torch.tensor([1, G]), torch.tensor([2]), None):
+            if path == "trace" and g is None:
+                continue  # a trace keeps the example's (tensor) signature
+            torch.testing.assert_close(run(x, g), plain(x, g), atol=1e-6, rtol=0)
+
+
+def test_training_leaves_the_identity():
+    torch.manual_seed(11)
+    x, y = torch.rand(SHAPE), torch.randint(0, 2, (2, *SHAPE[2:]))
+    g = torch.tensor([0, G])
+    nets = {"dmoe": make_net(5, identity=True).train(), "plain": make_net(5, identity=True, use_dmoe=False).train()}
+    opts = {k: torch.optim.AdamW(n.parameters(), lr=1e-3) for k, n in nets.items()}
+    for k, net in nets.items():  # one optimiser step on the same batch
+        F.cross_entropy(net(x, g), y).backward()
+        opts[k].step()
+    layers = nets["dmoe"].moe_layers()
+    for name, m in layers.items():
+        assert m.router.weight.grad.abs().sum() == 0, name  # experts output zero: no routing signal yet
+        assert m.experts.w2.abs().sum() > 0 and m.experts.b2.abs().sum() > 0, name  # ... but they moved off zero
+    backbone = dict(nets["plain"].named_parameters())
+    for name, p in nets["dmoe"].named_parameters():  # the backbone took the same step as without dMoE
+        if name in backbone:
+            torch.testing.assert_close(p, backbone[name], atol=1e-6, rtol=1e-5)
+    nets["dmoe"].eval(), nets["plain"].eval()
+    with torch.no_grad():
+        assert (nets["dmoe"](x, g) - nets["plain"](x, g)).abs().max() > 1e-5
+    nets["dmoe"].train()
+    opts["dmoe"].zero_grad()
+    F.cross_entropy(nets["dmoe"](x, g), y).backward()
+    for name, m in layers.items():  # second step: the routers learn
+        assert m.router.weight.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,8 @@ def checkpoint(tmp_path_factory):
     parser.update({"features": 4, "num_experts": 4})
     torch.manual_seed(0)
     net = parser.get_parsed_content("network_def")
+    for m in net.moe_layers().values():  # non-zero dMoE branches (they start as the identity), as after training
+        m.experts.reset_parameters(zero_output=False)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     torch.save(net.state_dict(), path)
     return net.eval(), path

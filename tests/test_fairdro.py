@@ -12,6 +12,8 @@ from scripts.fairdro import (
     FairDRO,
     composite_weights,
     cvar_weights,
+    effective_sample_size,
+    ess_floor_mix,
     groupdro_update,
     intra_group_weights,
     oracle_weights,
@@ -500,3 +502,100 @@ def test_oracle_needs_the_subtype():
                 subtype_key="subtype")  # fmt: skip
     # other modes never read it
     assert FairDRO(4, items, intra="cvar", group_names=["T1", "T2", "T3", "T4"], group_key="stage").minority is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ESS floor (min_ess), warm-up by epochs, refresh mode
+# ----------------------------------------------------------------------------------------------------------------------
+def _grid_lam(w_dro, w_uni, target, lam_min):
+    """Smallest lam on a fine grid reaching the ESS target (independent of the bisection)."""
+    for lam in torch.linspace(lam_min, 1.0, 20001, dtype=torch.float64).tolist():
+        w = (1 - lam) * w_dro + lam * w_uni
+        if float(w.sum()) ** 2 / float((w * w).sum()) >= target:
+            return lam
+    return 1.0
+
+
+@pytest.mark.parametrize("case", ["random", "all_equal", "one_outlier", "empty_group"])
+@pytest.mark.parametrize("min_ess", [0.3, 0.5, 0.8, 0.99])
+def test_ess_floor_holds_and_weights_sum_to_one(case, min_ess):
+    gen = torch.Generator().manual_seed(hash((case, min_ess)) % 2**31)
+    sizes = [7, 5, 0, 3] if case == "empty_group" else [7, 5, 4, 3]
+    items = [{"id": f"c{g}_{k}", "subgroup": g} for g, n in enumerate(sizes) for k in range(n)]
+    n = len(items)
+    if case == "all_equal":
+        losses = torch.full((n,), 0.7, dtype=torch.float64)
+    else:
+        losses = torch.rand(n, generator=gen, dtype=torch.float64)
+        if case == "one_outlier":
+            losses[3] = 50.0
+    dro = FairDRO(4, items, intra="cvar", alpha=0.2, floor=0.0, min_ess=min_ess, warmup_epochs=0)
+    dro.update([it["id"] for it in items], losses)
+    w = dro.case_weights()
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-9)
+    assert bool((w >= 0).all())
+    ess = effective_sample_size(w)
+    groups = torch.tensor([it["subgroup"] for it in items])
+    w_dro = composite_weights(dro.filled_bank(), groups, dro.current_pi(), "cvar", 0.2, 1.0, 0.0)
+    w_uni = composite_weights(dro.filled_bank(), groups, dro.current_pi(), "none")
+    reachable = effective_sample_size(w_uni) >= min_ess * n
+    if reachable:
+        assert ess >= min_ess * n - 1e-6
+        # the smallest such lam: a fine grid search agrees with the bisection
+        assert abs(dro.last_lam - _grid_lam(w_dro, w_uni, min_ess * n, 0.0)) <= 1e-4
+    else:  # uniform intra weights under uniform pi cannot reach it: lam = 1, the most even weights there are
+        assert dro.last_lam == 1.0 and torch.allclose(w, w_uni)
+
+
+def test_ess_floor_by_hand_and_floor_is_a_lower_bound():
+    # one group of 4, CVaR alpha 0.25: all mass on the worst case -> ESS 1; uniform -> ESS 4.
+    # w(lam) = (1-lam) e_worst + lam/4: ESS = 1 / ((1 - 3 lam / 4)^2 + 3 (lam / 4)^2); ESS = 2 (min_ess 0.5) where
+    # (1 - 0.75 l)^2 + 0.1875 l^2 = 0.5 -> 0.75 l^2 - 1.5 l + 0.5 = 0 -> l = 1 - sqrt(1/3) = 0.42265
+    w_dro = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    w_uni = torch.full((4,), 0.25, dtype=torch.float64)
+    w, lam = ess_floor_mix(w_dro, w_uni, 0.5)
+    assert abs(lam - (1 - math.sqrt(1 / 3))) < 1e-9
+    assert abs(effective_sample_size(w) - 2.0) < 1e-6
+    # a floor above that lam wins
+    _, lam = ess_floor_mix(w_dro, w_uni, 0.5, lam_min=0.6)
+    assert lam == 0.6
+    with pytest.raises(ValueError, match="min_ess"):
+        ess_floor_mix(w_dro, w_uni, 1.5)
+
+
+def test_warmup_epochs_and_refresh_mode():
+    items = [{"id": f"c{k}", "subgroup": k % 2} for k in range(6)]
+    dro = FairDRO(2, items, alpha=0.5, warmup_epochs=2, refresh_every=1)
+    ids = [it["id"] for it in items]
+    dro.update(ids, torch.arange(6, dtype=torch.float64))
+    assert dro.in_warmup and not bool(dro.seen.any()), "in refresh mode training losses never enter the bank"
+    dro.epoch_completed(1)
+    assert dro.in_warmup and not dro.refresh_due()
+    dro.epoch_completed(2)
+    assert dro.refresh_due() and dro.in_warmup  # warm-up ends with the first refresh
+    dro.refresh(ids, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0]))
+    assert not dro.in_warmup and torch.equal(
+        dro.bank, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    )
+    # the weights are an explicit recomputation from the refreshed losses: CVaR 0.5 per group of 3, pi uniform
+    expected = torch.zeros(6, dtype=torch.float64)
+    for g in (0, 1):
+        rows = [k for k in range(6) if k % 2 == g]
+        expected[rows] = 0.5 * cvar_weights(dro.bank[rows], alpha=0.5)
+    assert torch.allclose(dro.case_weights(), expected)
+    state = dro.state_dict()
+    again = FairDRO(2, items, alpha=0.5, warmup_epochs=2, refresh_every=1)
+    again.load_state_dict(state)
+    assert again.epochs_completed == 2 and again.num_refreshes == 1 and torch.equal(again.case_weights(), expected)
+
+
+def test_warmup_steps_still_works_and_warns(caplog):
+    items = [{"id": f"c{k}", "subgroup": 0} for k in range(3)]
+    with pytest.warns(DeprecationWarning, match="warmup_epochs"):
+        dro = FairDRO(1, items, warmup_steps=1)
+    ids = [it["id"] for it in items]
+    dro.update(ids, torch.tensor([1.0, 2.0, 3.0]))
+    assert dro.in_warmup  # step 1 of 1
+    dro.update(ids, torch.tensor([1.0, 2.0, 3.0]))
+    assert not dro.in_warmup
+    assert "deprecated" in caplog.text

@@ -234,7 +234,7 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one_and_resumes(co
     assert [p.name for p in list_checkpoints(folder)] == ["checkpoint_epoch=1.pt"]
     assert [p.name.split(".")[1] for p in folder.glob(".*.tmp")] == ["checkpoint_epoch=2"]  # the half-written file
     previous = torch.load(folder / "checkpoint_epoch=1.pt", weights_only=True)  # complete and plain
-    assert set(previous) == {"model", "optimizer", "dro", "trainer", "rng"}
+    assert set(previous) == {"model", "optimizer", "lr_scheduler", "dro", "selection", "trainer", "rng"}
     assert previous["trainer"]["iteration"] == previous["trainer"]["epoch_length"]
 
     _train(cohort, run_dir, "--resume", "True")

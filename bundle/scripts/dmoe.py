@@ -18,6 +18,8 @@ The module is split the way the MoE literature splits it:
 - :class:`DMoE` glues them: layouts, residual add, dropout, routing statistics and the optional auxiliary
   load-balancing loss.
 
+The experts' output layers are zero-initialised, so a freshly built layer is exactly the identity (see :class:`DMoE`).
+
 Layouts: the router works channel-first on ``x.view(B, C, N)`` (N = number of voxels, no copy; top-k is a
 reduction over the small expert axis, vectorised over voxels); the sparse experts work on channel-last tokens (T, C)
 with T = B*N.
@@ -141,16 +143,23 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     The mask is built from 16-bit lanes of ``random_()`` int64 draws (three per draw), so it needs a third of the
     generator calls of ``rand_like`` and a seventh of those of ``bernoulli_``: on CPU the random number generation is
     the cost of dropout on the large first-stage token tensors. The drop probability is ``p`` rounded to a multiple
-    of 2^-16. Identity when not training or ``p == 0``.
+    of 2^-16. Identity when not training or ``p == 0``. TorchScript (which has no dtype view) uses ``F.dropout``.
     """
     if not training or p == 0.0:
         return x
+    if torch.jit.is_scripting():
+        return F.dropout(x, p, True)
+    return x * _lane_mask(x, p)
+
+
+@torch.jit.unused
+def _lane_mask(x: Tensor, p: float) -> Tensor:
+    """The scaled keep mask of :func:`fast_dropout`, shaped and typed like x (no grad: built from integers)."""
     n = x.numel()
     draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=x.device).random_()  # 63 random bits each
     lanes = draws.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # uniform over [-2^15, 2^15)
     threshold = int(round(p * 65536.0)) - 32768
-    mask = (lanes >= threshold).to(x.dtype).view(x.shape).mul_(1.0 / (1.0 - p))  # no grad: built from integers
-    return x * mask
+    return (lanes >= threshold).to(x.dtype).view(x.shape).mul_(1.0 / (1.0 - p))
 
 
 class SubgroupNoisyTopKRouter(nn.Module):
@@ -318,8 +327,9 @@ class ExpertBank(nn.Module):
     """E per-voxel expert MLPs ``C -> 4C -> C`` with ReLU, stored as stacked weights, and two dispatch mechanisms.
 
     Expert i computes ``E_i(h) = relu(h @ W1_i + b1_i) @ W2_i + b2_i``. The weights of all experts live in four tensors
-    (w1 (E, C, 4C), b1 (E, 4C), w2 (E, 4C, C), b2 (E, C)), initialised like ``nn.Linear``. Both mechanisms return,
-    for token ``t = b * N + n``, ``y[t] = sum_j weights[b, j, n] * E_{experts[b, j, n]}(h[t])``.
+    (w1 (E, C, 4C), b1 (E, 4C), w2 (E, 4C, C), b2 (E, C)); see :meth:`reset_parameters` for their initialisation
+    (the output layer w2, b2 starts at zero, so every expert starts as the zero map). Both mechanisms return, for
+    token ``t = b * N + n``, ``y[t] = sum_j weights[b, j, n] * E_{experts[b, j, n]}(h[t])``.
 
     Args:
         in_channels: C.
@@ -333,11 +343,34 @@ class ExpertBank(nn.Module):
         self.in_channels = c
         self.num_experts = e
         self.hidden = hid
-        b1, b2 = 1.0 / math.sqrt(c), 1.0 / math.sqrt(hid)
-        self.w1 = nn.Parameter(torch.empty(e, c, hid).uniform_(-b1, b1))
-        self.b1 = nn.Parameter(torch.empty(e, hid).uniform_(-b1, b1))
-        self.w2 = nn.Parameter(torch.empty(e, hid, c).uniform_(-b2, b2))
-        self.b2 = nn.Parameter(torch.empty(e, c).uniform_(-b2, b2))
+        self.w1 = nn.Parameter(torch.empty(e, c, hid))
+        self.b1 = nn.Parameter(torch.empty(e, hid))
+        self.w2 = nn.Parameter(torch.empty(e, hid, c))
+        self.b2 = nn.Parameter(torch.empty(e, c))
+        self.reset_parameters()
+
+    def reset_parameters(self, zero_output: bool = True) -> None:
+        """Initialise the experts: the input layer (w1, b1) like ``nn.Linear``, the output layer (w2, b2) to zero.
+
+        With a zero output layer every expert is the zero map, so a :class:`DMoE` layer ``h + sum_k g_k E_k(h)``
+        starts as the identity and a network with dMoE layers starts as its backbone. Training leaves that point at
+        once: the output layer's gradient ``g_k relu(h W1_k + b1_k)`` is non-zero from the first step (the router's
+        gradient, proportional to ``E_k(h)``, is zero until then). Only the input layer draws random numbers.
+
+        Args:
+            zero_output: False initialises w2, b2 like ``nn.Linear`` too (uniform in +-1/sqrt(4C)), e.g. to test
+                the layer with non-trivial experts.
+        """
+        b_in, b_out = 1.0 / math.sqrt(self.in_channels), 1.0 / math.sqrt(self.hidden)
+        with torch.no_grad():
+            self.w1.uniform_(-b_in, b_in)
+            self.b1.uniform_(-b_in, b_in)
+            if zero_output:
+                self.w2.zero_()
+                self.b2.zero_()
+            else:
+                self.w2.uniform_(-b_out, b_out)
+                self.b2.uniform_(-b_out, b_out)
 
     def forward_dense(self, h: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """Dense dispatch: every expert on every voxel, combined with the (mostly zero) gates.
@@ -411,6 +444,12 @@ class ExpertBank(nn.Module):
 
 class DMoE(nn.Module):
     """Distribution-aware mixture-of-experts layer: ``h + dropout(sum_{i in topk} g_i^{a}(h) E_i(h))`` per voxel.
+
+    **Starts as the identity**: each expert's output layer is zero-initialised (:meth:`ExpertBank.reset_parameters`),
+    so at initialisation the layer returns ``h`` exactly, for every subgroup, dispatch, mode and noise draw. A network
+    with dMoE layers therefore starts as its backbone, and an ``erm`` and a ``dmoe`` run with the same seed start from
+    the same function (see :class:`scripts.dmoe_unet.DMoEResUNet`). The first optimiser step moves the experts'
+    output layers away from zero; the routers get gradient from the second step on.
 
     Dropout (rate ``dropout``) acts on the combined expert output, one mask entry per voxel and channel; the
     public dMoE code drops each expert's output separately, which has the same expectation but needs k times as many

@@ -5,6 +5,10 @@ encoder stages with channels ``[f, f, 2f, 4f, 8f]`` that *all* downsample by 2 (
 resolution), a decoder of transposed-conv up-sampling + skip concatenation + residual blocks (no MoE), and a final
 transposed convolution back to the input resolution. With ``use_dmoe=False`` the same class is the plain backbone of
 the ERM and GroupDRO baselines (identical parameter names, minus the ``*.moe.*`` ones).
+
+At initialisation the dMoE network computes exactly its backbone: every dMoE layer starts as the identity (zero expert
+output layers) and, for the same seed, the backbone weights are identical with and without dMoE (see
+:class:`DMoEResUNet`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class EncoderStage(nn.Module):
 
     Args:
         block: the residual block, (B, C_in, S) -> (B, C, S/2).
-        moe: the dMoE layer applied to the block's output, or None (plain backbone).
+        moe: the dMoE layer applied to the block's output, or None (plain backbone; :class:`DMoEResUNet` sets
+            it after building the whole backbone).
 
     Shapes:
         x: (B, C_in, H, W, D); subgroup indices: (B,) int64 in ``[0, G]`` (validated by the network).
@@ -68,6 +73,13 @@ class DMoEResUNet(nn.Module):
     (e.g. 96x96x48); patch sizes that are multiples of 32 avoid the padding cost and edge effect. Instance norm
     needs more than one voxel per channel in training, so the padded size must exceed 32 in at least one axis
     (e.g. 64x32x32 or larger).
+
+    **Starts as its backbone.** The backbone modules (encoder blocks, decoder, head) are created first and the dMoE
+    layers after them, so after ``torch.manual_seed(s)`` the backbone parameters are the same with ``use_dmoe=True``
+    and ``use_dmoe=False``; and every dMoE layer ``h + sum_k g_k E_k(h)`` starts as the identity because each
+    expert's output layer is zero (:meth:`scripts.dmoe.ExpertBank.reset_parameters`). So with the same seed the
+    ``dmoe`` network at initialisation computes exactly the ``erm`` network's function, and comparisons between the
+    variants start from the same model; training moves the experts off zero from the first step.
 
     Args:
         in_channels: input channels (1 for CT).
@@ -124,18 +136,13 @@ class DMoEResUNet(nn.Module):
         self.warn_unknown = True
         f = features
         channels = [f, f, 2 * f, 4 * f, 8 * f]
-        stages = []
-        c_in = in_channels
-        for c in channels:
-            block = UnetResBlock(3, c_in, c, kernel_size=3, stride=2, norm_name="instance")
-            moe = (
-                DMoE(c, num_experts, top_k, num_subgroups, dropout, noise, dispatch, aux_loss_weight)
-                if self.use_dmoe
-                else None
-            )
-            stages.append(EncoderStage(block, moe))
-            c_in = c
-        self.stages = nn.ModuleList(stages)
+        ins = [in_channels] + channels[:-1]
+        self.stages = nn.ModuleList(
+            [
+                EncoderStage(UnetResBlock(3, c_in, c, kernel_size=3, stride=2, norm_name="instance"), None)
+                for c_in, c in zip(ins, channels)
+            ]
+        )
         self.decoders = nn.ModuleList(
             [
                 UnetrUpBlock(3, channels[i + 1], channels[i], 3, 2, norm_name="instance", res_block=True)
@@ -146,6 +153,9 @@ class DMoEResUNet(nn.Module):
             3, f, out_channels, strides=2, kernel_size=2, padding=0, output_padding=0, is_transposed=True,
             conv_only=True, bias=True,
         )  # fmt: skip
+        if self.use_dmoe:  # after the whole backbone, so that it draws the same random numbers as without dMoE
+            for stage, c in zip(self.stages, channels):
+                stage.moe = DMoE(c, num_experts, top_k, num_subgroups, dropout, noise, dispatch, aux_loss_weight)
 
     def forward(self, x: Tensor, subgroup: Optional[Tensor] = None) -> Tensor:
         """Segment a batch of patches.

@@ -117,6 +117,8 @@ class FairDROTrainer(SupervisedTrainer):
             loss_function=self._batch_loss,
             **kwargs,
         )
+        if dro is not None:  # the epoch count drives dro.warmup_epochs and the refresh schedule
+            self.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: dro.epoch_completed(engine.state.epoch))
 
     def _read_batch_context(self, batchdata: Any) -> tuple[list[str] | None, torch.Tensor | None]:
         if not isinstance(batchdata, Mapping):

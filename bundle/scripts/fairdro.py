@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,6 +82,8 @@ __all__ = [
     "FairDRO",
     "composite_weights",
     "cvar_weights",
+    "effective_sample_size",
+    "ess_floor_mix",
     "groupdro_update",
     "intra_group_weights",
     "oracle_weights",
@@ -370,6 +373,52 @@ def composite_weights(
     return w
 
 
+def effective_sample_size(w: torch.Tensor) -> float:
+    """Effective sample size ``(sum w)^2 / sum w^2`` of a weight vector (``N`` for uniform weights, 1 for one case)."""
+    w = torch.as_tensor(w, dtype=torch.float64)
+    total = float((w * w).sum())
+    return float(w.sum()) ** 2 / total if total > 0 else 0.0
+
+
+def ess_floor_mix(
+    w_dro: torch.Tensor, w_uniform: torch.Tensor, min_ess: float, lam_min: float = 0.0, iters: int = 50
+) -> tuple[torch.Tensor, float]:
+    """Mix DRO weights with the within-group uniform weights until the effective sample size reaches a floor.
+
+    ``w(lam) = (1 - lam) w_dro + lam w_uniform``; returns the smallest ``lam`` in ``[lam_min, 1]`` with
+    ``ESS(w(lam)) >= min_ess * N`` (bisection), or 1 when even the uniform weights fall short. Inside each group
+    ``w_uniform`` is constant and both vectors give the group the same mass, so ``sum w(lam)^2`` is a quadratic
+    with its minimum at ``lam = 1``: the ESS grows with ``lam`` on ``[0, 1]`` and bisection finds the smallest one.
+
+    Args:
+        w_dro: composite DRO weights ``(N,)`` summing to 1.
+        w_uniform: the same composite weights with uniform intra weights ``q = 1/n_g`` ``(N,)``.
+        min_ess: the floor as a fraction of N, in [0, 1].
+        lam_min: lower bound on ``lam`` (the ``floor`` setting), in [0, 1].
+        iters: bisection steps (2^-50 precision by default).
+
+    Returns:
+        ``(w, lam)``: the mixed weights ``(N,)`` (summing to 1) and the mixing share used.
+    """
+    if not 0.0 <= float(min_ess) <= 1.0:
+        raise ValueError(f"min_ess must be a fraction of N in [0, 1], got {min_ess!r}.")
+    w_dro, w_uniform = torch.as_tensor(w_dro, dtype=torch.float64), torch.as_tensor(w_uniform, dtype=torch.float64)
+    target = float(min_ess) * w_dro.numel()
+
+    def mix(lam: float) -> torch.Tensor:
+        return (1.0 - lam) * w_dro + lam * w_uniform
+
+    if effective_sample_size(mix(lam_min)) >= target:
+        return mix(lam_min), float(lam_min)
+    if effective_sample_size(w_uniform) < target:
+        return w_uniform.clone(), 1.0
+    lo, hi = float(lam_min), 1.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if effective_sample_size(mix(mid)) >= target else (mid, hi)
+    return mix(hi), hi
+
+
 def _to_group_index(value: Any, num_groups: int, names: dict[str, int] | None) -> int:
     """Subgroup index ``0..num_groups-1`` of a datalist value; ``num_groups`` (unknown) for anything else."""
     if isinstance(value, torch.Tensor):
@@ -429,6 +478,16 @@ class FairDRO:
         subtype_key: key of the hidden subtype in cohort items, read only with ``intra="oracle"`` (required there):
             a case is in the minority when its value is not ``majority_value``. ``None`` (default): not read.
         majority_value: the subtype value of the majority. Default ``"majority"``.
+        min_ess: floor on the effective sample size of the weights, as a fraction of N, in [0, 1]: the intra
+            weights are mixed with the uniform ones, ``q = (1 - lam) q_dro + lam / n_g``, with the smallest
+            ``lam >= floor`` that reaches it (:func:`ess_floor_mix`; ``intra`` ``"cvar"`` and ``"tilted"``).
+            Default 0 (no floor).
+        warmup_epochs: ERM weights for the first k training epochs (see :meth:`epoch_completed`); replaces
+            ``warmup_steps``. ``None`` (default): the ``warmup_steps`` rule.
+        refresh_every: > 0: the bank is written only by :meth:`refresh` (an eval-mode pass over every training
+            case, every ``refresh_every`` epochs, by :class:`scripts.bank_refresh.BankRefreshHandler`), so all
+            weights come from fresh losses measured the same way; the per-step training losses then only count
+            steps. 0 (default): the bank is the EMA of the training losses.
 
     Raises:
         ValueError: for an invalid hyperparameter (naming it and the value) or an invalid cohort.
@@ -454,6 +513,9 @@ class FairDRO:
         sync_dist: bool = True,
         subtype_key: str | None = None,
         majority_value: str = "majority",
+        min_ess: float = 0.0,
+        warmup_epochs: int | None = None,
+        refresh_every: int = 0,
     ) -> None:
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
@@ -471,7 +533,25 @@ class FairDRO:
             isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
         ):
             raise ValueError(f"warmup_steps must be None or an integer >= 0, got {warmup_steps!r}.")
+        if warmup_steps is not None:
+            msg = "FairDRO warmup_steps is deprecated: use warmup_epochs (dro#warmup_epochs in the config)."
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
+            logger.warning(msg)
         self.warmup_steps = warmup_steps
+        for name, value in (("warmup_epochs", warmup_epochs), ("refresh_every", refresh_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        if not _is_real(min_ess) or not 0.0 <= min_ess <= 1.0:
+            raise ValueError(f"min_ess must be a fraction of N in [0, 1], got {min_ess!r}.")
+        self.min_ess = float(min_ess)
+        self.warmup_epochs = warmup_epochs
+        self.refresh_every = int(refresh_every)
+        #: training epochs completed (:meth:`epoch_completed`), for ``warmup_epochs``
+        self.epochs_completed = 0
+        #: number of eval-mode bank refreshes so far
+        self.num_refreshes = 0
+        #: mixing share ``lam`` of the last weights computed (0 without the ESS floor)
+        self.last_lam = 0.0
         if group_names is not None:
             if isinstance(group_names, str) or len(group_names) != num_groups:
                 raise ValueError(f"group_names must list num_groups={num_groups} names, got {group_names!r}.")
@@ -614,9 +694,51 @@ class FairDRO:
         """Whether the weights are still ERM weights (see ``warmup_steps``; never for ``intra="oracle"``)."""
         if self.intra == "oracle":
             return False
+        if self.warmup_epochs is not None:
+            return self.epochs_completed < self.warmup_epochs or (self.refresh_every > 0 and self.num_refreshes == 0)
         if self.warmup_steps is None:
             return not bool(self.seen.all())
         return self.num_updates <= self.warmup_steps
+
+    @property
+    def uses_bank(self) -> bool:
+        """Whether the weights depend on the bank (False for ``intra`` none/oracle without GroupDRO: no refresh)."""
+        return self.intra not in ("none", "oracle") or self.inter == "groupdro"
+
+    def epoch_completed(self, epoch: int) -> None:
+        """Record that training epoch ``epoch`` (1-based) is finished; drives ``warmup_epochs`` and the refresh
+        schedule. Set, not incremented, so the trainer and the refresh handler may both call it."""
+        self.epochs_completed = int(epoch)
+
+    def refresh_due(self) -> bool:
+        """Whether a bank refresh is due after the epoch just completed: refresh mode, warm-up over, on schedule."""
+        if self.refresh_every <= 0 or not self.uses_bank:
+            return False
+        start = self.warmup_epochs or 0
+        done = self.epochs_completed
+        return done >= start and (done - start) % self.refresh_every == 0
+
+    def refresh(self, ids: Sequence[Any], losses: torch.Tensor | Sequence[float]) -> None:
+        """Replace the bank values of ``ids`` by fresh eval-mode losses (no EMA): every weight is then computed from
+        losses measured the same way. A case listed twice keeps the mean of its losses.
+
+        Raises:
+            ValueError: for mismatched lengths, a non-finite loss or an id not in the cohort.
+        """
+        ids = [str(c) for c in ids]
+        x = torch.as_tensor(losses).detach().to("cpu", torch.float64).flatten()
+        if x.numel() != len(ids):
+            raise ValueError(f"got {x.numel()} losses for {len(ids)} case ids.")
+        if not bool(torch.isfinite(x).all()):
+            bad = [c for c, v in zip(ids, x.tolist()) if not math.isfinite(v)]
+            raise ValueError(f"non-finite eval-mode loss for case ids {bad}: the bank only takes finite values.")
+        rows = self.rows(ids)
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, x)
+        cnts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(x))
+        self.bank[uniq] = sums / cnts
+        self.seen[uniq] = True
+        self.num_refreshes += 1
 
     def _priors(self, fallback: float | torch.Tensor) -> torch.Tensor:
         """Prior bank value of each case, ``(N,)``: its group's seen mean, else the seen mean, else ``fallback``."""
@@ -700,9 +822,10 @@ class FairDRO:
         prior = self._priors(0.0)[uniq]
         if not bool(self.seen.any()):
             prior = obs.clone()  # nothing seen anywhere: start each case at its own loss
-        start = torch.where(self.seen[uniq], self.bank[uniq], prior)
-        self.bank[uniq] = (1.0 - self.ema) * start + self.ema * obs
-        self.seen[uniq] = True
+        if self.refresh_every <= 0:  # refresh mode: only refresh() writes the bank
+            start = torch.where(self.seen[uniq], self.bank[uniq], prior)
+            self.bank[uniq] = (1.0 - self.ema) * start + self.ema * obs
+            self.seen[uniq] = True
         self.counts[uniq] += 1
         self.num_updates += 1
         if self.inter == "groupdro" and not self.in_warmup:
@@ -737,18 +860,16 @@ class FairDRO:
     def case_weights(self) -> torch.Tensor:
         """Composite weight ``w_i`` of every cohort case, ``(N,)`` float64, summing to 1 (``1/N`` in warm-up)."""
         n = self.num_cases
+        self.last_lam = 0.0
         if self.in_warmup:
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
-        return composite_weights(
-            self.filled_bank(),
-            self.dro_groups(),
-            self.current_pi(),
-            self.intra,
-            self.alpha,
-            self.tau,
-            self.floor,
-            self.minority,
-        )
+        bank, groups, pi = self.filled_bank(), self.dro_groups(), self.current_pi()
+        if self.min_ess <= 0.0 or self.intra not in ("cvar", "tilted"):
+            return composite_weights(bank, groups, pi, self.intra, self.alpha, self.tau, self.floor, self.minority)
+        w_dro = composite_weights(bank, groups, pi, self.intra, self.alpha, self.tau, 0.0)
+        w_uniform = composite_weights(bank, groups, pi, "none")
+        w, self.last_lam = ess_floor_mix(w_dro, w_uniform, self.min_ess, lam_min=self.floor)
+        return w
 
     def loss_weights(self, ids: Sequence[Any]) -> torch.Tensor:
         """Per-row multipliers ``m_j`` of a batch, ``(B,)`` float64; the batch loss is ``sum_j m_j l_j``.
@@ -808,6 +929,7 @@ class FairDRO:
         out[f"{prefix}ess"] = float(1.0 / (w * w).sum())
         out[f"{prefix}ess_frac"] = out[f"{prefix}ess"] / self.num_cases
         out[f"{prefix}seen_frac"] = float(self.seen.to(torch.float64).mean())
+        out[f"{prefix}lam"] = float(self.last_lam)
         out[f"{prefix}warmup"] = 1.0 if self.in_warmup else 0.0
         return out
 
@@ -824,6 +946,9 @@ class FairDRO:
             "ema": self.ema,
             "apply": self.apply,
             "warmup_steps": -1 if self.warmup_steps is None else self.warmup_steps,
+            "warmup_epochs": -1 if self.warmup_epochs is None else self.warmup_epochs,
+            "min_ess": self.min_ess,
+            "refresh_every": self.refresh_every,
             "unknown": self.unknown,
         }
 
@@ -839,6 +964,8 @@ class FairDRO:
             "counts": self.counts.clone(),
             "pi": self.pi.clone(),
             "num_updates": int(self.num_updates),
+            "epochs_completed": int(self.epochs_completed),
+            "num_refreshes": int(self.num_refreshes),
             "hparams": self.hparams(),
         }
 
@@ -874,6 +1001,8 @@ class FairDRO:
             setattr(self, name, target)
         self.pi = pi.clone()
         self.num_updates = int(state["num_updates"])
+        self.epochs_completed = int(state.get("epochs_completed", 0))
+        self.num_refreshes = int(state.get("num_refreshes", 0))
         saved = state.get("hparams")
         if isinstance(saved, Mapping) and dict(saved) != self.hparams():
             logger.warning("FairDRO: resuming with hyperparameters %s, the checkpoint used %s.", self.hparams(), saved)

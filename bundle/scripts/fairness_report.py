@@ -524,6 +524,18 @@ def write_fairness_report(
     return {"per_case": per_case_path, "metrics": metrics_path, "report": report_path}
 
 
+def _selection_line(selection: Any) -> list[str]:
+    """One paragraph saying which training epoch the evaluated weights come from (nothing when unknown)."""
+    if not isinstance(selection, Mapping) or selection.get("selected_epoch") is None:
+        return []
+    value = selection.get("selected_value")
+    shown = "" if value is None else f" = {float(value):.4f}"
+    return [
+        f"<p>Weights: training epoch {int(selection['selected_epoch'])}, selected by "
+        f"{html.escape(str(selection.get('key_metric')))}{shown} on the validation split.</p>"
+    ]
+
+
 def _render_html(
     title: str,
     metrics: Mapping[str, Any],
@@ -545,6 +557,7 @@ def _render_html(
         f"resampled within each group, seed {s['seed']}. CVaR over the worst {s['alpha']:g} of each group; a "
         f"case fails when its Dice is below {s['threshold']:g}. ES-Dice = Dice / (1 + &Sigma;<sub>g</sub> "
         "|Dice &minus; Dice<sub>g</sub>|); ES-Dice (std) = Dice / (1 + sample std of the group means).</p>",
+        *_selection_line(s.get("model_selection")),
         "<h2>Headline</h2>",
         "<table><tr><th>grouping</th><th>groups</th><th>Dice (all)</th><th>worst-group Dice</th>"
         "<th>worst group</th><th>group gap</th><th>ES-Dice</th><th>ES-Dice (std)</th><th>worst-group CVaR</th>"
@@ -728,6 +741,8 @@ class FairnessReportHandler:
         thumbnail_size: longest thumbnail side in pixels.
         n_worst: at most this many worst cases per group in the report.
         slice_axis: spatial axis of the thumbnail slices.
+        settings: extra entries for ``metrics.json`` ``settings`` (e.g. ``model_selection``: which training epoch
+            the evaluated ``model.pt`` comes from, shown on the report page).
     """
 
     def __init__(
@@ -756,6 +771,7 @@ class FairnessReportHandler:
         thumbnail_size: int = 160,
         n_worst: int | None = 5,
         slice_axis: int = -1,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(groupings, str):
             raise TypeError(f"`groupings` must be a list of attribute names, got the string {groupings!r}.")
@@ -774,6 +790,7 @@ class FairnessReportHandler:
         self.network, self.routing_subgroups, self.reset_routing = network, routing_subgroups, reset_routing
         self.keep_thumbnails, self.thumbnail_size, self.n_worst = thumbnails, thumbnail_size, n_worst
         self.slice_axis = slice_axis
+        self.settings = dict(settings or {})
         self.records: list[dict[str, Any]] = []
         self.thumbnails: dict[str, Thumbnail] = {}
         self.last_paths: dict[str, Path] | None = None
@@ -867,6 +884,7 @@ class FairnessReportHandler:
             "nsd_tolerance_mm": float(self.tolerance_mm),
             "hd_percentile": float(self.percentile),
             "epoch": int(getattr(engine.state, "epoch", 0) or 0),
+            **self.settings,
         }
         self.last_paths = write_fairness_report(
             self.output_dir,

@@ -2,8 +2,8 @@
 
 Each case is a CT-like phantom in Hounsfield units with a CTV-like target:
 
-- a body (elliptic cylinder of soft tissue) in air, two lungs, a spine, a table and one or two hypodense
-  **cysts** (non-target, label 0);
+- a body (elliptic cylinder of soft tissue) in air, two lungs, a spine, a table and one or two rim-enhancing
+  **cysts** (a hypodense core inside a thin enhancing rim; non-target, label 0);
 - a visible gross tumour (GTV, enhancing: hyperdense) whose size overlaps between stages, and a CTV label that
   is the GTV plus a **stage-specific margin** (T1 0 mm ... T4 3 mm): the margin cannot be seen in the image,
   so a network must know the stage to draw it (what the stage-routed dMoE layers can learn);
@@ -12,8 +12,8 @@ Each case is a CT-like phantom in Hounsfield units with a CTV-like target:
 - a **hidden minority** inside every stage group (``--minority KIND``, ``--minority-frac F``) whose
   image-to-label rule departs from the majority's (``--difficulty 0..3``):
 
-  - ``necrotic``: the GTV is a hypodense core with an enhancing rim, while the majority shows hypodense
-    blobs (cysts) as background: the two rules conflict;
+  - ``necrotic``: the GTV is a hypodense core inside an enhancing rim, while the majority shows rim-enhancing
+    cysts as background: the two rules conflict;
   - ``distractor``: an enhancing non-target structure touches the CTV and must stay background, while for
     the majority everything enhancing is target;
 
@@ -236,20 +236,29 @@ def _target_centre(rng: np.random.Generator, ph: _Phantom, radius: float, unusua
     return rng.uniform(-0.15, 0.15) * ax, rng.uniform(-0.25, 0.15) * ay, rng.uniform(-0.1, 0.1) * depth_mm
 
 
+CYST_RIM_MM = 1.5
+
+
 def _place_cysts(rng: np.random.Generator, ph: _Phantom, keep_out: np.ndarray, contrast: float) -> np.ndarray:
-    """One or two hypodense non-target blobs (label 0) in soft tissue, away from ``keep_out``; returns their mask."""
+    """One or two rim-enhancing cysts (label 0) in soft tissue, away from ``keep_out``; returns their mask.
+
+    A cyst is a round hypodense core (``40 - contrast`` HU) inside a thin enhancing rim (``CYST_RIM_MM``, as bright as
+    an enhancing target): the look that the majority teaches as background.
+    """
     xx, yy, zz = ph.coords
     ax, ay = ph.half_axes
     allowed = ph.body & ~ph.lung & ~ph.spine & ~keep_out
     cysts = np.zeros(xx.shape, dtype=bool)
     for _ in range(1 + int(rng.uniform() < 0.5)):
         for _try in range(40):
-            rc = rng.uniform(3.5, 6.0)
+            rc = rng.uniform(4.0, 6.5)
             c = (rng.uniform(-0.7, 0.7) * ax, rng.uniform(-0.7, 0.7) * ay, rng.uniform(-0.3, 0.3) * np.ptp(zz))
-            blob = (xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2 <= rc**2
+            dist = np.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2)
+            blob = dist <= rc
             if blob.any() and not (blob & ~allowed).any():
                 cysts |= blob
-                ph.img[blob] = 40.0 - contrast * rng.uniform(0.8, 1.2)
+                ph.img[blob] = 40.0 + contrast * rng.uniform(0.9, 1.1)
+                ph.img[dist <= rc - CYST_RIM_MM] = 40.0 - contrast * rng.uniform(0.8, 1.2)
                 break
     return cysts
 
@@ -264,10 +273,11 @@ def _grow(mask: np.ndarray, spacing, mm: float) -> np.ndarray:
 
 
 def _render_necrotic(rng, ph: _Phantom, r, boundary, gtv, contrast: float, severity: float) -> None:
-    """Hypodense core inside an enhancing rim: the deeper the level, the thinner the rim and the darker the core."""
-    rim_mm = 3.0 - 1.5 * severity
+    """Hypodense core inside an enhancing rim; at the deepest level the rim is as thin and the core as dark as a cyst's
+    (the remaining cues: the GTV's irregular shape, its size and its place)."""
+    rim_mm = CYST_RIM_MM + 1.5 * (1.0 - severity)
     core = gtv & (r <= boundary - rim_mm)
-    ph.img[gtv] = 40.0 + 1.5 * contrast
+    ph.img[gtv] = 40.0 + contrast
     ph.img[core] = 40.0 + contrast * (1.0 - 2.0 * severity) * rng.uniform(0.8, 1.2)
 
 
@@ -325,7 +335,7 @@ def make_case(attrs: dict, seed: int, index: int, shape: tuple[int, int, int], d
     gtv = (r <= boundary) & ph.body
     ctv = (r <= boundary + margin) & ph.body & (~ph.lung | gtv)
     contrast = inst.contrast_hu * rng.uniform(0.85, 1.15)
-    _place_cysts(rng, ph, _grow(ctv, spacing, 5.0), inst.contrast_hu)
+    _place_cysts(rng, ph, _grow(ctv, spacing, 3.0), inst.contrast_hu)
     ph.img[gtv] = 40.0 + contrast * (0.15 if kind == "low_contrast" else 1.0)
     severity = LEVEL_SEVERITY[difficulty] if attrs.get("subtype", "majority") != "majority" else 0.0
     if severity > 0:

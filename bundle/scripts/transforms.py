@@ -136,3 +136,56 @@ class CaseIdd(MapTransform):
         else:
             d[self.key] = str(d[self.key])
         return d
+
+
+def label_centred_window(label: torch.Tensor, roi_size: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Start and end of the ``roi_size`` window centred on the label's bounding box, shifted to lie inside the volume.
+
+    Args:
+        label: one case, channel-first ``C[spatial]``; foreground is any channel > 0. An empty label centres the
+            window on the volume.
+        roi_size: window size per spatial axis; each must be <= the volume's size (pad first).
+
+    Returns:
+        ``(start, end)`` voxel indices per spatial axis.
+
+    Raises:
+        ValueError: when the volume is smaller than the window.
+    """
+    shape = list(label.shape[1:])
+    if len(roi_size) != len(shape) or any(r > s for r, s in zip(roi_size, shape)):
+        raise ValueError(f"the volume {shape} must be at least the window {list(roi_size)} on every axis (pad first).")
+    fg = torch.nonzero(torch.as_tensor(label).reshape(label.shape[0], *shape).gt(0).any(0))
+    if fg.numel():
+        centre = [(int(lo) + int(hi)) / 2.0 for lo, hi in zip(fg.min(0).values, fg.max(0).values)]
+    else:
+        centre = [(s - 1) / 2.0 for s in shape]
+    start = [min(max(int(round(c - (r - 1) / 2.0)), 0), s - r) for c, r, s in zip(centre, roi_size, shape)]
+    return start, [b + r for b, r in zip(start, roi_size)]
+
+
+class LabelCentredCropd(MapTransform):
+    """Deterministic crop of ``roi_size`` centred on the label's bounding box (kept inside the volume).
+
+    Used for the eval-mode FairDRO bank refresh (:mod:`scripts.bank_refresh`): one fixed crop per case, the whole
+    volume when the volume is no larger than the window. The keys must share the label's grid; pad to at least
+    ``roi_size`` first (``SpatialPadd``).
+
+    Args:
+        keys: keys to crop (e.g. ``["image", "label"]``).
+        label_key: key of the label that places the window.
+        roi_size: window size (X, Y, Z voxels).
+    """
+
+    def __init__(self, keys: Any, label_key: str, roi_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_key = label_key
+        self.roi_size = [int(r) for r in roi_size]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        start, end = label_centred_window(d[self.label_key], self.roi_size)
+        window = tuple(slice(b, e) for b, e in zip(start, end))
+        for key in self.key_iterator(d):
+            d[key] = d[key][(slice(None), *window)]
+        return d

@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "epochs": args.epochs}
     results = {}
-    for level in args.levels:
-        for kind in args.kinds:
+    for kind in args.kinds:
+        for level in args.levels:
             cohort = {**COHORT, "minority": kind, "difficulty": level}
             for variant in VARIANTS:
                 spec = runcache.RunSpec(variant, 0, cohort, {**RECIPE, "epochs": args.epochs})

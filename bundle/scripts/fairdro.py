@@ -1,4 +1,4 @@
-"""Subgroup-conditioned distributionally robust weighting (FairDRO, METHOD.md section 3).
+"""Subgroup-conditioned distributionally robust weighting (FairDRO; the bundle's ``docs/method.md``, section 3).
 
 The objective is a weighted ERM with **composite sample weights** over the training cohort of N cases:
 

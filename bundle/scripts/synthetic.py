@@ -1,4 +1,4 @@
-"""Synthetic heterogeneous radiotherapy cohort with hidden sub-populations (model card, section *Data*).
+"""Synthetic heterogeneous radiotherapy cohort with hidden sub-populations (``docs/method.md`` section 5).
 
 Each case is a CT-like phantom in Hounsfield units with a CTV-like target:
 

@@ -21,7 +21,7 @@ usage errors):
 
 Command line::
 
-    python bundle/scripts/verify_bundle.py --bundle-dir bundle [--schema ../shared/monai/meta_schema_20240725.json]
+    python bundle/scripts/verify_bundle.py --bundle-dir bundle [--schema PATH_TO/meta_schema_20240725.json]
 """
 
 from __future__ import annotations

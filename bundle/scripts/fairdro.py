@@ -6,8 +6,9 @@ The objective is a weighted ERM with **composite sample weights** over the train
 
 - intra-group weights ``q_{i|g}`` (``intra``): ``"cvar"`` (CVaR at level ``alpha``: weight ``1/(alpha n_g)`` on the
   worst ``ceil(alpha n_g)`` cases of g, the boundary case taking the fractional remainder, optionally mixed with the
-  uniform weight by ``floor``), ``"tilted"`` (softmax of ``l/tau`` within g, KL-ball DRO / tilted ERM) or ``"none"``
-  (``1/n_g``);
+  uniform weight by ``floor``), ``"tilted"`` (softmax of ``l/tau`` within g, KL-ball DRO / tilted ERM), ``"none"``
+  (``1/n_g``) or ``"oracle"`` (the reference that knows the hidden minority: minority and majority of each group
+  weighted equally);
 - inter-group weights ``pi_g`` (``inter``): ``"uniform"`` (1/G over the non-empty groups), ``"empirical"``
   (``n_g / N``) or ``"groupdro"`` (``pi <- normalize(pi * exp(eta * R_g))`` after every step, Sagawa et al. 2020,
   https://arxiv.org/abs/1911.08731, with ``R_g = sum_{i in g} q_{i|g} l_i`` the group's robust risk).
@@ -15,20 +16,22 @@ The objective is a weighted ERM with **composite sample weights** over the train
 ``intra="none", inter="empirical"`` gives ``w_i = 1/N``: plain ERM.
 
 3D batches hold 1-4 volumes, so the supremum inside one batch is degenerate. :class:`FairDRO` therefore keeps a
-**per-case loss bank**: an exponential moving average of each case's loss, keyed by the case id of the datalist,
-and computes the weights over the whole cohort from it.
+**per-case loss bank** keyed by the case id of the datalist and computes the weights over the whole cohort from it:
+either eval-mode losses of every case written by :meth:`FairDRO.refresh` (``refresh_every > 0``, the bundle's
+default, :mod:`scripts.bank_refresh`) or an exponential moving average of the training losses. The intra weights are
+then mixed with the uniform ones until the effective sample size reaches ``min_ess`` (:func:`ess_floor_mix`).
 
 Choices made here (the contract leaves them open):
 
 - **Cohort given up front.** ``FairDRO`` is built from the training datalist (ids and subgroups), so N, the group
   sizes ``n_g`` and the set of cases that still have no bank entry are known from the first step. A batch id that is
   not in the cohort is an error (it means the datalist and the dataset disagree), not a silent new case.
-- **Bank update.** ``b_i <- (1 - ema) b_i + ema * l_i`` with ``l_i`` the mean of the case's patches in this step (a
-  case cropped into several patches of one batch is updated once). A case not seen yet starts from its group's
-  running mean (mean bank value of the group's seen cases, before this step); when its group has no seen case, from
-  the mean of all seen cases; when nothing at all has been seen, from its own loss (so ``b_i = l_i``). For the
-  weights, an unseen case reads the same prior (0 before anything has been seen: all tied, so uniform within the
-  group).
+- **Bank update without refresh** (``refresh_every=0``). ``b_i <- (1 - ema) b_i + ema * l_i`` with ``l_i`` the mean of
+  the case's patches in this step (a case cropped into several patches of one batch is updated once). A case not seen
+  yet starts from its group's running mean (mean bank value of the group's seen cases, before this step); when its group
+  has no seen case, from the mean of all seen cases; when nothing at all has been seen, from its own loss (so ``b_i =
+  l_i``). For the weights, an unseen case reads the same prior (0 before anything has been seen: all tied, so uniform
+  within the group).
 - **Ties.** CVaR weights are averaged over cases with equal bank values, so the weights are unique and do not depend
   on the order of the cohort (the CVaR value itself is unchanged).
 - **Default ``apply="loss"``.** The weights scale the per-sample losses of a uniformly sampled minibatch:
@@ -39,16 +42,18 @@ Choices made here (the contract leaves them open):
   draws cases with probability ``w_i`` and uses the plain batch mean: no steps are spent on zero-weight cases, but a
   case with weight 0 is never drawn again, so its bank entry goes stale and a case that becomes hard later is not
   noticed (use ``floor > 0`` with it).
-  **The bundle's train.json uses ``apply="sample"`` with ``floor=0.1``**: with CVaR at alpha 0.2 and batches of two
-  volumes, loss weighting gave a zero loss in 16 of 18 steps of an epoch on the synthetic cohort (measured), so most
-  of the compute was spent on cases whose weight is 0. With a floor every case keeps a non-zero draw probability, and
-  a stale bank entry is an *over*-estimate (losses fall during training), so it drifts into the worst set and is
-  drawn and refreshed again.
-- **Default ``warmup_steps=None``**: ERM weights (``1/N``, loss exactly the batch mean, GroupDRO ``pi`` frozen)
-  until every cohort case has a bank entry (with ``apply="loss"``: the first epoch; its last batch, whose update
-  completes the bank, is already weighted). Before that, unseen entries are placeholders and ranking them would put
-  all the weight on whichever cases happened to come first. An integer k gives exactly k ERM steps instead (0: none).
-  The warm-up is judged after each step's bank update, like the weights.
+  **The bundle's train.json uses ``apply="sample"``** (the class default stays ``"loss"``, the choice that needs no
+  sampler): with CVaR at alpha 0.2 and batches of two volumes, loss weighting gave a zero loss in 16 of 18 steps of an
+  epoch on the first synthetic cohort (measured), so most of the compute was spent on cases whose weight is 0. With
+  the eval-mode refresh every case is measured every epoch whether it is drawn or not, and the ESS floor keeps
+  every case's weight above 0. Which of the two is better under this design is to be measured on the validation
+  split (model card, *The FairDRO loss*).
+- **Warm-up.** ``warmup_epochs=k`` (the bundle's setting): ERM weights for the first k epochs, and in refresh mode until
+  the first refresh. Otherwise (deprecated ``warmup_steps``, default ``None``): ERM weights (``1/N``, loss exactly the
+  batch mean, GroupDRO ``pi`` frozen) until every cohort case has a bank entry (with ``apply="loss"``: the first epoch;
+  its last batch, whose update completes the bank, is already weighted). Before that, unseen entries are placeholders
+  and ranking them would put all the weight on whichever cases happened to come first. An integer k gives exactly k ERM
+  steps instead (0: none). The warm-up is judged after each step's bank update, like the weights.
 - **Unknown subgroup** (index ``num_groups``, i.e. a value missing from or not in the config's subgroup list):
   ``unknown="erm"`` (default) keeps those cases at their ERM weight ``1/N`` and leaves them out of every DRO
   statistic (intra ranking, group risks, ``pi``); the named groups share the remaining mass
@@ -59,8 +64,9 @@ Choices made here (the contract leaves them open):
   ``(ids, groups, losses)`` of the step from every rank before updating, so all ranks hold the same bank, ``pi`` and
   weights.
 
-The maths is also exposed as pure functions (:func:`cvar_weights`, :func:`tilted_weights`, :func:`groupdro_update`,
-:func:`intra_group_weights`, :func:`composite_weights`) to be tested separately from the stateful object.
+The maths is also exposed as pure functions (:func:`cvar_weights`, :func:`tilted_weights`, :func:`oracle_weights`,
+:func:`groupdro_update`, :func:`intra_group_weights`, :func:`composite_weights`, :func:`ess_floor_mix`) to be tested
+separately from the stateful object.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
 
 #: bump when a code change alters the results of finished runs (their keys change, so they rerun)
-BENCH_VERSION = 2
+BENCH_VERSION = 3
 #: configuration keys that never change a result (paths of this run, documentation)
 _NEUTRAL_KEYS = ("settings_help", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "bundle_root", "run_name")
 _SMALL_FILES = ("per_case.csv", "metrics.json")

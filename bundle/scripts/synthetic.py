@@ -243,16 +243,23 @@ def _place_cysts(rng: np.random.Generator, ph: _Phantom, keep_out: np.ndarray, c
     """One or two rim-enhancing cysts (label 0) in soft tissue, away from ``keep_out``; returns their mask.
 
     A cyst is a round hypodense core (``40 - contrast`` HU) inside a thin enhancing rim (``CYST_RIM_MM``, as bright as
-    an enhancing target): the look that the majority teaches as background.
+    an enhancing target): the look that the majority teaches as background. The first cyst is placed where targets
+    are (the mediastinum, at another level along z) when it fits, so that place is no cue; the second anywhere in soft
+    tissue.
     """
     xx, yy, zz = ph.coords
     ax, ay = ph.half_axes
     allowed = ph.body & ~ph.lung & ~ph.spine & ~keep_out
     cysts = np.zeros(xx.shape, dtype=bool)
-    for _ in range(1 + int(rng.uniform() < 0.5)):
-        for _try in range(40):
+    for k in range(1 + int(rng.uniform() < 0.5)):
+        for attempt in range(60):
+            spread = (0.15, 0.25, 0.15) if k == 0 and attempt < 30 else (0.7, 0.7, 0.7)
             rc = rng.uniform(4.0, 6.5)
-            c = (rng.uniform(-0.7, 0.7) * ax, rng.uniform(-0.7, 0.7) * ay, rng.uniform(-0.3, 0.3) * np.ptp(zz))
+            c = (
+                rng.uniform(-spread[0], spread[0]) * ax,
+                rng.uniform(-spread[1], spread[2]) * ay,
+                rng.uniform(-0.3, 0.3) * np.ptp(zz),
+            )
             dist = np.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2)
             blob = dist <= rc
             if blob.any() and not (blob & ~allowed).any():

@@ -12,18 +12,23 @@ import pytest
 import torch
 from monai.data import ITKReader
 from monai.transforms import Compose, Invertd, LoadImage, LoadImaged, Orientationd, Spacingd
+from pydicom.dataset import Dataset, FileMetaDataset
 from scripts.dicom_series import (
     AmbiguousSeriesError,
     CorruptDicomError,
     GantryTiltError,
     InconsistentGeometryError,
     LoadDicomSeriesd,
+    MissingAttributeError,
     MissingSliceError,
     NonUniformSpacingError,
     NoSeriesError,
+    TooFewSlicesError,
     UnsupportedModalityError,
+    find_refusal,
     read_ct_series,
     read_series_info,
+    refusal_line,
 )
 from scripts.dicom_write import VARIANTS, align_to_grid, phantom_case, write_case_dicom, write_ct_series
 
@@ -202,6 +207,10 @@ def test_corrupt_file_is_named(series, tmp_path, damage):
         victim.write_bytes(raw[:300])
     else:
         victim.write_bytes(raw[:-500])
+    if damage == "garbage":  # not DICOM: skipped, and the geometry check catches the slice it replaced
+        with pytest.raises(MissingSliceError, match="1 missing slice"):
+            read_ct_series(folder)
+        return
     with pytest.raises(CorruptDicomError) as err:
         read_ct_series(folder)
     assert str(victim) in str(err.value)
@@ -214,7 +223,9 @@ def test_gantry_tilt_is_refused_from_the_header(series, tmp_path):
     ds.save_as(ordered[2])
     with pytest.raises(GantryTiltError, match="GantryDetectorTilt 12.5") as err:
         read_ct_series(folder)
-    assert str(ordered[2]) in str(err.value)
+    assert str(ordered[2]) in str(err.value) and "dcm2niix" in str(err.value)
+    with pytest.raises(GantryTiltError, match="allow_resample does not correct tilt"):
+        read_ct_series(folder, allow_resample=True)
 
 
 def test_gantry_tilt_is_refused_from_the_positions(series, tmp_path):
@@ -287,3 +298,117 @@ def test_loadimage_with_a_folder_reads_through_the_reader(series):
 
     image = LoadImage(image_only=True)(str(series["identity"].series_dir), reader=DicomSeriesReader())
     assert tuple(image.shape) == tuple(read_series_info(series["identity"].series_dir).shape)
+
+
+def _non_image(sop_class: str, modality: str, series_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, pydicom.uid.generate_uid()
+    ds.Modality, ds.SeriesInstanceUID = modality, series_uid
+    return ds
+
+
+def _save(ds: Dataset, path, preamble: bool = True):
+    if preamble:
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    else:  # as some exports store RTSTRUCTs: no preamble, no File Meta, implicit VR little endian
+        ds.save_as(path, implicit_vr=True, little_endian=True)
+
+
+def test_export_clutter_is_skipped_with_one_info_line(series, phantom, tmp_path, caplog):
+    image, label, affine = phantom
+    case_dir, rtstruct = write_case_dicom(image, label, affine, tmp_path, "case")
+    (case_dir / "notes.txt").write_text("exported by TPS\n")
+    (case_dir / "DIRFILE").write_bytes(b"\x00" * 64)
+    dicomdir = _non_image("1.2.840.10008.1.3.10", "", "")
+    _save(dicomdir, case_dir / "DICOMDIR")
+    bare = pydicom.dcmread(rtstruct)
+    del bare.file_meta
+    _save(bare, case_dir / "rtstruct_no_preamble", preamble=False)
+    for n, (cls, modality) in enumerate(
+        [
+            (pydicom.uid.RTPlanStorage, "RTPLAN"),
+            ("1.2.840.10008.5.1.4.1.1.88.22", "SR"),
+            ("1.2.840.10008.5.1.4.1.1.11.1", "PR"),
+        ]
+    ):
+        _save(_non_image(cls, modality, pydicom.uid.generate_uid()), case_dir / f"obj{n}.dcm")
+    caplog.set_level(logging.INFO, logger="scripts.dicom_series")
+    volume, info = read_ct_series(case_dir)
+    assert info.shape == image.shape and len(info.files) == image.shape[2]
+    lines = [r.getMessage() for r in caplog.records if "Skipped" in r.getMessage()]
+    assert len(lines) == 1, lines
+    for kind in ("1 not DICOM", "2 DICOMDIR", "2 RTSTRUCT", "1 RTPLAN", "1 SR", "1 PR"):
+        assert kind in lines[0], lines[0]
+
+
+def test_other_series_and_undecodable_slice_of_the_chosen_one(series, tmp_path):
+    folder, _, ordered = _copy(series["identity"], tmp_path)
+    other = series["flip_xy"]
+    for f in other.files:
+        shutil.copy(f, folder / f"other_{f.name}")
+    uid = series["identity"].series_instance_uid
+    _, info = read_ct_series(folder, uid)
+    assert info.shape[2] == len(ordered)
+    victim = folder / f"other_{other.files[0].name}"
+    victim.write_bytes(victim.read_bytes()[:600])  # a damaged slice of another series, UID still readable in it
+    raw = ordered[3].read_bytes()
+    ordered[3].write_bytes(raw[: raw.index(uid.encode()) + len(uid) + 40])  # header cut after the series UID
+    with pytest.raises(CorruptDicomError, match="claims to be a slice of series") as err:
+        read_ct_series(folder, uid)
+    assert str(ordered[3]) in str(err.value)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_too_few_slices_are_refused(series, tmp_path, count):
+    folder, _, ordered = _copy(series["identity"], tmp_path)
+    for path in ordered[count:]:
+        path.unlink()
+    with pytest.raises(TooFewSlicesError, match=f"has {count} slice\\(s\\).*at least 3") as err:
+        read_series_info(folder)
+    assert series["identity"].series_instance_uid in str(err.value)
+    if count == 2:
+        assert read_series_info(folder, min_slices=2).shape[2] == 2
+    with pytest.raises(ValueError, match="min_slices must be at least 2"):
+        LoadDicomSeriesd(keys="image", min_slices=1)
+
+
+@pytest.mark.parametrize(
+    "keyword",
+    ["StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "ImagePositionPatient",
+     "ImageOrientationPatient", "PixelSpacing"],
+)  # fmt: skip
+@pytest.mark.parametrize("how", ["deleted", "empty"])
+def test_missing_type1_attribute_is_named(series, tmp_path, keyword, how):
+    folder, _, ordered = _copy(series["identity"], tmp_path)
+    paths = ordered if keyword == "SeriesInstanceUID" else ordered[4:5]
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        if how == "deleted":
+            delattr(ds, keyword)
+        else:
+            ds[keyword].value = "" if ds[keyword].VR == "UI" else []
+        ds.save_as(path)
+    with pytest.raises(MissingAttributeError, match=f"has no {keyword}") as err:
+        read_series_info(folder)
+    assert str(paths[0]) in str(err.value) or keyword == "SeriesInstanceUID"
+
+
+def test_refusal_line_digs_through_wrapped_errors():
+    try:
+        try:
+            raise MissingSliceError("Series 1.2.3: 1 missing slice(s) in /x. Re-export the complete series.")
+        except MissingSliceError as inner:
+            raise RuntimeError("applying transform <LoadDicomSeriesd>") from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    found = find_refusal(wrapped)
+    assert isinstance(found, MissingSliceError)
+    assert (
+        refusal_line(found)
+        == "ERROR MissingSliceError: Series 1.2.3: 1 missing slice(s) in /x. Re-export the complete series."
+    )
+    assert find_refusal(RuntimeError("unrelated")) is None

@@ -82,8 +82,10 @@ def test_good_cases_round_trip_to_nifti(cohort, tmp_path):
     assert main(["--dicom-root", str(root), "--attributes", str(csv_path), "--out", str(tmp_path / "out")]) == 0
     assert _tree_digest(root) == before  # input untouched
     datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
-    assert [item["id"] for item in datalist["training"]] == ["p1", "p2", "p3"]
-    for item, source in zip(datalist["training"], ["c01", "c02", "c03"]):
+    assert set(datalist) == {"training", "validation", "testing"}  # random seeded split without --split-by
+    items = sorted((it for part in datalist.values() for it in part), key=lambda it: it["id"])
+    assert [item["id"] for item in items] == ["p1", "p2", "p3"]
+    for item, source in zip(items, ["c01", "c02", "c03"]):
         assert set(item) == {"id", "image", "label", "site"}
         image = nib.load(tmp_path / "out" / item["image"])
         label = nib.load(tmp_path / "out" / item["label"])
@@ -121,7 +123,8 @@ def test_skip_bad_and_allow_resample(cohort, tmp_path):
     out = tmp_path / "out"
     report = prepare_cohort(root, csv_path, out, ["CTV", "CTV_High"], skip_bad=True)
     assert [item["id"] for item in report.prepared] == ["c01", "c02", "c03"] and report.datalist is not None
-    items = json.loads(report.datalist.read_text())["training"]
+    datalist = json.loads(report.datalist.read_text())
+    items = sorted((it for part in datalist.values() for it in part), key=lambda it: it["id"])
     assert items[0] == {
         "id": "c01",
         "image": "images/c01.nii.gz",
@@ -197,3 +200,37 @@ def test_split_by_attribute_gives_disjoint_stratified_lists(cohort, tmp_path):
                 "--split-by", "nosuchcolumn"])  # fmt: skip
     assert bad == 2
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir()), "nothing written on a usage error"
+
+
+def test_random_split_is_seeded_and_passes_check_data(cohort, tmp_path):
+    root, _, _ = cohort
+    rows = [{"id": f"p{i}", "dicom_dir": case} for i, case in enumerate(["c01", "c02", "c03"] * 2)]
+    csv_path = _write_csv(tmp_path / "cases.csv", rows)
+    lists = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["--dicom-root", str(root), "--attributes", str(csv_path), "--out", str(out), "--seed", "3"]) == 0
+        datalist = json.loads((out / "datalist.json").read_text())
+        assert set(datalist) == {"training", "validation", "testing"} and datalist["training"]
+        lists.append({k: [it["id"] for it in v] for k, v in datalist.items()})
+    assert lists[0] == lists[1]  # same seed, same split
+    assert sorted(sum(lists[0].values(), [])) == sorted(r["id"] for r in rows)
+    check = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "check_data.py"), "--datalist", str(tmp_path / "a" / "datalist.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_failed_run_ends_stderr_with_one_error_line_naming_the_cause(cohort, tmp_path):
+    root, _, _ = cohort
+    csv_path = _write_csv(tmp_path / "cases.csv", [{"id": "c01"}, {"id": "c05"}])
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dicom-root", str(root), "--attributes", str(csv_path), "--out",
+         str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR ") and "c05" in last and "missing slice" in last and "--skip-bad" in last, last
+    assert "Re-export the complete series" in last and not list((tmp_path / "out").rglob("*c05*"))

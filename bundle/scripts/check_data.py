@@ -680,7 +680,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     shown = [p for p in problems if p.severity != "info"] if args.quiet else problems
     print(format_report(shown, args.datalist, counted=problems))
-    return 1 if any(p.is_error for p in problems) else 0
+    errors = [p for p in problems if p.is_error]
+    if errors:
+        print(final_error_line(errors, args.datalist), file=sys.stderr, flush=True)
+    return 1 if errors else 0
+
+
+def final_error_line(errors: Sequence[Problem], datalist_path: str | os.PathLike) -> str:
+    """The one ``ERROR`` line that ends stderr: the number of errors and the first one (file, problem, fix)."""
+    first = errors[0]
+    where = f"case {first.case} ({first.list_key}), " if first.case is not None else ""
+    return (
+        f"ERROR check_data: {len(errors)} error(s) in {datalist_path}; first: {where}{first.file or datalist_path}: "
+        f"{first.message}"
+    )
 
 
 if __name__ == "__main__":

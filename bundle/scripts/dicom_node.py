@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom import uid as dicom_uid
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -54,6 +55,18 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
+# CT Image Storage is also accepted compressed, in every transfer syntax the pinned decoders read (see the
+# "Compressed transfer syntaxes" section of docs/README.md); instances are stored as received, never transcoded.
+# JPEG Extended 12-bit (.51) is left out: no decoder with a licence compatible with Apache-2.0 reads it.
+CT_COMPRESSED_TRANSFER_SYNTAXES = (
+    dicom_uid.JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70
+    dicom_uid.JPEGLossless,  # 1.2.840.10008.1.2.4.57
+    dicom_uid.JPEGLSLossless,  # 1.2.840.10008.1.2.4.80
+    dicom_uid.JPEGLSNearLossless,  # 1.2.840.10008.1.2.4.81
+    dicom_uid.JPEG2000Lossless,  # 1.2.840.10008.1.2.4.90
+    dicom_uid.JPEG2000,  # 1.2.840.10008.1.2.4.91
+    dicom_uid.RLELossless,  # 1.2.840.10008.1.2.5
+)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _NO_PEER = "*NO-PEER-ALLOWED*"  # 17 characters: longer than any AE title a peer can send, so it matches nobody
 _NODE_KEYS = ("input_dir", "output_dir", "subgroup")  # set per series by the node, never by inference_overrides
@@ -338,6 +351,7 @@ class DicomNode:
         self._recover()
         ae = _AllowListAE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts  # non-CT classes reach the handler to be refused
+        ae.add_supported_context(CTImageStorage, list(CT_COMPRESSED_TRANSFER_SYNTAXES))  # added to the defaults
         ae.add_supported_context(Verification)
         ae.require_calling_aet = self.allowed_calling_aets
         ae.refuse_everyone = not self.allowed_calling_aets

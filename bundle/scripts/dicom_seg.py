@@ -17,14 +17,17 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from scripts.dicom_series import SeriesInfo
-from scripts.rtstruct import save_atomic
+from scripts.dicom_series import SeriesInfo, register_refusal
+from scripts.rtstruct import check_type1_references, save_atomic
 
 logger = logging.getLogger(__name__)
 
 
 class SegError(ValueError):
     """A DICOM SEG cannot be written or read against the given CT."""
+
+
+register_refusal(SegError)  # an uncaught SEG refusal ends stderr with one ERROR line
 
 
 def build_seg(
@@ -52,13 +55,14 @@ def build_seg(
         The highdicom Segmentation (a pydicom Dataset).
 
     Raises:
-        SegError: mask does not match the grid, or the grid has no stored slices.
+        SegError: mask does not match the grid, the grid has no stored slices, or a Type 1 reference is empty.
     """
     mask = np.asarray(mask)
     if mask.shape != tuple(info.shape):
         raise SegError(f"mask shape {mask.shape} does not match the CT grid {tuple(info.shape)} ((X, Y, Z)).")
     if not info.headers:
         raise SegError("info describes a resampled grid; write on the stored series (info.resampled_from).")
+    check_type1_references(info, SegError, "DICOM SEG")
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.DCM.ArtificialIntelligence, version=algorithm_version
     )

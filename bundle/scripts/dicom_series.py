@@ -13,11 +13,18 @@ Conventions used throughout this module (and by :mod:`scripts.rtstruct`, :mod:`s
   what ``ITKReader(affine_lps_to_ras=True)`` gives for a DICOM folder), so the same Orientation/Spacing/
   Invertd chain works for NIfTI and DICOM input.
 
-Slices are ordered by their position along the normal, never by file name or InstanceNumber. A series is
-refused (with an exception naming the file or UID) when it is not CT, mixes orientations or matrix sizes, has
-gantry tilt, duplicate positions, missing slices or non-uniform spacing; the last two can instead be resampled
-onto a uniform grid with ``allow_resample=True`` (the original slices stay available as
-``SeriesInfo.resampled_from`` so writers can reference them).
+Files beside the series that are not its slices (not DICOM, DICOMDIR, RTSTRUCT, RTPLAN, SR, presentation
+states, other series, objects saved without preamble/File Meta) are skipped with one INFO line; a damaged file
+that is, or may be, a slice of the chosen series refuses it. Slices are ordered by their position along the
+normal, never by file name or InstanceNumber. A series is refused (with an exception naming the file or UID)
+when it is not CT, lacks a Type 1 attribute (:data:`REQUIRED_ATTRIBUTES`), has fewer than ``min_slices`` slices,
+mixes orientations or matrix sizes, has gantry tilt, duplicate positions, missing slices or non-uniform
+spacing; the last two can instead be resampled onto a uniform grid with ``allow_resample=True`` (the original
+slices stay available as ``SeriesInfo.resampled_from`` so writers can reference them).
+
+Importing this module installs :func:`refusal_excepthook` as ``sys.excepthook``: an uncaught refusal (a
+:class:`DicomSeriesError`, also when wrapped by MONAI) ends stderr with one ``ERROR <cause>`` line after the
+traceback.
 
 Nothing here logs patient-identifying attributes: logs and errors carry file names and UIDs only.
 """
@@ -25,6 +32,8 @@ Nothing here logs patient-identifying attributes: logs and errors carry file nam
 from __future__ import annotations
 
 import logging
+import sys
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,6 +104,35 @@ class MissingSliceError(NonUniformSpacingError):
     """A gap between slices is a whole multiple of the nominal spacing: slices are missing."""
 
 
+class TooFewSlicesError(DicomSeriesError):
+    """The series has fewer slices than a 3D planning CT needs (e.g. a single slice or a localiser)."""
+
+
+class MissingAttributeError(DicomSeriesError):
+    """A slice lacks a Type 1 attribute (or has it empty) that reading or the outputs need."""
+
+
+#: Type 1 attributes every slice must have (non-empty): the geometry and the references the outputs carry
+REQUIRED_ATTRIBUTES = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "SOPInstanceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+)
+
+#: default smallest number of slices of a series (never below 2: a single slice has no slice spacing)
+DEFAULT_MIN_SLICES = 3
+
+_TILT_ADVICE = (
+    "Tilted-gantry series are not supported (allow_resample does not correct tilt): convert the series with a "
+    "tool that corrects gantry tilt, e.g. dcm2niix (it writes a NIfTI on an orthogonal grid; use the NIfTI "
+    "inference), or re-export it from the scanner / planning system without tilt."
+)
+
+
 @dataclass(frozen=True, eq=False)
 class SeriesInfo:
     """Geometry and references of a CT series; every vector is in LPS mm.
@@ -145,9 +183,11 @@ class SeriesInfo:
 
     @property
     def slice_spacing(self) -> float:
-        """Mean distance between consecutive slices in mm (1.0 for a single slice)."""
+        """Mean distance between consecutive slices in mm (a single slice has none: ValueError)."""
         offsets = self.slice_offsets
-        return float(np.mean(np.diff(offsets))) if len(offsets) > 1 else 1.0
+        if len(offsets) < 2:
+            raise TooFewSlicesError(f"{self.describe()} has {len(offsets)} slice(s): no slice spacing.")
+        return float(np.mean(np.diff(offsets)))
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -182,11 +222,48 @@ class SeriesInfo:
 
 # ----------------------------------------------------------------------------------------------- file level
 
+#: SOP classes of objects that are never slices of an image series (set aside when they sit beside one)
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.1.3.10": "DICOMDIR",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",
+    "1.2.840.10008.5.1.4.1.1.481.8": "RTPLAN",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RTDOSE",
+    "1.2.840.10008.5.1.4.1.1.481.4": "RTRECORD",
+    "1.2.840.10008.5.1.4.1.1.66": "RAW",
+    "1.2.840.10008.5.1.4.1.1.66.1": "REG",
+    "1.2.840.10008.5.1.4.1.1.66.3": "REG",
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.104.1": "DOC",
+}
+_NON_IMAGE_SOP_PREFIXES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "SR",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.11.": "PR",  # presentation states
+}
+_DICOMDIR_NAMES = {"DICOMDIR", "DIRFILE"}
+_DICM_OFFSET = 128
+_FIRST_GROUPS = {b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"}  # first tag group of a file without preamble
+
+
+@dataclass
+class FolderScan:
+    """What a folder holds: the image series, and the files set aside or damaged.
+
+    Attributes:
+        groups: image objects by SeriesInstanceUID (``""`` for images without one), each ``(path, header)``.
+        set_aside: ``(path, kind)`` of files that are not images (kind: ``"not DICOM"``, ``"DICOMDIR"``,
+            ``"RTSTRUCT"``, ``"SR"``, ...).
+        damaged: ``(path, reason, kind)`` of DICOM files whose header cannot be read; ``kind`` is what their
+            File Meta says (``"RTSTRUCT"``, ``"image"``) or ``None`` when unknown.
+    """
+
+    groups: dict[str, list[tuple[Path, Dataset]]] = field(default_factory=dict)
+    set_aside: list[tuple[Path, str]] = field(default_factory=list)
+    damaged: list[tuple[Path, str, str | None]] = field(default_factory=list)
+
 
 def list_candidate_files(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """List the files of a folder that should be DICOM.
-
-    Hidden files (name starting with ``.``) and ``DICOMDIR`` are skipped; everything else must be DICOM.
+    """List the files of a folder, except hidden ones (name starting with ``.``).
 
     Args:
         folder: the folder to scan.
@@ -202,9 +279,7 @@ def list_candidate_files(folder: str | Path, recursive: bool = False) -> list[Pa
     if not folder.is_dir():
         raise NoSeriesError(f"DICOM folder {folder} does not exist or is not a directory.")
     pattern = "**/*" if recursive else "*"
-    return sorted(
-        p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
-    )
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
 
 
 def read_header(path: str | Path) -> Dataset:
@@ -225,20 +300,91 @@ def read_header(path: str | Path) -> Dataset:
         raise CorruptDicomError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err}).") from err
 
 
-def group_by_series(files: Sequence[Path]) -> dict[str, list[tuple[Path, Dataset]]]:
-    """Read the headers of ``files`` and group them by SeriesInstanceUID.
+def sop_class_kind(sop_class_uid: str, modality: str = "") -> str:
+    """``"image"`` for an image storage SOP class, else the kind of object (``"RTSTRUCT"``, ``"SR"``, ...)."""
+    sop_class_uid = str(sop_class_uid)
+    if sop_class_uid in NON_IMAGE_SOP_CLASSES:
+        return NON_IMAGE_SOP_CLASSES[sop_class_uid]
+    for prefix, kind in _NON_IMAGE_SOP_PREFIXES.items():
+        if sop_class_uid.startswith(prefix):
+            return kind
+    modality = str(modality).upper()
+    return modality if modality in NON_IMAGE_MODALITIES else "image"
 
-    Raises:
-        CorruptDicomError: naming the first unreadable file, or a file without SeriesInstanceUID.
+
+def _looks_like_dicom(path: Path) -> tuple[bool, bool]:
+    """``(has_preamble, plausible)``: the ``DICM`` marker at byte 128, or a first tag of group 0002/0008."""
+    with open(path, "rb") as handle:
+        head = handle.read(_DICM_OFFSET + 4)
+    has_preamble = head[_DICM_OFFSET : _DICM_OFFSET + 4] == b"DICM"
+    return has_preamble, has_preamble or head[:2] in _FIRST_GROUPS
+
+
+def _meta_kind(path: Path) -> str | None:
+    """Kind of object the File Meta of a damaged file names, or None when it is unreadable."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - a damaged file: the kind is simply unknown
+        return None
+    uid = meta.get("MediaStorageSOPClassUID")
+    return sop_class_kind(str(uid)) if uid else None
+
+
+def _classify(path: Path, scan: FolderScan) -> None:
+    """Read one file's header and file it in ``scan`` (image group, set aside or damaged)."""
+    if path.name.upper() in _DICOMDIR_NAMES:
+        scan.set_aside.append((path, "DICOMDIR"))
+        return
+    has_preamble, plausible = _looks_like_dicom(path)
+    if not plausible:
+        scan.set_aside.append((path, "not DICOM"))
+        return
+    try:  # force: exports may hold objects saved without preamble and File Meta (e.g. some RTSTRUCTs)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_preamble)
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
+        scan.damaged.append((path, f"{type(err).__name__}: {err}", _meta_kind(path) if has_preamble else None))
+        return
+    if not ds.get("SOPClassUID"):
+        if has_preamble:  # a DICOM file without its SOP Common module: truncated, pydicom stops quietly
+            scan.damaged.append((path, "no SOPClassUID: truncated or damaged", _meta_kind(path)))
+        else:
+            scan.set_aside.append((path, "not DICOM"))
+        return
+    kind = sop_class_kind(ds.SOPClassUID, ds.get("Modality", ""))
+    if kind != "image":
+        scan.set_aside.append((path, kind))
+        return
+    scan.groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append((path, ds))
+
+
+def scan_folder(files: Sequence[Path]) -> FolderScan:
+    """Read the headers of ``files``: image objects grouped by series, everything else set aside or damaged."""
+    scan = FolderScan()
+    for path in files:
+        _classify(Path(path), scan)
+    return scan
+
+
+def group_by_series(files: Sequence[Path]) -> dict[str, list[tuple[Path, Dataset]]]:
+    """Read the headers of ``files`` and group every readable DICOM object by SeriesInstanceUID.
+
+    Unlike :func:`scan_folder` this keeps non-image objects (RTSTRUCT, ...) too; files that are not DICOM,
+    DICOMDIRs and damaged files are left out.
     """
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     for path in files:
-        ds = read_header(path)
-        uid = ds.get("SeriesInstanceUID")
-        for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not ds.get(keyword):
-                raise CorruptDicomError(f"{path}: DICOM file has no {keyword}.")
-        groups.setdefault(str(uid), []).append((path, ds))
+        path = Path(path)
+        if path.name.upper() in _DICOMDIR_NAMES:
+            continue
+        has_preamble, plausible = _looks_like_dicom(path)
+        if not plausible:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_preamble)
+        except Exception:  # noqa: BLE001 - damaged files are reported by scan_folder, not here
+            continue
+        if ds.get("SOPClassUID") and ds.get("SeriesInstanceUID"):
+            groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
     return groups
 
 
@@ -247,7 +393,7 @@ def summarise_series(groups: dict[str, list[tuple[Path, Dataset]]]) -> list[str]
     lines = []
     for uid, members in groups.items():
         ds = members[0][1]
-        lines.append(f"{uid} (Modality {ds.get('Modality', '?')}, {len(members)} files)")
+        lines.append(f"{uid or '<no SeriesInstanceUID>'} (Modality {ds.get('Modality', '?')}, {len(members)} files)")
     return lines
 
 
@@ -259,7 +405,7 @@ def select_image_series(
     Objects such as RTSTRUCT, SEG or RTPLAN (see :data:`NON_IMAGE_MODALITIES`) are set aside unless chosen.
 
     Args:
-        groups: output of :func:`group_by_series`.
+        groups: output of :func:`group_by_series` or ``scan_folder(...).groups``.
         folder: the folder (for messages).
         series_uid: the SeriesInstanceUID to read; required when there are several image series.
 
@@ -273,7 +419,9 @@ def select_image_series(
     if series_uid is not None:
         if series_uid not in groups:
             found = "; ".join(summarise_series(groups)) or "none"
-            raise NoSeriesError(f"Series {series_uid} is not in {folder}; series found: {found}.")
+            raise NoSeriesError(
+                f"Series {series_uid} is not in {folder}; image series found: {found}. Check the series_uid."
+            )
         return series_uid, groups[series_uid]
     images = {
         uid: members
@@ -282,7 +430,8 @@ def select_image_series(
     }
     if not images:
         raise NoSeriesError(
-            f"No image series in {folder}; objects found: {'; '.join(summarise_series(groups)) or 'none'}."
+            f"No image series in {folder}; objects found: {'; '.join(summarise_series(groups)) or 'none'}. "
+            "Point the input at the folder holding the planning CT slices."
         )
     if len(images) > 1:
         raise AmbiguousSeriesError(
@@ -290,6 +439,32 @@ def select_image_series(
             "Choose one with series_uid=... (or move the others to their own folders)."
         )
     return next(iter(images.items()))
+
+
+def _refuse_damaged(scan: FolderScan, uid: str) -> None:
+    """Refuse the series when a damaged file is, or may be, one of its slices (named in the error)."""
+    for path, reason, kind in scan.damaged:
+        if kind not in (None, "image"):
+            continue  # e.g. a damaged RTPLAN beside the CT: not a slice of it
+        claims = uid and uid.encode("ascii", "ignore") in path.read_bytes()
+        what = f"claims to be a slice of series {uid}" if claims else f"may be a slice of series {uid}"
+        raise CorruptDicomError(
+            f"{path}: {what} but its header cannot be read ({reason}). Copy or export the series again; "
+            "remove the file only if it does not belong to the series."
+        )
+
+
+def _log_set_aside(scan: FolderScan, uid: str, folder: Path) -> None:
+    """One INFO line with the number and kinds of files that are not slices of the chosen series."""
+    kinds = Counter(kind for _, kind in scan.set_aside)
+    kinds.update(f"damaged {kind}" for _, _, kind in scan.damaged if kind not in (None, "image"))
+    for other, members in scan.groups.items():
+        if other != uid:
+            kinds[f"image of another series ({members[0][1].get('Modality', '?')})"] += len(members)
+    if kinds:
+        listing = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        count = kinds.total()
+        logger.info("Skipped %d file(s) in %s that are not slices of series %s: %s", count, folder, uid, listing)
 
 
 # ------------------------------------------------------------------------------------------- geometry checks
@@ -328,10 +503,7 @@ def _check_gantry_tilt(members: Sequence[tuple[Path, Dataset]], uid: str) -> Non
     for path, ds in members:
         tilt = ds.get("GantryDetectorTilt")
         if tilt is not None and str(tilt).strip() != "" and abs(float(tilt)) > 1e-3:
-            raise GantryTiltError(
-                f"Series {uid}: {path} has GantryDetectorTilt {float(tilt)} degrees. Tilted-gantry series are "
-                "not supported: resample it onto an orthogonal grid first."
-            )
+            raise GantryTiltError(f"Series {uid}: {path} has GantryDetectorTilt {float(tilt)} degrees. {_TILT_ADVICE}")
 
 
 def _common_orientation(members: Sequence[tuple[Path, Dataset]], uid: str) -> tuple[np.ndarray, np.ndarray]:
@@ -412,7 +584,7 @@ def _check_no_tilt(
         raise GantryTiltError(
             f"Series {uid}: slice positions do not follow the slice normal {np.round(normal, 4).tolist()}: "
             f"{members[k][0]} is {sideways[k]:.2f} mm off the line through the first slice (about {angle:.2f} "
-            "degrees): gantry tilt or sheared acquisition. Resample it onto an orthogonal grid first."
+            f"degrees): gantry tilt or sheared acquisition. {_TILT_ADVICE}"
         )
 
 
@@ -443,11 +615,55 @@ def _check_uniform_spacing(members: Sequence[tuple[Path, Dataset]], offsets: np.
     )
 
 
+def _check_required_attributes(members: Sequence[tuple[Path, Dataset]], uid: str) -> None:
+    """Refuse a series whose slices lack a Type 1 attribute of :data:`REQUIRED_ATTRIBUTES` (names file and tag)."""
+    for path, ds in members:
+        for keyword in REQUIRED_ATTRIBUTES:
+            value = ds.get(keyword)
+            if (
+                value is None
+                or (isinstance(value, str) and not value.strip())
+                or (not isinstance(value, str) and hasattr(value, "__len__") and len(value) == 0)
+            ):
+                _refuse_if_truncated(path, uid)
+                raise MissingAttributeError(
+                    f"Series {uid or '<no SeriesInstanceUID>'}: {path} has no {keyword} (a Type 1 attribute, "
+                    "missing or empty); the series cannot be placed in patient space or referenced by the outputs. "
+                    "Export the series again from the scanner / planning system with complete headers."
+                )
+
+
+def _refuse_if_truncated(path: Path, uid: str) -> None:
+    """Raise :class:`CorruptDicomError` when a slice with a missing attribute is in fact cut short (no pixel data)."""
+    try:
+        complete = "PixelData" in pydicom.dcmread(path, force=True)
+    except Exception:  # noqa: BLE001 - unreadable pixel data: the file is damaged
+        complete = False
+    if not complete:
+        raise CorruptDicomError(
+            f"{path}: claims to be a slice of series {uid} but is truncated or damaged (its header stops early, "
+            "no pixel data). Copy or export the series again."
+        )
+
+
+def _check_slice_count(members: Sequence[tuple[Path, Dataset]], uid: str, folder: Path, min_slices: int) -> None:
+    """Refuse a series with fewer than ``min_slices`` slices (a single slice has no slice spacing)."""
+    if min_slices < 2:
+        raise ValueError(f"min_slices must be at least 2 (a single slice has no slice spacing), got {min_slices}.")
+    if len(members) < min_slices:
+        raise TooFewSlicesError(
+            f"Series {uid} in {folder} has {len(members)} slice(s) (first file {members[0][0]}) but at least "
+            f"{min_slices} are needed: a planning CT is a 3D stack (a localiser or a single slice is not). "
+            "Export the whole series, or lower min_slices (never below 2)."
+        )
+
+
 def build_series_info(
     members: Sequence[tuple[Path, Dataset]],
     folder: Path,
     modalities: Sequence[str] = ("CT",),
     require_uniform: bool = True,
+    min_slices: int = DEFAULT_MIN_SLICES,
 ) -> SeriesInfo:
     """Check the headers of one series and build its :class:`SeriesInfo` (slices sorted along the normal).
 
@@ -456,13 +672,16 @@ def build_series_info(
         folder: the folder read (kept in the info).
         modalities: accepted Modality values.
         require_uniform: raise on missing slices / non-uniform spacing (otherwise only sort).
+        min_slices: fewest slices accepted (at least 2).
 
     Raises:
-        UnsupportedModalityError, GantryTiltError, InconsistentGeometryError, NonUniformSpacingError,
-        MissingSliceError: with the series UID and the offending file.
+        UnsupportedModalityError, MissingAttributeError, TooFewSlicesError, GantryTiltError,
+        InconsistentGeometryError, NonUniformSpacingError, MissingSliceError: with the series UID and the file.
     """
-    uid = str(members[0][1].SeriesInstanceUID)
+    uid = str(members[0][1].get("SeriesInstanceUID", "") or "")
     modality = _check_modality(members, uid, modalities)
+    _check_required_attributes(members, uid)
+    _check_slice_count(members, uid, Path(folder), min_slices)
     _check_gantry_tilt(members, uid)
     row, col = _common_orientation(members, uid)
     rows, cols, pixel_spacing = _common_matrix(members, uid)
@@ -475,8 +694,8 @@ def build_series_info(
     return SeriesInfo(
         series_dir=Path(folder),
         series_instance_uid=uid,
-        study_instance_uid=str(first.get("StudyInstanceUID", "")),
-        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        study_instance_uid=str(first.StudyInstanceUID),
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
         modality=modality,
         sop_class_uid=str(first.SOPClassUID),
         sop_instance_uids=tuple(str(ds.SOPInstanceUID) for _, ds in members),
@@ -561,7 +780,11 @@ def read_pixels(info: SeriesInfo, dtype: Any = np.float32) -> np.ndarray:
             ds = pydicom.dcmread(path)
             pixels = np.asarray(ds.pixel_array)
         except Exception as err:  # pydicom raises many types for truncated or unsupported pixel data
-            raise CorruptDicomError(f"{path}: cannot decode pixel data ({type(err).__name__}: {err}).") from err
+            raise CorruptDicomError(
+                f"{path}: cannot decode pixel data ({type(err).__name__}: {err}). This slice of series "
+                f"{info.series_instance_uid} is truncated, damaged or uses an unsupported compression: copy or "
+                "export the series again (uncompressed if in doubt)."
+            ) from err
         if pixels.shape != (rows, cols):
             raise CorruptDicomError(
                 f"{path}: pixel array shape {pixels.shape} does not match Rows/Columns {(rows, cols)}."
@@ -582,16 +805,22 @@ def read_series_info(
     allow_resample: bool = False,
     recursive: bool = False,
     modalities: Sequence[str] = ("CT",),
+    min_slices: int = DEFAULT_MIN_SLICES,
 ) -> SeriesInfo:
     """Read and check the headers of a series (no pixel data).
+
+    Files that are not slices of the chosen series (not DICOM, DICOMDIR, RTSTRUCT, RTPLAN, SR, presentation
+    states, other series, ...) are skipped with one INFO line; a damaged file that is or may be one of its
+    slices refuses the series.
 
     Args:
         folder: folder holding the series (other series and RT objects may sit beside it).
         series_uid: SeriesInstanceUID to read; needed when the folder holds several image series.
         allow_resample: accept missing slices / non-uniform spacing and describe a uniform grid instead
-            (``resampled_from`` then holds the stored slices).
+            (``resampled_from`` then holds the stored slices). It does not correct gantry tilt.
         recursive: also scan sub-folders.
         modalities: accepted modalities.
+        min_slices: fewest slices accepted (default 3, at least 2).
 
     Returns:
         The series geometry and references.
@@ -600,9 +829,13 @@ def read_series_info(
         DicomSeriesError: a subclass naming the file or UID (see the module docstring).
     """
     folder = Path(folder)
-    groups = group_by_series(list_candidate_files(folder, recursive))
-    uid, members = select_image_series(groups, folder, series_uid)
-    info = build_series_info(members, folder, modalities, require_uniform=not allow_resample)
+    scan = scan_folder(list_candidate_files(folder, recursive))
+    if not scan.groups and scan.damaged:
+        _refuse_damaged(scan, "")
+    uid, members = select_image_series(scan.groups, folder, series_uid)
+    _refuse_damaged(scan, uid)
+    _log_set_aside(scan, uid, folder)
+    info = build_series_info(members, folder, modalities, require_uniform=not allow_resample, min_slices=min_slices)
     if allow_resample:
         try:
             _check_uniform_spacing(list(zip(info.files, info.headers)), info.slice_offsets, uid)
@@ -621,6 +854,7 @@ def read_ct_series(
     recursive: bool = False,
     modalities: Sequence[str] = ("CT",),
     dtype: Any = np.float32,
+    min_slices: int = DEFAULT_MIN_SLICES,
 ) -> tuple[np.ndarray, SeriesInfo]:
     """Read a CT series into an ``(X, Y, Z)`` HU volume with its exact geometry.
 
@@ -632,6 +866,7 @@ def read_ct_series(
         recursive: also scan sub-folders.
         modalities: accepted modalities.
         dtype: dtype of the returned volume.
+        min_slices: fewest slices accepted (default 3, at least 2).
 
     Returns:
         ``(volume, info)``: volume ``(X, Y, Z)`` in HU indexed as ``info.affine_lps`` / ``info.affine_ras`` say.
@@ -640,7 +875,12 @@ def read_ct_series(
         DicomSeriesError: a subclass naming the file or UID.
     """
     info = read_series_info(
-        folder, series_uid, allow_resample=allow_resample, recursive=recursive, modalities=modalities
+        folder,
+        series_uid,
+        allow_resample=allow_resample,
+        recursive=recursive,
+        modalities=modalities,
+        min_slices=min_slices,
     )
     if info.resampled_from is None:
         return read_pixels(info, dtype), info
@@ -676,12 +916,22 @@ class DicomSeriesReader(ImageReader):
         series_uid: SeriesInstanceUID to read when a folder holds several image series.
         allow_resample: resample irregular slice stacks instead of raising.
         recursive: also scan sub-folders.
+        min_slices: fewest slices accepted (default 3, at least 2).
     """
 
-    def __init__(self, series_uid: str | None = None, allow_resample: bool = False, recursive: bool = False):
+    def __init__(
+        self,
+        series_uid: str | None = None,
+        allow_resample: bool = False,
+        recursive: bool = False,
+        min_slices: int = DEFAULT_MIN_SLICES,
+    ):
+        if int(min_slices) < 2:
+            raise ValueError(f"min_slices must be at least 2 (a single slice has no slice spacing), got {min_slices}.")
         self.series_uid = series_uid
         self.allow_resample = allow_resample
         self.recursive = recursive
+        self.min_slices = int(min_slices)
 
     def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
         """True when ``filename`` names exactly one existing folder."""
@@ -693,7 +943,13 @@ class DicomSeriesReader(ImageReader):
         names = [data] if isinstance(data, (str, Path)) else list(data)
         if len(names) != 1:
             raise DicomSeriesError(f"DicomSeriesReader reads one series folder at a time, got {len(names)} paths.")
-        return read_ct_series(names[0], self.series_uid, allow_resample=self.allow_resample, recursive=self.recursive)
+        return read_ct_series(
+            names[0],
+            self.series_uid,
+            allow_resample=self.allow_resample,
+            recursive=self.recursive,
+            min_slices=self.min_slices,
+        )
 
     def get_data(self, img: tuple[np.ndarray, SeriesInfo]) -> tuple[np.ndarray, dict]:
         """Return ``(volume (X, Y, Z), meta)`` in MONAI's conventions (RAS affine, no channel)."""
@@ -724,6 +980,7 @@ class LoadDicomSeriesd(LoadImaged):
         series_uid: SeriesInstanceUID to read when a folder holds several image series.
         allow_resample: resample irregular slice stacks instead of raising.
         recursive: also scan sub-folders.
+        min_slices: fewest slices accepted (default 3, at least 2).
         kwargs: passed to ``LoadImaged`` (``dtype``, ``ensure_channel_first``, ``image_only``, ...).
     """
 
@@ -733,9 +990,10 @@ class LoadDicomSeriesd(LoadImaged):
         series_uid: str | None = None,
         allow_resample: bool = False,
         recursive: bool = False,
+        min_slices: int = DEFAULT_MIN_SLICES,
         **kwargs,
     ):
-        self.dicom_reader = DicomSeriesReader(series_uid, allow_resample, recursive)
+        self.dicom_reader = DicomSeriesReader(series_uid, allow_resample, recursive, min_slices)
         super().__init__(keys, reader=self.dicom_reader, **kwargs)
 
     def __call__(self, data, reader: ImageReader | None = None):
@@ -743,3 +1001,58 @@ class LoadDicomSeriesd(LoadImaged):
         if reader is not None and reader is not self.dicom_reader:
             raise ValueError("LoadDicomSeriesd always reads with its own DicomSeriesReader; do not pass a reader.")
         return super().__call__(data, self.dicom_reader)
+
+
+# ------------------------------------------------------------------------------------------ refusal reporting
+
+#: exception types whose message is the cause shown on the final ``ERROR`` line (see :func:`register_refusal`)
+REFUSAL_TYPES: list[type[BaseException]] = [DicomSeriesError]
+
+
+def register_refusal(*types: type[BaseException]) -> None:
+    """Add exception types (e.g. the RTSTRUCT/SEG writers' errors) whose message :func:`refusal_line` reports."""
+    for kind in types:
+        if kind not in REFUSAL_TYPES:
+            REFUSAL_TYPES.append(kind)
+
+
+def find_refusal(error: BaseException | None) -> BaseException | None:
+    """The first refusal in ``error``'s ``__cause__`` / ``__context__`` chain (MONAI wraps errors), or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, tuple(REFUSAL_TYPES)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def refusal_line(error: BaseException) -> str:
+    """One line ``ERROR <cause>`` for a refusal (a DataLoader worker's traceback text is cut to its last line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    if len(lines) > 1 and "Traceback" in str(error):  # re-raised from a worker: "module.Class: message"
+        text = text.split(": ", 1)[-1]
+    return f"ERROR {type(error).__name__}: {text}"
+
+
+def refusal_excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """``sys.excepthook``: the usual traceback, then one final ``ERROR <cause>`` line for a refusal."""
+    _PREVIOUS_EXCEPTHOOK(kind, value, tb)
+    refusal = find_refusal(value)
+    if refusal is not None:
+        sys.stderr.flush()
+        sys.stderr.write(refusal_line(refusal) + "\n")
+        sys.stderr.flush()
+
+
+def install_refusal_excepthook() -> None:
+    """Install :func:`refusal_excepthook` as ``sys.excepthook`` (once; the previous hook still runs first)."""
+    global _PREVIOUS_EXCEPTHOOK
+    if sys.excepthook is not refusal_excepthook:
+        _PREVIOUS_EXCEPTHOOK = sys.excepthook
+        sys.excepthook = refusal_excepthook
+
+
+_PREVIOUS_EXCEPTHOOK = sys.excepthook
+install_refusal_excepthook()

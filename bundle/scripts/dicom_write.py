@@ -474,7 +474,8 @@ def _resolve_series(series_info: SeriesInfo | Mapping[str, Any] | str | Path) ->
             raise ValueError(f"metadata has no {META_SERIES_DIR!r}: load the series with LoadDicomSeriesd.")
         uid = _single(series_info.get(META_SERIES_UID))
         resampled = bool(_single(series_info.get(META_RESAMPLED, False)))
-        return read_series_info(str(folder), None if uid is None else str(uid), allow_resample=resampled)
+        # the loader already applied the configured min_slices; 2 is the least that has a slice spacing
+        return read_series_info(str(folder), None if uid is None else str(uid), allow_resample=resampled, min_slices=2)
     return read_series_info(series_info)
 
 
@@ -631,3 +632,42 @@ def ensure_output_outside(output_dir: str | Path, input_dir: str | Path) -> str:
             "(inference never writes into its input)."
         )
     return str(output_dir)
+
+
+class CaseOutputsAllOrNothing:
+    """Run a case's output transforms so that a failure leaves no output of that case behind.
+
+    Files that appear under ``output_dir`` while the transforms run are removed when one of them raises (e.g.
+    the NIfTI mask and the SEG already written when the RTSTRUCT writer refuses); the error is re-raised.
+    Give each case its own ``output_dir`` when cases run concurrently.
+
+    Args:
+        transforms: the output transforms (``SaveImaged``, :class:`SaveDicomOutputsd`, ...), run in order.
+        output_dir: the folder they write into.
+    """
+
+    def __init__(self, transforms: Sequence[Any], output_dir: str | Path):
+        from monai.transforms import Compose
+
+        self.transform = Compose(list(transforms))
+        self.output_dir = Path(output_dir)
+
+    def _files(self) -> set[Path]:
+        return {p for p in self.output_dir.rglob("*") if p.is_file()} if self.output_dir.is_dir() else set()
+
+    def __call__(self, data: Any) -> Any:
+        """Apply the transforms; on failure remove what they wrote, then re-raise."""
+        before = self._files()
+        existed = self.output_dir.exists()
+        try:
+            return self.transform(data)
+        except BaseException:
+            written = sorted(self._files() - before)
+            for path in written:
+                path.unlink(missing_ok=True)
+            if written:
+                logger.error("Writing the outputs failed; removed %d file(s) this case wrote to %s", len(written),
+                             self.output_dir)  # fmt: skip
+            if not existed and self.output_dir.is_dir() and not any(self.output_dir.iterdir()):
+                self.output_dir.rmdir()
+            raise

@@ -14,7 +14,8 @@ For each case the CT series is read and checked (:mod:`scripts.dicom_series`), t
 references it is found, the ROI is rasterised on the CT grid (:mod:`scripts.rtstruct`), and
 ``OUT/images/<id>.nii.gz`` (int16 HU) and ``OUT/labels/<id>.nii.gz`` (uint8) are written with the RAS affine
 of the series, ``(X, Y, Z)`` arrays, the same as MONAI ``LoadImage`` reads. ``OUT/datalist.json`` holds
-``{"training": [{"id", "image", "label", <attributes>}, ...]}`` with paths relative to ``OUT``.
+``{"training": [...], "validation": [...], "testing": [...]}`` (items ``{"id", "image", "label", <attributes>}``,
+paths relative to ``OUT``): a 60/20/20 split, stratified by ``--split-by COLUMN`` or else random with ``--seed``.
 
 Failures are never silent: every failed case is logged and listed in ``OUT/prepare_report.json``; the exit
 status is 1 and no datalist is written when a case failed, unless ``--skip-bad``. A failed case leaves no
@@ -228,6 +229,18 @@ def prepare_case(
     return {"id": case_id, "image": image, "label": label, **attributes}
 
 
+def split_cases(items: list[dict], split_by: str | None, seed: int) -> dict[str, list[dict]]:
+    """Deal items 60/20/20 into ``training``/``validation``/``testing``, stratified by ``split_by`` when given.
+
+    Without ``split_by`` the split is random with ``seed`` (the same dealing with a single stratum).
+    """
+    if split_by is not None:
+        return stratified_split(items, split_by, seed)
+    marker = "__split_stratum__"
+    parts = stratified_split([{**item, marker: ""} for item in items], marker, seed)
+    return {name: [{k: v for k, v in item.items() if k != marker} for item in part] for name, part in parts.items()}
+
+
 def prepare_cohort(
     dicom_root: str | Path,
     attributes_csv: str | Path,
@@ -244,7 +257,8 @@ def prepare_cohort(
 
     With ``split_by`` (an attribute column, e.g. ``stage``) the cases are split 60/20/20 into ``training``,
     ``validation`` and ``testing``, stratified by that column (cases with a ``hard`` column set to true are dealt
-    first, as in the synthetic cohort); without it every case goes to ``training``.
+    first, as in the synthetic cohort); without it the 60/20/20 split is random, seeded by ``seed``. The three
+    lists are always written.
 
     Returns:
         The report; ``report.datalist`` is None when a case failed and ``skip_bad`` is False.
@@ -282,11 +296,7 @@ def prepare_cohort(
     )
     if report.prepared and (skip_bad or not report.failed):
         report.datalist = out / "datalist.json"
-        if split_by is None:
-            datalist = {"training": report.prepared}
-        else:
-            datalist = stratified_split(report.prepared, split_by, seed)
-        atomic_write_json(datalist, report.datalist)
+        atomic_write_json(split_cases(report.prepared, split_by, seed), report.datalist)
     return report
 
 
@@ -336,11 +346,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for case_id, error in report.failed:
         logger.error("FAILED %s: %s", case_id, error)
     if report.failed and not args.skip_bad:
+        case_id, error = report.failed[0]
         logger.error(
-            "No datalist written: fix the cases above or pass --skip-bad (see %s)", args.out / "prepare_report.json"
-        )
+            "No datalist written: %d case(s) failed, first case %s: %s (fix the cases, or pass --skip-bad; all "
+            "failures in %s)",
+            len(report.failed), case_id, error, args.out / "prepare_report.json",
+        )  # fmt: skip
         return 1
-    return 0 if report.prepared else 1
+    if not report.prepared:
+        logger.error("No case prepared from %s: check --dicom-root and the ids in %s", args.dicom_root, args.attributes)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
-from scripts.dicom_series import SeriesInfo, resample_slices
+from scripts.dicom_series import SeriesInfo, register_refusal, resample_slices
 from scripts.safe_io import default_file_mode
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,38 @@ class ReferenceMismatchError(RTStructError):
     """The structure set references another frame of reference, series or image."""
 
 
+class MissingReferenceError(RTStructError):
+    """The CT lacks (or has empty) a Type 1 value the RTSTRUCT must carry (FrameOfReferenceUID, ...)."""
+
+
+def check_type1_references(info: SeriesInfo, error: type[Exception], what: str) -> None:
+    """Refuse to write an object whose Type 1 references (UIDs of the CT) would be empty.
+
+    Args:
+        info: the CT series the object references.
+        error: exception type to raise.
+        what: the object (``"RTSTRUCT"``, ``"DICOM SEG"``) for the message.
+    """
+    values = {
+        "StudyInstanceUID": info.study_instance_uid,
+        "SeriesInstanceUID": info.series_instance_uid,
+        "FrameOfReferenceUID": info.frame_of_reference_uid,
+        "SOPClassUID": info.sop_class_uid,
+    }
+    values.update({f"SOPInstanceUID of slice {k}": uid for k, uid in enumerate(info.sop_instance_uids)})
+    for name, value in values.items():
+        if not str(value or "").strip():
+            raise error(
+                f"Cannot write the {what} for {info.describe()}: the CT's {name} is empty, and the {what} must "
+                "carry it (Type 1). Export the CT again with complete headers."
+            )
+
+
 class ContourGeometryError(RTStructError):
     """A contour is not planar or does not lie on a slice of the series."""
+
+
+register_refusal(RTStructError)  # an uncaught RTSTRUCT refusal ends stderr with one ERROR line
 
 
 # ------------------------------------------------------------------------------------------------ file helpers
@@ -111,8 +141,8 @@ def read_rtstruct(path: str | Path) -> Dataset:
     Raises:
         RTStructError: naming the file if it is not readable DICOM or not an RTSTRUCT.
     """
-    try:
-        ds = pydicom.dcmread(path)
+    try:  # force: read an RTSTRUCT saved without preamble and File Meta too, as plastimatch does
+        ds = pydicom.dcmread(path, force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
         raise RTStructError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err}).") from err
     if str(ds.get("Modality", "")).upper() != "RTSTRUCT" or "StructureSetROISequence" not in ds:
@@ -492,6 +522,7 @@ def build_rtstruct(
         raise ValueError(f"mask shape {mask.shape} does not match the CT grid {tuple(info.shape)} ((X, Y, Z)).")
     if not info.sop_instance_uids:
         raise ValueError("info describes a resampled grid; write on the stored series (info.resampled_from).")
+    check_type1_references(info, MissingReferenceError, "RTSTRUCT")
     now = datetime.datetime.now()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()

@@ -209,9 +209,10 @@ dicom-node: setup
 	$(PY) -m scripts.dicom_node --config bundle/configs/dicom_node.json $(NODE_CONFIG) $(NODE_ARGS)
 
 # the clinical loop against a real Orthanc (Debian orthanc + orthanc-dicomweb, installed when missing)
-ORTHANC_PKGS := orthanc orthanc-dicomweb
+# dcmtk: tools/pacs_check.py encodes a JPEG-lossless series with dcmcjpeg for the compressed round trip
+ORTHANC_PKGS := orthanc orthanc-dicomweb dcmtk
 orthanc:
-	@command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	@command -v Orthanc >/dev/null && command -v dcmcjpeg >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
 	  export DEBIAN_FRONTEND=noninteractive; SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(ORTHANC_PKGS) >/dev/null; }
 

@@ -3,7 +3,10 @@
 * :class:`Orthanc`: a throw-away Orthanc (Debian package ``orthanc`` + ``orthanc-dicomweb``) for loopback use:
   own storage folder, HTTP and DICOM on free ports (Orthanc 1.10 cannot bind them to 127.0.0.1 alone), HTTP
   answering this machine only, DICOM services allowed to the registered modality at 127.0.0.1 only (our node),
-  the DICOMweb plugin enabled. REST helpers for
+  the DICOMweb plugin enabled. No ``IngestTranscoding`` is set, so uploads are stored in their own transfer
+  syntax, and the node's modality keeps Orthanc's default ``AllowTranscoding`` (true): Orthanc 1.10 offers the
+  stored syntax first and falls back to uncompressed only when the node refuses it, as a real PACS would
+  (``tools/pacs_check.py`` checks that a JPEG-lossless series reaches the node untranscoded). REST helpers for
   uploading, sending to a modality and finding what arrived in a study.
 * :class:`NodeProcess`: the bundle's DICOM node as a separate process, started with the documented command
   (``python -m scripts.dicom_node --config bundle/configs/dicom_node.json <overrides.json>``), so it can be

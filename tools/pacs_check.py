@@ -13,7 +13,11 @@ Run with the main venv's python. Steps:
    agrees with the bundle's own NIfTI output (``monai.bundle run inference`` with ``inference_dicom.json``, same
    series and subgroup, run here independently of the node): Dice >= 0.95;
 6. the same study over DICOMweb (``/dicom-web/studies/<uid>/series``) lists the RTSTRUCT series;
-7. the same series sent again: processed once (the node logs a duplicate; still one RTSTRUCT in Orthanc).
+7. the same series sent again: processed once (the node logs a duplicate; still one RTSTRUCT in Orthanc);
+8. another series encoded JPEG Lossless SV1 (.70, ``dcmcjpeg +e1``), uploaded (Orthanc keeps it .70: no ingest
+   transcoding is configured) and sent by Orthanc as stored: the node's spool/processing files of that series
+   are .70 with the uploaded pixel data byte for byte (stored as received, not transcoded), and its RTSTRUCT
+   arrives in the same study, referencing that series, with Dice >= 0.95 against the bundle's own NIfTI.
 
 Exit status 0 = every check passed. ``--keep`` keeps the work folder (logs of Orthanc and the node).
 """
@@ -24,8 +28,10 @@ import argparse
 import io
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +49,52 @@ from scripts.dicom_series import read_series_info  # noqa: E402
 from scripts.rtstruct import rasterise_roi  # noqa: E402
 
 check = Checks()
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+
+
+class SpoolWatcher(threading.Thread):
+    """Records every instance of one series while the node holds it (``spool/<uid>/``, ``processing/<uid>/``).
+
+    The node deletes a series' instances once its result is written, so they are read as they appear:
+    ``seen`` maps SOPInstanceUID to ``(transfer syntax, pixel data bytes)`` of the file the node stored.
+    """
+
+    def __init__(self, state_dir: Path, series_uid: str):
+        super().__init__(daemon=True)
+        self.folders = [Path(state_dir) / "spool" / series_uid, Path(state_dir) / "processing" / series_uid]
+        self.seen: dict[str, tuple[str, bytes]] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            for folder in self.folders:
+                try:
+                    paths = [p for p in folder.glob("*.dcm") if not p.name.startswith(".")]
+                except OSError:
+                    continue
+                for path in paths:
+                    if path.stem in self.seen:
+                        continue
+                    try:
+                        ds = pydicom.dcmread(path)
+                        self.seen[path.stem] = (str(ds.file_meta.TransferSyntaxUID), bytes(ds.PixelData))
+                    except Exception:  # moved on (spool -> processing -> deleted) while being read: seen again later
+                        pass
+            self._done.wait(0.05)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def encode_jpeg_lossless(files: list[Path], out: Path) -> list[Path]:
+    """Each file encoded JPEG Lossless SV1 (.70) by dcmtk's ``dcmcjpeg +e1`` (an encoder independent of ours)."""
+    if shutil.which("dcmcjpeg") is None:
+        raise RuntimeError("dcmcjpeg is not installed (Debian: apt-get install dcmtk)")
+    out.mkdir(parents=True)
+    for path in files:
+        subprocess.run(["dcmcjpeg", "+e1", str(path), str(out / path.name)], check=True, capture_output=True)
+    return [out / p.name for p in files]
 
 
 def wait_for(pacs: Orthanc, study_id: str, modality: str, timeout: float, count: int = 1) -> list[dict]:
@@ -57,7 +109,7 @@ def wait_for(pacs: Orthanc, study_id: str, modality: str, timeout: float, count:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-cases", type=int, default=5, help="synthetic cases in the cohort (>= 3)")
+    ap.add_argument("--n-cases", type=int, default=5, help="synthetic cases in the cohort (more than --series)")
     ap.add_argument("--series", type=int, default=3, help="series sent through the loop")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each RTSTRUCT")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -69,8 +121,9 @@ def main() -> int:
     # one series per stage first (each is routed by its own subgroup), then the rest
     firsts = [next(it for it in pool if it["stage"] == s) for s in dict.fromkeys(it["stage"] for it in pool)]
     items = (firsts + [it for it in pool if it not in firsts])[: args.series]
+    jpeg_item = next(it for it in pool if it not in items)  # step 8: a series the node has not seen
     table = work / "subgroups.json"
-    table.write_text(json.dumps({it["id"]: it["stage"] for it in items}))  # synthetic PatientID = case id
+    table.write_text(json.dumps({it["id"]: it["stage"] for it in [*items, jpeg_item]}))  # PatientID = case id
 
     node_port = free_port()
     node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, 2, send_seg=True))
@@ -130,7 +183,46 @@ def main() -> int:
         n_rs = sum(len(s["Instances"]) for s in pacs.series_in_study(study_id, "RTSTRUCT"))
         check("duplicate" in node.log_text().lower() and n_rs == 1,
               f"{item['id']}: sent twice, processed once (duplicate logged; {n_rs} RTSTRUCT in Orthanc)")  # fmt: skip
-        names = [it["id"] for it in items]
+
+        # a JPEG-lossless series, sent by Orthanc as stored: the node must receive and keep .70
+        item = jpeg_item
+        series_dir = work / "cohort" / item["dicom_dir"]
+        info = read_series_info(series_dir)
+        files = encode_jpeg_lossless(ct_files(series_dir), work / "jpeg70" / item["id"])
+        uploaded = {str(ds.SOPInstanceUID): bytes(ds.PixelData) for ds in map(pydicom.dcmread, files)}
+        series_id = pacs.upload(files)
+        instances = pacs.get(f"/series/{series_id}")["Instances"]
+        in_orthanc = {pacs.get(f"/instances/{i}/metadata/TransferSyntax").decode() for i in instances}
+        check(in_orthanc == {JPEG_LOSSLESS_SV1}, f"{item['id']}: Orthanc stores the uploaded series as {in_orthanc}")
+        watcher = SpoolWatcher(Path(node.overrides["work_dir"]), info.series_instance_uid)
+        watcher.start()
+        t0 = time.time()
+        try:
+            pacs.send_to_node(series_id, synchronous=True)
+            log(f"{item['id']} (JPEG Lossless SV1, stage {item['stage']}) sent by Orthanc to the node")
+            study_id = pacs.study_of(series_id)
+            rs_series = wait_for(pacs, study_id, "RTSTRUCT", args.timeout)
+        finally:
+            watcher.stop()
+        syntaxes = sorted({ts for ts, _ in watcher.seen.values()})
+        check(len(watcher.seen) == len(uploaded) and syntaxes == [JPEG_LOSSLESS_SV1],
+              f"{item['id']}: the node stored {len(watcher.seen)}/{len(uploaded)} instances, transfer syntax "
+              f"{syntaxes}")  # fmt: skip
+        same = sum(watcher.seen.get(sop, ("", b""))[1] == data for sop, data in uploaded.items())
+        check(same == len(uploaded), f"{item['id']}: {same}/{len(uploaded)} stored with the uploaded pixel data "
+              "byte for byte (not transcoded)")  # fmt: skip
+        check(len(rs_series) == 1, f"{item['id']}: one RTSTRUCT series in the study ({time.time() - t0:.1f} s)")
+        if len(rs_series) == 1:
+            (rs_instance,) = rs_series[0]["Instances"]
+            rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(rs_instance)))
+            check(rs.StudyInstanceUID == info.study_instance_uid and references_only_series(rs, info),
+                  f"{item['id']}: RTSTRUCT in the CT's study, referencing this series and only its slices")  # fmt: skip
+            own = bundle_dicom_inference(series_dir, work / "bundle" / item["id"], item["stage"])
+            d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
+            check(d >= 0.95, f"{item['id']}: RTSTRUCT of the .70 series vs the bundle's NIfTI of the uncompressed "
+                  f"series: Dice {d:.4f} >= 0.95")  # fmt: skip
+
+        names = [it["id"] for it in [*items, jpeg_item]]
         text = node.log_text()
         leaked = [n for n in names if f"SYNTHETIC^{n}" in text or n in text]  # PatientName / PatientID
         check(not leaked, "no patient name or ID in the node's log")

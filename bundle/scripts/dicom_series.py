@@ -61,6 +61,8 @@ META_SERIES_UID = "dicom_series_instance_uid"
 META_STUDY_UID = "dicom_study_instance_uid"
 META_FOR_UID = "dicom_frame_of_reference_uid"
 META_RESAMPLED = "dicom_resampled"
+#: whether the series was found by scanning sub-folders too (the writers then look for it the same way)
+META_RECURSIVE = "dicom_recursive"
 
 _ORIENTATION_TOL = 1e-4  # direction cosine agreement between slices
 _ORTHO_TOL = 1e-3  # unit length / orthogonality of the cosines
@@ -964,6 +966,7 @@ class DicomSeriesReader(ImageReader):
             "spacing": np.asarray(info.spacing),
         }
         meta.update(reference_meta(info))
+        meta[META_RECURSIVE] = bool(self.recursive)
         return volume, meta
 
 

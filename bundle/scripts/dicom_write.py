@@ -36,6 +36,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 
 from scripts.dicom_series import (
     LPS_TO_RAS,
+    META_RECURSIVE,
     META_RESAMPLED,
     META_SERIES_DIR,
     META_SERIES_UID,
@@ -474,8 +475,10 @@ def _resolve_series(series_info: SeriesInfo | Mapping[str, Any] | str | Path) ->
             raise ValueError(f"metadata has no {META_SERIES_DIR!r}: load the series with LoadDicomSeriesd.")
         uid = _single(series_info.get(META_SERIES_UID))
         resampled = bool(_single(series_info.get(META_RESAMPLED, False)))
+        recursive = bool(_single(series_info.get(META_RECURSIVE, False)))
         # the loader already applied the configured min_slices; 2 is the least that has a slice spacing
-        return read_series_info(str(folder), None if uid is None else str(uid), allow_resample=resampled, min_slices=2)
+        uid = None if uid is None else str(uid)
+        return read_series_info(str(folder), uid, allow_resample=resampled, recursive=recursive, min_slices=2)
     return read_series_info(series_info)
 
 

@@ -43,18 +43,20 @@ VARIANTS = ("erm", "oracle")
 THRESHOLD = 0.5
 
 
-def minority_table(per_case: Path, datalist: Path, n_boot: int = 2000, seed: int = 0) -> dict:
+def minority_table(per_case: Path, datalist: Path | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
     """Majority/minority Dice, minority failure rate and the gap with a bootstrap interval, from ``per_case.csv``.
 
-    The subtype of each case is read from the cohort's datalist (by id), so the table does not depend on the
-    evaluation writing it.
+    The subtype of each case is the CSV's ``subtype`` column (the evaluation writes it); without that column it is
+    read from the cohort's datalist (by id).
     """
-    lists = json.loads(datalist.read_text())
-    subtype = {
-        it["id"]: it.get("subtype", "majority") for k in ("training", "validation", "testing") for it in lists[k]
-    }
     with per_case.open() as f:
         rows = list(csv.DictReader(f))
+    if rows and "subtype" in rows[0]:
+        subtype = {r["id"]: r["subtype"] or "majority" for r in rows}
+    else:
+        lists = json.loads(Path(datalist).read_text())
+        items = [it for k in ("training", "validation", "testing") for it in lists[k]]
+        subtype = {it["id"]: it.get("subtype", "majority") for it in items}
     dice = np.array([float(r["dice"]) for r in rows])
     is_min = np.array([subtype[r["id"]] != "majority" for r in rows])
     maj, mino = dice[~is_min], dice[is_min]
@@ -73,25 +75,24 @@ def minority_table(per_case: Path, datalist: Path, n_boot: int = 2000, seed: int
 
 def choose_level(results: dict, kind: str, levels: list[int]) -> tuple[int | None, str]:
     """The default level of ``kind`` by the rule in the module notes, with the reason."""
-    placebo_ok = all(
-        results.get((kind, 0, v)) is None
-        or results[(kind, 0, v)]["gap_ci"][0] <= 0 <= results[(kind, 0, v)]["gap_ci"][1]
-        for v in VARIANTS
-    )
-    best, best_score = None, -1.0
+    placebo = [results.get((kind, 0, v)) for v in VARIANTS]
+    if any(r is None for r in placebo):
+        placebo_ok = "not yet measured"
+    else:
+        placebo_ok = "yes" if all(r["gap_ci"][0] <= 0 <= r["gap_ci"][1] for r in placebo) else "NO"
+    best, best_key, best_why = None, None, "no level has both runs yet"
     for level in sorted(lv for lv in levels if lv > 0):
         erm, oracle = results.get((kind, level, "erm")), results.get((kind, level, "oracle"))
         if erm is None or oracle is None:
             continue
         closed = (oracle["minority_dice"] - erm["minority_dice"]) / erm["gap"] if erm["gap"] > 0 else 0.0
-        ok = erm["minority_failure_rate"] >= 0.30 and closed >= 0.5
-        if ok:
-            why = f"ERM fails {erm['minority_failure_rate']:.0%} of the minority, oracle closes {closed:.0%} of the gap"
+        why = f"ERM fails {erm['minority_failure_rate']:.0%} of the minority, the oracle closes {closed:.0%} of the gap"
+        if erm["minority_failure_rate"] >= 0.30 and closed >= 0.5:
             return level, f"lowest level meeting both criteria: {why}; placebo clean: {placebo_ok}"
-        score = min(erm["minority_failure_rate"] / 0.30, closed / 0.5 if closed > 0 else 0.0)
-        if score > best_score:
-            best, best_score = level, score
-    return best, f"no level meets both criteria; closest (score {best_score:.2f}); placebo clean: {placebo_ok}"
+        key = (erm["minority_failure_rate"], erm["gap"])  # closest: where ERM fails most, then the widest gap
+        if best_key is None or key > best_key:
+            best, best_key, best_why = level, key, why
+    return best, f"no level meets both criteria; closest: {best_why}; placebo clean: {placebo_ok}"
 
 
 def write_report(results: dict, kinds: list[str], levels: list[int], out: Path, epochs: int, meta: dict) -> str:
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_dir, ran = runcache.run(spec, args.out, args.work / "data", args.work / "runs")
                     print(f"{spec.name}: {'ran' if ran else 'cached'} ({time.time() - t:.0f} s)", flush=True)
                 if (run_dir / "per_case.csv").is_file():
-                    data = args.work / "data" / runcache.cohort_name(cohort)
-                    results[(kind, level, variant)] = minority_table(run_dir / "per_case.csv", data / "datalist.json")
+                    data = args.work / "data" / runcache.cohort_name(cohort) / "datalist.json"
+                    results[(kind, level, variant)] = minority_table(run_dir / "per_case.csv", data)
                     write_report(results, args.kinds, args.levels, args.out, args.epochs, meta)
     print(write_report(results, args.kinds, args.levels, args.out, args.epochs, meta))
     return 0

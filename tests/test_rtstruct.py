@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from scipy.ndimage import binary_fill_holes, map_coordinates
+from plastimatch_check import needs_plastimatch, plastimatch_mask
+from scipy.ndimage import binary_fill_holes
 from scripts.dicom_series import read_series_info
 from scripts.dicom_write import VARIANTS, align_to_grid, phantom_case, write_ct_series
 from scripts.rtstruct import (
@@ -277,37 +278,8 @@ def test_rtstruct_referencing_an_unknown_image_is_refused(written):
 
 
 def _plastimatch_mask(path, info, out, *extra):
-    """Rasterise ``path`` with plastimatch on the CT of ``info``; return its mask sampled on our grid."""
-    subprocess.run(
-        [
-            "plastimatch",
-            "convert",
-            "--input",
-            str(path),
-            "--referenced-ct",
-            str(info.series_dir),
-            "--output-prefix",
-            str(out),
-            "--prefix-format",
-            "nii.gz",
-            *extra,
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    image = nib.load(out / "CTV.nii.gz")
-    theirs = np.asarray(image.dataobj) > 0
-    # sample plastimatch's mask at our voxel centres through both RAS affines, whatever its axis order
-    index = np.indices(info.shape).reshape(3, -1)
-    world = info.affine_ras @ np.vstack([index, np.ones(index.shape[1])])
-    at = (np.linalg.inv(image.affine) @ world)[:3]
-    return map_coordinates(theirs.astype(np.float32), at, order=0, cval=0.0).reshape(info.shape) > 0
-
-
-needs_plastimatch = pytest.mark.skipif(
-    shutil.which("plastimatch") is None, reason="plastimatch not installed (apt-get install plastimatch)"
-)
+    """Rasterise ``path``'s CTV with plastimatch on the CT of ``info``; return its mask sampled on our grid."""
+    return plastimatch_mask(path, info, out, "CTV", *extra)[0]
 
 
 @needs_plastimatch

@@ -13,7 +13,7 @@ provided level 0 (the placebo) shows no gap beyond noise (its interval contains 
 
 Usage (``make calibrate-cohort``)::
 
-    python bench/calibrate_cohort.py [--kinds necrotic distractor] [--levels 0 1 2 3] [--epochs 12]
+    python bench/calibrate_cohort.py [--kinds necrotic distractor] [--levels 0 1 2 3] [--epochs 6]
         [--out bench/results/calibration] [--work .bench_work] [--report-only]
 
 Runs are cached (``bench/runcache.py``): a rerun only trains what changed. ``--report-only`` rewrites the table
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", nargs="+", default=["necrotic", "distractor"])
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--out", type=Path, default=runcache.REPO / "bench" / "results" / "calibration")
     parser.add_argument("--work", type=Path, default=runcache.REPO / ".bench_work")
     parser.add_argument("--report-only", action="store_true")

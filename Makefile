@@ -16,7 +16,7 @@ BUNDLE_RUN := $(PY) -m monai.bundle run
 DEMO_RUN = $(abspath $(DEMO_DIR))/run
 DEMO_ARGS = --dataset_dir $(DEMO_DIR)/data --output_dir $(DEMO_RUN) --ckpt_dir $(DEMO_RUN)/models --seed $(DEMO_SEED)
 
-.PHONY: help setup demo demo-weights verify test lint format clean-demo check-data benchmark-fairness calibrate-cohort bench-dmoe bench-speed
+.PHONY: help setup demo demo-weights verify test lint format clean-demo check-data benchmark-fairness calibrate-cohort recipe-sweep bench-dmoe bench-speed
 
 help:
 	@echo "make demo   - set up .venv, generate the synthetic cohort, train FairDRO, evaluate, infer"
@@ -26,6 +26,7 @@ help:
 	@echo "make lint   - ruff check + format check"
 	@echo "make check-data DATALIST=path/to/datalist.json - report every problem in a cohort"
 	@echo "make benchmark-fairness - the fairness ablation, 46 cached runs (about 6 h on 2 CPUs); BENCH=smoke: 2 min"
+	@echo "make recipe-sweep - FairDRO's apply and min_ess chosen on the validation split (5 cached runs, about 45 min)"
 	@echo "make calibrate-cohort - the hidden minority's levels with ERM and the oracle (16 cached runs, about 2.5 h)"
 	@echo "make bench-dmoe - dMoE dispatch / overhead benchmark table"
 	@echo "make bench-speed - training step, sliding-window inference, data loading, memory tables"
@@ -106,6 +107,9 @@ check-data: setup
 # the hidden minority's difficulty levels, calibrated with ERM and the oracle only (runs cached in bench/results/calibration)
 calibrate-cohort: setup
 	$(PY) bench/calibrate_cohort.py $(CALIBRATE_ARGS)
+
+recipe-sweep: setup
+	$(PY) bench/recipe_sweep.py $(RECIPE_ARGS)
 
 # BENCH=full: the ablation plan into bench/results/ablation (runs cached); BENCH=smoke: 3 tiny runs in .bench_work
 BENCH ?= full

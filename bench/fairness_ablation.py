@@ -5,7 +5,7 @@ The plan (:func:`plan_tables`), run in this order, every run cached by ``bench/r
 - **main**: the default minority kind (``necrotic`` at ``synthetic.DEFAULT_DIFFICULTY``): erm and fairdro with
   seeds 0-4; groupdro, erm_cvar, dmoe, fairdro_empirical, fairdro_groupdro and oracle with seeds 0-2;
 - **dose-response**: the same kind at level 0 (the placebo: the minority looks like the majority) and at the
-  default level + 1 (at most 3), erm, fairdro and oracle, seeds 0-1;
+  default level + 1 (the default - 1 when the default is the hardest level, 3), erm, fairdro and oracle, seeds 0-1;
 - **carry-over**: the other kind (``distractor``) at its default level, erm, fairdro and oracle, seeds 0-1.
 
 Within a table the runs go seed by seed (every variant's seed 0 first), so a partial table already has one run of
@@ -56,7 +56,7 @@ import ablation_stats as stats  # noqa: E402
 import runcache  # noqa: E402
 
 sys.path.insert(0, str(runcache.BUNDLE))
-from scripts.synthetic import DEFAULT_DIFFICULTY  # noqa: E402
+from scripts.synthetic import DEFAULT_DIFFICULTY, LEVEL_SEVERITY  # noqa: E402
 
 REPO = runcache.REPO
 RESULTS = REPO / "bench" / "results" / "ablation"
@@ -67,6 +67,7 @@ COHORT = {"n_cases": 800, "shape": [64, 64, 32], "split": [0.3, 0.1, 0.6], "seed
 #: the recipe of every full-bench run: about 8 minutes per run (training + evaluation) on the 2-core CPU
 RECIPE = {"num_samples": 1, "batch_size": 2, "val_interval": 1, "epochs": 6}
 MINUTES_PER_RUN = 8
+MAX_LEVEL = len(LEVEL_SEVERITY) - 1
 MAIN_KIND = "necrotic"
 CARRY_KIND = "distractor"
 #: variant -> number of seeds (seeds 0..n-1) of the main table, in table order
@@ -126,7 +127,7 @@ def plan_tables(bench: str = "full") -> list[Table]:
         raise ValueError(f"unknown bench {bench!r}: 'full' or 'smoke'.")
     default = DEFAULT_DIFFICULTY[MAIN_KIND]
     tables = [_table("main", "main", {**COHORT, "minority": MAIN_KIND, "difficulty": default}, MAIN_SEEDS, RECIPE)]
-    for level in sorted({0, min(default + 1, 3)} - {default}):
+    for level in sorted({0, default + 1 if default < MAX_LEVEL else default - 1} - {default}):
         cohort = {**COHORT, "minority": MAIN_KIND, "difficulty": level}
         side = dict.fromkeys(SIDE_VARIANTS, SIDE_SEEDS)
         tables.append(_table(f"dose_response_l{level}", "dose_response", cohort, side, RECIPE))
@@ -465,6 +466,26 @@ def git_commit_paths(paths: list[Path], message: str, repo: Path = REPO, attempt
     return False
 
 
+def git_toplevel(path: Path) -> Path | None:
+    """The git working tree holding ``path`` (its nearest existing folder), or ``None``.
+
+    The benchmark may run from another worktree at a fixed commit and commit its results into the main one."""
+    folder = next((p for p in [path, *path.parents] if p.is_dir()), None)
+    if folder is None:
+        return None
+    res = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True)
+    return Path(res.stdout.strip()) if res.returncode == 0 else None
+
+
+def reusable(bench: str, out: Path) -> list[Path]:
+    """Folders of other benchmarks beside ``out`` whose identical runs (same key) are copied instead of trained: the
+    cohort calibration (ERM and the oracle, seed 0) and the recipe sweep (FairDRO, seed 0, one folder per setting)."""
+    if bench != "full":
+        return []
+    results = out.parent
+    return [results / "calibration", *sorted(p for p in (results / "recipe").glob("*") if p.is_dir())]
+
+
 def dry_run(tables: list[Table], out: Path) -> int:
     todo = 0
     for table in tables:
@@ -498,15 +519,16 @@ def main(argv: list[str] | None = None) -> int:
     tables = plan_tables(args.bench)
     if args.dry_run:
         return dry_run(tables, out)
-    if args.commit and not out.is_relative_to(REPO.resolve()):
-        parser.error(f"--commit needs --out inside the repository, got {out}")
+    repo = git_toplevel(out) if args.commit else None
+    if args.commit and repo is None:
+        parser.error(f"--commit needs --out inside a git working tree, got {out}")
     failed: list[str] = []
     t_start = time.time()
     if not args.report_only:
         for spec in plan(args.bench):
             t = time.time()
             try:
-                run_dir, ran = runcache.run(spec, out, work / "data", work / "runs")
+                run_dir, ran = runcache.run(spec, out, work / "data", work / "runs", sources=reusable(args.bench, out))
             except RuntimeError as exc:  # one failed run does not stop a long benchmark
                 print(f"{spec.name}: FAILED ({exc})", flush=True)
                 failed.append(spec.name)
@@ -517,12 +539,12 @@ def main(argv: list[str] | None = None) -> int:
                 report["failed_runs"] = failed
                 files = write_report(report, out)
                 if args.commit:
-                    git_commit_paths([run_dir, *files], f"ablation: {spec.name}")
+                    git_commit_paths([run_dir, *files], f"ablation: {spec.name}", repo)
     report = build_report(tables, out, args.bench)
     report["failed_runs"] = failed
     files = write_report(report, out)
     if args.commit and args.report_only:
-        git_commit_paths(files, "ablation: report")
+        git_commit_paths(files, "ablation: report", repo)
     print(render_markdown(report, (out / "dose_response.png").is_file()))
     print(f"report: {out / 'report.md'} ({time.time() - t_start:.0f} s)")
     return 1 if failed else 0

@@ -140,8 +140,13 @@ _EPOCH_METRIC = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
 _PAIR = re.compile(r"(\w+): ([-+0-9.eE]+|nan)")
 
 
+#: per-epoch curves kept in ``train_log.json`` besides ``val_mean_dice`` (the ESS log of the recipe)
+_CURVES = ("val_worst_group_dice", "val_worst_group_cvar", "dro_ess_frac", "dro_lam")
+
+
 def parse_train_log(text: str) -> dict[str, Any]:
-    """The validation curve and the last DRO summary from a training log (MONAI StatsHandler lines)."""
+    """The validation curves, the ESS per epoch and the last DRO summary from a training log (MONAI StatsHandler
+    lines)."""
     curve: dict[int, dict[str, float]] = {}
     for line in text.splitlines():
         m = _EPOCH_METRIC.search(line)
@@ -154,7 +159,8 @@ def parse_train_log(text: str) -> dict[str, Any]:
         dro = {k: v for k, v in curve[e].items() if k.startswith("dro_")}
         if dro:
             break
-    return {"val_mean_dice": val, "last_dro": dro}
+    curves = {name: {e: v[name] for e, v in sorted(curve.items()) if name in v} for name in _CURVES}
+    return {"val_mean_dice": val, "last_dro": dro, "curves": {k: c for k, c in curves.items() if c}}
 
 
 def _bundle(cmd: list[str], log: Path) -> None:
@@ -186,11 +192,26 @@ def execute(spec: RunSpec, data: Path, work: Path) -> dict[str, float]:
     return {"train_s": round(t1 - t0, 1), "evaluate_s": round(time.time() - t1, 1)}
 
 
-def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path) -> tuple[Path, bool]:
-    """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key; returns (folder, ran)."""
+def adopt(spec: RunSpec, key: str, out_root: Path, sources: list[Path]) -> bool:
+    """Copy the finished run of ``spec`` (same key) from the first of ``sources`` that holds it into ``out_root``
+    (its small files only); whether one was found. Another benchmark's identical run is thus never trained twice."""
+    for source in sources:
+        if source.resolve() != out_root.resolve() and is_done(source / spec.name, key):
+            dst = out_root / spec.name
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in (*_SMALL_FILES, "train_log.json", "run.json"):  # run.json last: marks the copy finished
+                if (source / spec.name / name).is_file():
+                    shutil.copyfile(source / spec.name / name, dst / name)
+            return True
+    return False
+
+
+def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources: list[Path] = ()) -> tuple[Path, bool]:
+    """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key, or one of ``sources`` does
+    (:func:`adopt`); returns (folder, ran)."""
     key = run_key(spec)
     run_dir = out_root / spec.name
-    if is_done(run_dir, key):
+    if is_done(run_dir, key) or adopt(spec, key, out_root, list(sources)):
         return run_dir, False
     data = ensure_cohort(spec.cohort, data_root)
     work = work_root / spec.name

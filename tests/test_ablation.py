@@ -170,7 +170,7 @@ def test_full_plan_matches_the_design():
     default = fa.DEFAULT_DIFFICULTY["necrotic"]
     assert main.cohort == {**fa.COHORT, "minority": "necrotic", "difficulty": default}
     dose = [t for t in tables.values() if t.section == "dose_response"]
-    assert sorted(t.level for t in dose) == sorted({0, min(default + 1, 3)} - {default})
+    assert len(dose) == 2 and dose[0].level == 0 and abs(dose[1].level - default) == 1
     assert tables["carry_over"].cohort["minority"] == "distractor"
     for t in [*dose, tables["carry_over"]]:
         assert sorted((s.variant, s.seed) for s in t.specs) == [(v, s) for v in ALL_VARIANTS for s in (0, 1)]
@@ -330,3 +330,43 @@ def test_verdict():
     assert "not yet measured" in st.verdict(_report(wgd, done={"erm": 0, "groupdro": 0}))
     assert "not yet measured" in st.verdict({"tables": {}})
     assert "paired comparison is not yet measured" in st.verdict(_report(wgd))
+
+
+@pytest.mark.parametrize("default, expected", [(1, [0, 2]), (2, [0, 3]), (3, [0, 2])])
+def test_dose_response_levels_step_away_from_the_default(monkeypatch, default, expected):
+    monkeypatch.setitem(fa.DEFAULT_DIFFICULTY, "necrotic", default)
+    levels = [t.level for t in fa.plan_tables("full") if t.section == "dose_response"]
+    assert levels == expected  # one level harder, or one easier from the hardest level (3)
+
+
+def test_run_adopts_an_identical_finished_run_from_another_benchmark(monkeypatch, tmp_path):
+    fake = FakeExecute()
+    monkeypatch.setattr(runcache, "execute", fake)
+    monkeypatch.setattr(runcache, "ensure_cohort", lambda cohort, root: root / "c")
+    monkeypatch.setattr(runcache, "git_commit", lambda: "abc1234")
+    spec = tiny_tables()[0].specs[0]
+    calib, out = tmp_path / "calibration", tmp_path / "ablation"
+    runcache.run(spec, calib, tmp_path / "data", tmp_path / "w1")
+    assert len(fake.calls) == 1
+    run_dir, ran = runcache.run(spec, out, tmp_path / "data", tmp_path / "w2", sources=[calib])
+    assert not ran and len(fake.calls) == 1  # copied, not trained
+    for name in ("run.json", "per_case.csv", "metrics.json", "train_log.json"):
+        assert (run_dir / name).read_bytes() == (calib / spec.name / name).read_bytes()
+    other = runcache.RunSpec(spec.variant, spec.seed, spec.cohort, {**spec.overrides, "epochs": 3})
+    _, ran = runcache.run(other, out, tmp_path / "data", tmp_path / "w3", sources=[calib])
+    assert ran and len(fake.calls) == 2  # another key: trained
+
+
+def test_parse_train_log_keeps_the_per_epoch_curves():
+    log = (
+        "INFO Epoch[1] Metrics -- val_mean_dice: 0.5000 val_worst_group_dice: 0.4000\n"
+        "INFO Epoch[1] Metrics -- dro_ess_frac: 1.0000 dro_lam: 0.0000\n"
+        "INFO Epoch[2] Metrics -- val_mean_dice: 0.6000 val_worst_group_dice: 0.3500\n"
+        "INFO Epoch[2] Metrics -- dro_ess_frac: 0.5000 dro_lam: 0.2500\n"
+    )
+    parsed = runcache.parse_train_log(log)
+    assert parsed["val_mean_dice"] == {1: 0.5, 2: 0.6}
+    assert parsed["curves"] == {
+        "val_worst_group_dice": {1: 0.4, 2: 0.35}, "dro_ess_frac": {1: 1.0, 2: 0.5}, "dro_lam": {1: 0.0, 2: 0.25}
+    }  # fmt: skip
+    assert parsed["last_dro"] == {"dro_ess_frac": 0.5, "dro_lam": 0.25}

@@ -83,8 +83,8 @@ MINORITY_KINDS = ("necrotic", "distractor")
 DEFAULT_MINORITY = "necrotic"
 DEFAULT_MINORITY_FRAC = 0.15
 MIN_MINORITY_FRAC = 0.05
-#: default difficulty per kind, chosen by the ERM/oracle calibration (model card, *Calibration*)
-DEFAULT_DIFFICULTY = {"necrotic": 2, "distractor": 2}
+#: default difficulty per kind: the closest to the calibration criteria (model card, *Calibration results*)
+DEFAULT_DIFFICULTY = {"necrotic": 3, "distractor": 3}
 #: how far the minority's rule departs from the majority's, per level (0 = placebo), used by every kind
 LEVEL_SEVERITY = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
 DEFAULT_SPLIT = (0.6, 0.2, 0.2)

@@ -25,12 +25,13 @@ Usage::
     make benchmark-fairness                 # the whole plan (cached runs are skipped)
     make benchmark-fairness BENCH=smoke     # the same code path on a tiny plan (3 runs, about 2 minutes)
     python bench/fairness_ablation.py [--bench full|smoke] [--out DIR] [--work DIR]
-        [--commit] [--report-only] [--dry-run]
+        [--commit] [--report-only] [--dry-run] [--variants V [V ...]]
 
 - ``--commit``: after each finished run, ``git add`` its folder and the report and commit them (``ablation: <run
   name>``), so a benchmark running in the background keeps its results across sessions;
 - ``--report-only``: rebuild the report from the finished runs, train nothing;
-- ``--dry-run``: print the plan, which runs are cached and which would run.
+- ``--dry-run``: print the plan, which runs are cached and which would run;
+- ``--variants``: run only these variants' runs (for example those that a pending recipe change cannot affect).
 
 The smoke bench writes under ``<work>/smoke_results`` (never the committed folder); a second smoke run is served
 from the cache (delete that folder to train again).
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run and the report")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report, train nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is cached")
+    parser.add_argument("--variants", nargs="+", metavar="V", help="run only these variants (the report has all)")
     args = parser.parse_args(argv)  # fmt: skip
     work = args.work.resolve()
     out = (args.out or (work / "smoke_results" if args.bench == "smoke" else RESULTS)).resolve()
@@ -526,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     if not args.report_only:
         for spec in plan(args.bench):
+            if args.variants and spec.variant not in args.variants:
+                continue
             t = time.time()
             try:
                 run_dir, ran = runcache.run(spec, out, work / "data", work / "runs", sources=reusable(args.bench, out))

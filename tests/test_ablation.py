@@ -370,3 +370,8 @@ def test_parse_train_log_keeps_the_per_epoch_curves():
         "val_worst_group_dice": {1: 0.4, 2: 0.35}, "dro_ess_frac": {1: 1.0, 2: 0.5}, "dro_lam": {1: 0.0, 2: 0.25}
     }  # fmt: skip
     assert parsed["last_dro"] == {"dro_ess_frac": 0.5, "dro_lam": 0.25}
+
+
+def test_variants_option_runs_only_those(bench):
+    assert bench("--variants", "erm", "oracle") == ["erm_necrotic_l2_s0", "oracle_necrotic_l2_s0"]
+    assert bench() == ["fairdro_necrotic_l2_s0"]  # the rest of the plan, later

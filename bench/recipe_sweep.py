@@ -4,7 +4,8 @@ Every run is ``fairdro`` (seed 0) on the ablation's main cohort (``necrotic`` at
 64x64x32, split 0.3/0.1/0.6) with the ablation's recipe, and one setting changed:
 
 1. ``dro#apply``: ``sample`` against ``loss``, both at ``min_ess`` 0.5;
-2. ``dro#min_ess``: 0.25, 0.5 and 0.75 under the ``apply`` chosen in step 1.
+2. ``dro#min_ess``: 0.25, 0.5 and 0.75 under the ``apply`` chosen in step 1;
+3. the schedule: ERM with twice the recipe's epochs, against the recipe's (does the validation curve still rise?).
 
 ERM on the same cohort (seed 0, the calibration's run) is the reference. Each run is trained by
 ``bench/runcache.py`` (cached; the testing evaluation it also writes is kept for the ablation and never read here)
@@ -43,6 +44,8 @@ BASE = {"dro#apply": "sample", "dro#min_ess": 0.5}
 APPLY = ("sample", "loss")
 MIN_ESS = (0.25, 0.5, 0.75)
 SEED = 0
+#: the schedule check: ERM with twice the recipe's epochs (does its validation curve still rise?)
+LONG_EPOCHS = 2 * fa.RECIPE["epochs"]
 #: the calibration's results beside ``--out`` (its ERM run on the main cohort is this sweep's reference)
 CALIBRATION = "calibration"
 
@@ -142,7 +145,7 @@ def sweep(out: Path, work: Path, report_only: bool) -> dict[str, Any]:
             if not (run_dir / "validation" / "metrics.json").is_file():
                 return None
         else:  # ERM's weights are the calibration's (same scratch folder); each setting trains in its own
-            runs = work / "runs" if variant == "erm" else work / "recipe" / name
+            runs = work / "runs" if name == "erm" else work / "recipe" / name
             run_dir = run_with_validation(spec, out / name, work, runs, [out.parent / CALIBRATION])
         results[name] = {**summarize(run_dir), "setting": setting or {}}
         return results[name]
@@ -154,7 +157,19 @@ def sweep(out: Path, work: Path, report_only: bool) -> dict[str, Any]:
         ess_options = [{**chosen, "dro#min_ess": e} for e in (0.5, *[e for e in MIN_ESS if e != 0.5])]
         if all(measure("fairdro", o, setting_name(o)) for o in ess_options):
             _, steps["min_ess"] = choose(results, ess_options)
+    long_run = f"erm_{LONG_EPOCHS}ep"
+    if measure("erm", {"epochs": LONG_EPOCHS}, long_run) and "erm" in results:
+        steps["schedule"] = schedule_check(results["erm"], results[long_run])
     return {"results": results, "choices": steps}
+
+
+def schedule_check(short: dict[str, Any], long: dict[str, Any]) -> str:
+    """ERM with the recipe's epochs against twice as many: what the longer schedule adds on validation."""
+    return (
+        f"ERM, {fa.RECIPE['epochs']} against {LONG_EPOCHS} epochs: mean Dice {short['mean_dice']:.3f} / "
+        f"{long['mean_dice']:.3f}, worst-group Dice {short['worst_group_dice']:.3f} / {long['worst_group_dice']:.3f}, "
+        f"minority Dice {short['minority_dice']:.3f} / {long['minority_dice']:.3f}"
+    )
 
 
 def render(report: dict[str, Any]) -> str:

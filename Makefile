@@ -93,12 +93,12 @@ demo-weights: setup
 	$(PY) -m monai.bundle ckpt_export network_def --filepath bundle/models/model.ts \
 		--ckpt_file bundle/models/model.pt --meta_file bundle/configs/metadata.json \
 		--config_file bundle/configs/inference.json
-	$(PY) bundle/scripts/write_large_files.py --bundle-dir bundle --url-base "$(RELEASE_URL)"
+	$(PY) tools/write_large_files.py --bundle-dir bundle --url-base "$(RELEASE_URL)"
 
 # every official check; fails on the first problem
 SCHEMA := $(wildcard ../shared/monai/meta_schema_20240725.json)
 verify: setup
-	$(PY) bundle/scripts/verify_bundle.py --bundle-dir bundle $(if $(SCHEMA),--schema $(SCHEMA))
+	$(PY) tools/verify_bundle.py --bundle-dir bundle $(if $(SCHEMA),--schema $(SCHEMA))
 
 check-data: setup
 	@test -n "$(DATALIST)" || { echo "usage: make check-data DATALIST=path/to/datalist.json"; exit 2; }
@@ -122,8 +122,9 @@ bench-dmoe: setup
 bench-speed: setup
 	$(PY) bench/bench_speed.py --channels-last
 
+# -rs: the summary lists every skipped test with its reason (no plastimatch, dciodvfy, dcmtk or metadata schema)
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 lint: setup
 	$(PY) -m ruff check bundle tests bench tools deploy

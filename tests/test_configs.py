@@ -11,7 +11,6 @@ from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 #: keys that train.json and inference.json must define identically (both files are standalone)
 SHARED = ["spacing", "hu_window", "patch_size", "subgroup_key", "subgroups", "features", "num_experts", "top_k",
@@ -73,15 +72,13 @@ def test_every_reference_resolves_to_an_existing_id(stack):
     assert not missing, f"{stack}: references to undefined ids {sorted(set(missing))}"
 
 
-def test_metadata_verifies_offline():
-    if not SCHEMA.exists():
-        pytest.skip(f"schema copy not found at {SCHEMA}")
+def test_metadata_verifies_offline(meta_schema):
     meta = _load("metadata.json")
     assert meta["version"] in meta["changelog"]
     assert "optional_packages_version" not in meta
     res = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
-         "--filepath", str(SCHEMA)],
+         "--filepath", str(meta_schema)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert res.returncode == 0 and "verified with no error" in res.stdout + res.stderr, res.stderr[-2000:]

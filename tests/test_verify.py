@@ -1,4 +1,4 @@
-"""`make verify` (bundle/scripts/verify_bundle.py): passes on the shipped bundle, fails loudly on a broken copy."""
+"""`make verify` (tools/verify_bundle.py): passes on the shipped bundle, fails loudly on a broken copy."""
 
 import io
 import json
@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 from scripts.safe_io import read_large_files, sha256_file
-from scripts.verify_bundle import verify_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
-#: verify_metadata needs the schema; without the local copy it downloads it, and tests run offline
-needs_schema = pytest.mark.skipif(not SCHEMA.is_file(), reason=f"no offline metadata schema at {SCHEMA}")
+sys.path.insert(0, str(REPO / "tools"))
+from verify_bundle import verify_bundle  # noqa: E402
 
 
 def _copy_bundle(tmp_path: Path) -> Path:
@@ -24,17 +22,16 @@ def _copy_bundle(tmp_path: Path) -> Path:
     return dst
 
 
-def _verify(bundle_dir: Path) -> tuple[bool, str]:
+def _verify(bundle_dir: Path, schema: Path) -> tuple[bool, str]:
     out = io.StringIO()
-    ok = verify_bundle(bundle_dir, str(SCHEMA), out=out)
+    ok = verify_bundle(bundle_dir, str(schema), out=out)
     return ok, out.getvalue()
 
 
-@needs_schema
 @pytest.mark.slow
-def test_verify_passes_on_the_repo_bundle():
-    res = subprocess.run([sys.executable, str(BUNDLE / "scripts" / "verify_bundle.py"), "--bundle-dir", str(BUNDLE),
-                          "--schema", str(SCHEMA)], capture_output=True, text=True, check=False)  # fmt: skip
+def test_verify_passes_on_the_repo_bundle(meta_schema):
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "verify_bundle.py"), "--bundle-dir", str(BUNDLE),
+                          "--schema", str(meta_schema)], capture_output=True, text=True, check=False)  # fmt: skip
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     for check in ("files", "verify_metadata", "changelog", "hashes", "verify_net_in_out", "ckpt_export"):
         assert f"PASS {check}:" in res.stdout, check
@@ -42,15 +39,14 @@ def test_verify_passes_on_the_repo_bundle():
     assert "FAIL" not in res.stdout and "ALL CHECKS PASSED" in res.stdout
 
 
-@needs_schema
-def test_verify_fails_on_a_tampered_weight_file(tmp_path):
+def test_verify_fails_on_a_tampered_weight_file(tmp_path, meta_schema):
     bundle = _copy_bundle(tmp_path)
     weights = bundle / "models" / "model.pt"
     recorded = {e["path"]: e["hash_val"] for e in read_large_files(bundle / "large_files.yml")}["models/model.pt"]
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit deep inside the tensor data
     weights.write_bytes(bytes(data))
-    ok, out = _verify(bundle)
+    ok, out = _verify(bundle, meta_schema)
     assert not ok
     fail = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert len(fail) == 1 and fail[0].startswith("FAIL hashes:"), out
@@ -58,14 +54,13 @@ def test_verify_fails_on_a_tampered_weight_file(tmp_path):
     assert "PASS verify_net_in_out" not in out, "verification stops at the first failure"
 
 
-@needs_schema
-def test_verify_fails_when_the_version_is_not_in_the_changelog(tmp_path):
+def test_verify_fails_when_the_version_is_not_in_the_changelog(tmp_path, meta_schema):
     bundle = _copy_bundle(tmp_path)
     meta_path = bundle / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta["version"] = "9.9.9"
     meta_path.write_text(json.dumps(meta, indent=4))
-    ok, out = _verify(bundle)
+    ok, out = _verify(bundle, meta_schema)
     assert not ok
     assert "PASS verify_metadata" in out  # the schema accepts it: only the changelog check catches it
     assert "FAIL changelog:" in out and "'9.9.9'" in out and "0.2.0" in out, out
@@ -74,7 +69,7 @@ def test_verify_fails_when_the_version_is_not_in_the_changelog(tmp_path):
 def test_verify_reports_missing_files(tmp_path):
     bundle = _copy_bundle(tmp_path)
     (bundle / "docs" / "data_license.txt").unlink()
-    ok, out = _verify(bundle)
+    ok, out = _verify(bundle, tmp_path / "unused_schema.json")  # the files check fails before the schema is read
     assert not ok and "FAIL files:" in out and "docs/data_license.txt" in out, out
 
 

@@ -5,34 +5,41 @@ relative to the bundle, ``url``, ``hash_val``, ``hash_type``). ``url`` is where 
 the file: ``<url-base>/<file name>``, by default
 ``https://github.com/OWNER/REPO/releases/download/v<metadata version>/``. Until a release with those assets is
 published the URLs are a pattern, not a working download; the hashes are always those of the files on disk, so
-``verify_bundle.py`` and ``inference.json``'s ``large_files_yml`` check the committed files against them.
+``tools/verify_bundle.py`` and ``inference.json``'s ``large_files_yml`` check the committed files against them.
 
-Command line::
+A release tool of the repository (run by ``make demo-weights``), not part of the shipped bundle. Command line::
 
-    python bundle/scripts/write_large_files.py --bundle-dir bundle [--url-base URL] [--files models/model.pt ...]
+    python tools/write_large_files.py --bundle-dir bundle [--url-base URL] [--files models/model.pt ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the bundle's `scripts` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scripts.safe_io import sha256_file  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_FILES = ("models/model.pt", "models/model.ts")
 DEFAULT_URL_BASE = "https://github.com/OWNER/REPO/releases/download/v{version}"
 
 HEADER = """\
 # Weight files of this bundle, for `python -m monai.bundle download_large_files --bundle_path <bundle>`.
-# Written by `make demo-weights` (bundle/scripts/write_large_files.py); hash_val is the sha256 of the committed
+# Written by `make demo-weights` in the bundle's source repository; hash_val is the sha256 of the committed
 # file. url is where a published GitHub release of this bundle puts the file (release tag v<version>, asset
 # named as the file); it is the download location once such a release is published, a pattern until then.
 """
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_large_files(bundle_dir: str | Path, url_base: str | None = None, files=DEFAULT_FILES) -> Path:
@@ -58,7 +65,7 @@ def write_large_files(bundle_dir: str | Path, url_base: str | None = None, files
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle-dir", default=str(Path(__file__).resolve().parents[1]))
+    parser.add_argument("--bundle-dir", default=str(REPO / "bundle"))
     parser.add_argument("--url-base", default=None, help=f"release download folder (default {DEFAULT_URL_BASE})")
     parser.add_argument("--files", nargs="+", default=list(DEFAULT_FILES))
     args = parser.parse_args(argv)

@@ -19,9 +19,10 @@ usage errors):
    inference+inference_dicom; the multi-GPU stacks are parsed only (they need ``torchrun``), with their
    required property ids present.
 
-Command line::
+A repository tool (``make verify``), as model-zoo keeps its checks in ``ci/``; it imports the checked bundle's own
+``scripts`` package from ``--bundle-dir``. Command line::
 
-    python bundle/scripts/verify_bundle.py --bundle-dir bundle [--schema PATH_TO/meta_schema_20240725.json]
+    python tools/verify_bundle.py --bundle-dir bundle [--schema PATH_TO/meta_schema_20240725.json]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "models/model.pt")
 PREFERRED_FILES = ("configs/inference.json", "docs/README.md", "docs/data_license.txt")
 WEIGHT_FILES = ("models/model.pt", "models/model.ts")
@@ -128,7 +130,6 @@ def check_net_in_out(bundle_dir: Path, **_) -> str:
 def check_export(bundle_dir: Path, **_) -> str:
     import torch
     from monai.bundle import ConfigParser
-
     from scripts.safe_io import load_weights
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +188,6 @@ def check_workflows(bundle_dir: Path, report, **_) -> None:
     from monai.bundle import ConfigWorkflow
     from monai.bundle.properties import TrainProperties
     from monai.utils import BundleProperty, BundlePropertyConfig
-
     from scripts.synthetic import generate_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,7 +263,7 @@ def verify_bundle(bundle_dir: str | Path, schema: str | None = None, out=None) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle-dir", default=str(Path(__file__).resolve().parents[1]), help="the bundle folder")
+    parser.add_argument("--bundle-dir", default=str(REPO / "bundle"), help="the bundle folder")
     parser.add_argument("--schema", default=None, help="local meta_schema_*.json (default: download it)")
     args = parser.parse_args(argv)
     if not Path(args.bundle_dir).is_dir():

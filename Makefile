@@ -211,7 +211,7 @@ NODE_CONFIG ?=
 NODE_ARGS ?=
 .PHONY: dicom-node test-pacs bench-pacs orthanc
 dicom-node: setup
-	$(PY) -m scripts.dicom_node --config bundle/configs/dicom_node.json $(NODE_CONFIG) $(NODE_ARGS)
+	PYTHONPATH=deploy $(PY) -m dicom_node --config deploy/dicom_node.json $(NODE_CONFIG) $(NODE_ARGS)
 
 # the clinical loop against a real Orthanc (Debian orthanc + orthanc-dicomweb, installed when missing)
 # dcmtk: tools/pacs_check.py encodes a JPEG-lossless series with dcmcjpeg for the compressed round trip

@@ -21,11 +21,16 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from scripts import synthetic
-from scripts.dicom_node import DicomNode, DicomNodeError, SubgroupSource, _parse_overrides, series_fingerprint
 from scripts.dicom_series import read_series_info
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
+NODE_CONFIG = REPO / "deploy" / "dicom_node.json"
+sys.path.insert(0, str(REPO / "deploy"))  # the node's package, as PYTHONPATH=deploy does for `python -m dicom_node`
+
+from dicom_node import DicomNode, DicomNodeError, SubgroupSource, series_fingerprint  # noqa: E402
+from dicom_node.cli import _parse_overrides  # noqa: E402
+
 NET = {"features": 4, "num_experts": 4}
 NAME, PID = "CANARY^PRIVACY^ZQXW", "PID-CANARY-88231"  # must never reach a log
 FAST_RETRY = {"initial_seconds": 0.2, "max_seconds": 1.0, "factor": 2.0}
@@ -34,7 +39,9 @@ FAST_RETRY = {"initial_seconds": 0.2, "max_seconds": 1.0, "factor": 2.0}
 @pytest.fixture(autouse=True)
 def _node_logger_enabled():
     # another test's ConfigWorkflow may apply the bundle's logging.conf, which disables existing loggers
-    logging.getLogger("scripts.dicom_node").disabled = False
+    for name in list(logging.root.manager.loggerDict):
+        if name == "dicom_node" or name.startswith("dicom_node."):
+            logging.getLogger(name).disabled = False
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +161,7 @@ def _wait(predicate, timeout: float) -> bool:
 
 
 def _node_records(caplog, level: int) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "scripts.dicom_node" and r.levelno == level]
+    return [r for r in caplog.records if r.name.startswith("dicom_node") and r.levelno == level]
 
 
 # --------------------------------------------------------------------------------------------- configuration
@@ -162,7 +169,7 @@ def _node_records(caplog, level: int) -> list[logging.LogRecord]:
 
 def test_config_builds_the_node_with_cli_overrides(tmp_path):
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "dicom_node.json"))
+    parser.read_config(str(NODE_CONFIG))
     structure = {"_meta_", "imports", "settings_help", "bundle_root", "node", "initialize", "run", "finalize"}
     assert sorted(set(parser.config) - structure) == sorted(parser["settings_help"]), "every setting is documented"
     assert parser["run"] == ["$@node.serve_forever()"]
@@ -415,7 +422,8 @@ def test_delivery_is_retried_with_backoff_and_resumed_after_restart(cohort, tmp_
 
 
 def _start_process(command: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "bundle")}
+    path = os.pathsep.join([str(REPO / "bundle"), str(REPO / "deploy")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     with open(log, "ab") as out:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -433,7 +441,7 @@ def test_sigkill_loses_nothing_that_was_acknowledged(cohort, tmp_path):
     }
     args = [arg for k, v in settings.items() for arg in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
     sent = cohort.series[:3]
-    proc = _start_process([sys.executable, "-m", "scripts.dicom_node", "--config", str(CONFIGS / "dicom_node.json"),
+    proc = _start_process([sys.executable, "-m", "dicom_node", "--config", str(NODE_CONFIG),
                            "--quiet_seconds", "3600", *args], log)  # fmt: skip
     try:
         assert _wait(lambda: proc.poll() is None and _echo(port), 90), log.read_text()
@@ -448,7 +456,7 @@ def test_sigkill_loses_nothing_that_was_acknowledged(cohort, tmp_path):
     shutil.move(work / "spool" / _uid(sent[2]), work / "processing" / _uid(sent[2]))
 
     proc = _start_process([sys.executable, "-m", "monai.bundle", "run", "--config_file",
-                           str(CONFIGS / "dicom_node.json"), "--quiet_seconds", "2", *args], log)  # fmt: skip
+                           str(NODE_CONFIG), "--quiet_seconds", "2", *args], log)  # fmt: skip
     try:
         assert receiver.wait_for(len(sent), 240), log.read_text()[-5000:]
         proc.send_signal(signal.SIGTERM)

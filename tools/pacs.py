@@ -9,7 +9,7 @@
   (``tools/pacs_check.py`` checks that a JPEG-lossless series reaches the node untranscoded). REST helpers for
   uploading, sending to a modality and finding what arrived in a study.
 * :class:`NodeProcess`: the bundle's DICOM node as a separate process, started with the documented command
-  (``python -m scripts.dicom_node --config bundle/configs/dicom_node.json <overrides.json>``), so it can be
+  (``python -m dicom_node --config deploy/dicom_node.json <overrides.json>``), so it can be
   killed with SIGKILL like a real crash.
 
 Nothing here is bundle code; it drives real programs for tests and measurements.
@@ -194,11 +194,11 @@ def node_settings(work: Path, port: int, subgroup_table: Path, quiet_seconds: fl
 
 
 class NodeProcess:
-    """The DICOM node in its own process (``python -m scripts.dicom_node``), killable like a real crash.
+    """The DICOM node in its own process (``python -m dicom_node``), killable like a real crash.
 
     Args:
         work: folder for the override config and the node's log.
-        overrides: config settings over ``bundle/configs/dicom_node.json`` (port, work_dir, destinations, ...).
+        overrides: config settings over ``deploy/dicom_node.json`` (port, work_dir, destinations, ...).
     """
 
     def __init__(self, work: Path, overrides: dict[str, Any]):
@@ -219,9 +219,9 @@ class NodeProcess:
         cfg.write_text(json.dumps(self.overrides, indent=2))
         self.log_path = self.work / f"node_{self.runs}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop/kill)
-        env = dict(os.environ, PYTHONPATH=str(BUNDLE), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-        cmd = [sys.executable, "-m", "scripts.dicom_node", "--config", str(BUNDLE / "configs" / "dicom_node.json"),
-               str(cfg)]  # fmt: skip
+        path = os.pathsep.join([str(BUNDLE), str(REPO / "deploy")])
+        env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        cmd = [sys.executable, "-m", "dicom_node", "--config", str(REPO / "deploy" / "dicom_node.json"), str(cfg)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         ae = AE(ae_title=self.overrides.get("allowed_calling_aets", [ORTHANC_AET])[0])
         ae.add_requested_context(Verification)

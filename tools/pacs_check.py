@@ -4,7 +4,7 @@ Run with the main venv's python. Steps:
 
 1. a synthetic cohort with DICOM CT series (several storage orders and an oblique one);
 2. a throw-away Orthanc on loopback (tools/pacs.py) with our node registered as modality ``fairdro``;
-3. the node started with the documented command (``python -m scripts.dicom_node``), calling AE ``ORTHANC``
+3. the node started with the documented command (``python -m dicom_node``), calling AE ``ORTHANC``
    allowed, Orthanc as destination, subgroup from a lookup table keyed by PatientID, SEG also sent;
 4. the CT series uploaded to Orthanc (REST ``POST /instances``; the case's reference RTSTRUCT is not), then
    sent by Orthanc to the node (REST ``POST /modalities/fairdro/store``);

@@ -1,0 +1,226 @@
+"""The inference worker: queues quiet series, runs the bundle's DICOM inference one series at a time, and publishes
+each result (or moves the series to failed/)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scripts.dicom_series import DicomSeriesError, read_header
+from scripts.safe_io import atomic_write_bytes, atomic_write_json, fsync_folder
+
+from .metrics import NodeMetrics
+from .sender import Outbox
+from .settings import Destination, now_iso, read_json, series_fingerprint
+from .spool import Spool
+from .storage import DiskGuard
+from .subgroups import SubgroupSource
+
+logger = logging.getLogger(__name__)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file of a folder, then the folder (inference writers do not fsync)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_folder(str(folder))
+
+
+def _series_error(err: BaseException | None) -> DicomSeriesError | None:
+    """The DicomSeriesError in an exception chain (MONAI and ignite wrap transform errors), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DicomSeriesError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class Worker:
+    """One thread turning quiet spool series into results, strictly one series at a time.
+
+    Below the disk floor no new series is started; the worker resumes on its own when space returns.
+    """
+
+    def __init__(self, spool: Spool, results: Path, failed: Path, outbox: Outbox, disk: DiskGuard,
+                 metrics: NodeMetrics, subgroup_source: SubgroupSource, inference_config_files: Sequence[str],
+                 inference_overrides: Mapping[str, Any], destinations: Sequence[Destination], send_seg: bool,
+                 quiet_seconds: float):  # fmt: skip
+        self.spool, self.results, self.failed, self.outbox = spool, Path(results), Path(failed), outbox
+        self.disk, self.metrics, self.subgroup_source = disk, metrics, subgroup_source
+        self.inference_config_files, self.inference_overrides = list(inference_config_files), dict(inference_overrides)
+        self.destinations, self.send_seg, self.quiet_seconds = list(destinations), send_seg, quiet_seconds
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._queued: set[str] = set()
+        self.current: str | None = None
+
+    def enqueue(self, uid: str) -> None:
+        with self._lock:
+            if uid not in self._queued:
+                self._queued.add(uid)
+                self._queue.put(uid)
+
+    def queue_quiet_series(self) -> None:
+        """Queue every spooled series that has been quiet for ``quiet_seconds`` (called by the watcher)."""
+        for uid in self.spool.quiet(self.quiet_seconds):
+            self.enqueue(uid)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._queued or self.current)
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._queued)
+
+    def loop(self, stop: threading.Event, poll_seconds: float) -> None:
+        while not stop.is_set():
+            try:
+                uid = self._queue.get(timeout=poll_seconds)
+            except queue.Empty:
+                continue
+            while not stop.is_set() and not self.disk.above_floor():
+                stop.wait(max(poll_seconds, 1.0))  # below the floor: start nothing until space returns
+            try:
+                if self.spool.claim(uid, self.quiet_seconds):
+                    with self._lock:
+                        self.current = uid
+                        self._queued.discard(uid)
+                    self.process(uid)
+            except Exception:  # keep serving; the series stays on disk and is queued again at the next start
+                logger.exception("Series %s: unexpected error; it is queued again at the next start.", uid)
+            finally:
+                with self._lock:
+                    self.current = None
+                    self._queued.discard(uid)
+
+    def _is_duplicate(self, uid: str, sop_uids: list[str], fingerprint: str) -> bool:
+        """Whether the arrival repeats (some of) the instances of the series' current result."""
+        previous = read_json(self.results / uid / "result.json")
+        if not previous:
+            return False
+        if previous.get("fingerprint") == fingerprint or set(sop_uids) <= set(previous.get("sop_instance_uids", [])):
+            return True
+        logger.info(
+            "Series %s: instance set differs from the earlier result (%s -> %d instances); re-processing, the "
+            "earlier result will be replaced.", uid, previous.get("instance_count"), len(sop_uids),
+        )  # fmt: skip
+        return False
+
+    def process(self, uid: str) -> None:
+        """Infer one claimed series into results/ (or move it to failed/), then queue its delivery."""
+        folder = self.spool.processing_dir / uid
+        files = sorted(p for p in folder.glob("*.dcm") if not p.name.startswith("."))
+        if not files:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        sop_uids = sorted(p.stem for p in files)  # file names are the SOPInstanceUIDs
+        fingerprint = series_fingerprint(sop_uids)
+        if self._is_duplicate(uid, sop_uids, fingerprint):
+            logger.info("Series %s: duplicate of its processed result (%d instances); not re-sent.", uid, len(files))
+            shutil.rmtree(folder)
+            self.metrics.inc("duplicates")
+            return
+        started = time.monotonic()
+        last_instance_at = max(p.stat().st_mtime for p in files)  # written just before its acknowledgement
+        tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", suffix=".tmp", dir=self.results))
+        try:
+            subgroup = self.subgroup_source.resolve(read_header(files[0]), uid)
+            names = self._infer(folder, tmp, subgroup)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._fail(uid, folder, err)
+            return
+        result = {
+            "series_instance_uid": uid,
+            "instance_count": len(files),
+            "fingerprint": fingerprint,
+            "sop_instance_uids": sop_uids,
+            "subgroup": subgroup,
+            "files": names,
+            "timings": {"inference_seconds": round(time.monotonic() - started, 3), "finished_at": now_iso()},
+            "last_instance_at": last_instance_at,
+        }
+        self._publish(uid, tmp, result)
+        shutil.rmtree(folder)
+        fsync_folder(str(self.spool.processing_dir))
+        logger.info(
+            "Series %s: %d instances processed (subgroup %s) in %.1f s; queued for %d destination(s).",
+            uid, len(files), subgroup, result["timings"]["inference_seconds"], len(self.destinations),
+        )  # fmt: skip
+
+    def _infer(self, series_dir: Path, out_dir: Path, subgroup: str | None) -> dict[str, str]:
+        """Run the bundle's DICOM inference on one series folder; returns the names of the files it wrote."""
+        from monai.bundle import ConfigWorkflow
+
+        workflow = ConfigWorkflow(
+            config_file=self.inference_config_files, workflow_type="infer", run_id="inference",
+            logging_file=False,  # the bundle's logging.conf would disable the node's loggers
+            **self.inference_overrides, input_dir=str(series_dir), output_dir=str(out_dir), subgroup=subgroup,
+        )  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        uid = series_dir.name
+        names = {"rtstruct": f"RS_{uid}.dcm", "seg": f"SEG_{uid}.dcm"}
+        absent = [n for key, n in names.items() if not (out_dir / n).is_file() and (key == "rtstruct" or self.send_seg)]
+        if absent:
+            raise RuntimeError(f"inference wrote no {absent}")
+        names.update(("mask", p.name) for p in out_dir.glob("*_seg.nii.gz"))  # <series uid>_seg.nii.gz
+        return names
+
+    def _publish(self, uid: str, tmp: Path, result: dict[str, Any]) -> None:
+        """Rename the finished temp folder to results/<uid>/ (replacing an earlier result) and queue its delivery."""
+        delivery = {
+            "series_instance_uid": uid,
+            "fingerprint": result["fingerprint"],
+            "last_instance_at": result["last_instance_at"],
+            "destinations": {
+                d.key: {"ae_title": d.ae_title, "host": d.host, "port": d.port, "done": False, "attempts": 0}
+                for d in self.destinations
+            },
+        }
+        atomic_write_json(result, tmp / "result.json")
+        atomic_write_json(delivery, tmp / "delivery.json")
+        _fsync_tree(tmp)
+        result_dir, old = self.results / uid, None
+        with self.outbox.lock:
+            if result_dir.exists():
+                old = result_dir.with_name(f".{uid}.replaced")
+                shutil.rmtree(old, ignore_errors=True)
+                result_dir.rename(old)
+            tmp.rename(result_dir)
+            fsync_folder(str(self.results))
+            self.outbox.drop_series(uid)  # deliveries of the replaced result are superseded
+            self.outbox.add(uid, delivery, time.monotonic(), time.time())
+            self.metrics.inc("processed")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _fail(self, uid: str, folder: Path, err: Exception) -> None:
+        """Move a series that could not be processed to failed/<uid>/ with a reason.txt; log one ERROR line."""
+        series_err = _series_error(err)
+        if series_err is not None:
+            reason = f"refused by the CT checks ({type(series_err).__name__}): {series_err}"
+        else:
+            reason = f"inference failed ({type(err).__name__}): {err}"
+        logger.error("Series %s: no RTSTRUCT, %s", uid, reason)
+        target = self.failed / uid
+        if target.exists():
+            shutil.rmtree(target)  # an earlier failure of the same series is superseded
+        folder.rename(target)
+        fsync_folder(str(self.spool.processing_dir))
+        atomic_write_bytes(f"{now_iso()} series {uid}: {reason}\n".encode(), target / "reason.txt")
+        self.metrics.inc("failed")

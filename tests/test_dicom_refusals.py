@@ -17,8 +17,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from scripts.dicom_series import find_refusal, read_series_info
-from scripts.dicom_write import phantom_case, write_case_dicom, write_ct_series
 from scripts.rtstruct import RTStructError, build_rtstruct
+from scripts.synthetic_dicom import phantom_case, write_case_dicom, write_ct_series
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"

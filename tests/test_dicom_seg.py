@@ -16,15 +16,9 @@ from monai.data import DataLoader, Dataset, decollate_batch
 from monai.transforms import Compose, EnsureTyped, Invertd, Orientationd, Spacingd
 from scripts.dicom_seg import SegError, read_seg, write_seg
 from scripts.dicom_series import LoadDicomSeriesd, read_ct_series, read_series_info
-from scripts.dicom_write import (
-    VARIANTS,
-    SaveDicomOutputsd,
-    align_to_grid,
-    phantom_case,
-    write_ct_series,
-    write_dicom_outputs,
-)
+from scripts.dicom_write import SaveDicomOutputsd, write_dicom_outputs
 from scripts.rtstruct import rasterise_roi
+from scripts.synthetic_dicom import VARIANTS, align_to_grid, phantom_case, write_ct_series
 
 REPO_BUNDLE = str(Path(__file__).resolve().parents[1] / "bundle")
 

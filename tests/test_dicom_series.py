@@ -30,7 +30,7 @@ from scripts.dicom_series import (
     read_series_info,
     refusal_line,
 )
-from scripts.dicom_write import VARIANTS, align_to_grid, phantom_case, write_case_dicom, write_ct_series
+from scripts.synthetic_dicom import VARIANTS, align_to_grid, phantom_case, write_case_dicom, write_ct_series
 
 SECRET_NAME = "SECRETNAME^PATIENT"
 SECRET_ID = "PID-SECRET-4711"

@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from scripts.dicom_write import align_to_grid, phantom_case, write_case_dicom
 from scripts.prepare_cohort import main, prepare_cohort
+from scripts.synthetic_dicom import align_to_grid, phantom_case, write_case_dicom
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bundle" / "scripts" / "prepare_cohort.py"
 GOOD = {"c01": "identity", "c02": "oblique", "c03": "reverse_slices"}

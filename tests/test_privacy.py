@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.dicom_write import phantom_case, write_case_dicom
+from scripts.synthetic_dicom import phantom_case, write_case_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"

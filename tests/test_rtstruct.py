@@ -15,7 +15,6 @@ import pytest
 from plastimatch_check import needs_plastimatch, plastimatch_mask
 from scipy.ndimage import binary_fill_holes
 from scripts.dicom_series import read_series_info
-from scripts.dicom_write import VARIANTS, align_to_grid, phantom_case, write_ct_series
 from scripts.rtstruct import (
     ContourGeometryError,
     ReferenceMismatchError,
@@ -29,6 +28,7 @@ from scripts.rtstruct import (
     slice_contours,
     write_rtstruct,
 )
+from scripts.synthetic_dicom import VARIANTS, align_to_grid, phantom_case, write_ct_series
 
 GRIDS = {"1x1x3mm": (1.0, 1.0, 3.0), "0.9x0.9x2.5mm": (0.9, 0.9, 2.5)}
 CASES = [(v, g) for v in sorted(VARIANTS) for g in GRIDS]

@@ -17,6 +17,7 @@ from scripts.safe_io import (
     CheckpointVerificationError,
     VerifiedCheckpointLoader,
     atomic_save,
+    atomic_write_dicom,
     load_weights,
     match_key_prefix,
     read_large_files,
@@ -412,3 +413,36 @@ def test_verified_checkpoint_loader(tmp_path, weights):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _dicom(uid: str):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = RTStructureSetStorage, uid
+    return ds
+
+
+def test_atomic_write_dicom_syncs_and_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
+    import pydicom
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    path = tmp_path / "out" / "RS_1.dcm"
+    assert atomic_write_dicom(_dicom("1.2.3"), path) == path
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM"  # Part 10: 128-byte preamble, then the magic, then File Meta
+    assert pydicom.dcmread(path).SOPInstanceUID == "1.2.3"
+    assert len(synced) == 2  # the file, then its folder
+    broken = _dicom("1.2.4")
+    del broken.file_meta.TransferSyntaxUID  # pydicom cannot encode it: the write fails half way
+    with pytest.raises(Exception):  # noqa: B017 (whatever pydicom raises, the target must stay intact)
+        atomic_write_dicom(broken, path)
+    assert path.read_bytes() == raw
+    assert sorted(p.name for p in path.parent.iterdir()) == ["RS_1.dcm"]  # no temporary file left

@@ -18,7 +18,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from scripts.dicom_series import SeriesInfo, register_refusal
-from scripts.rtstruct import check_type1_references, save_atomic
+from scripts.rtstruct import check_type1_references
+from scripts.safe_io import atomic_write_dicom
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _strip_source_equipment(seg) -> None:
 
 
 def write_seg(mask: np.ndarray, info: SeriesInfo, path: str | Path, **kwargs) -> Path:
-    """Build a DICOM SEG with :func:`build_seg` and save it atomically.
+    """Build a DICOM SEG with :func:`build_seg` and save it atomically (temporary file, fsync, rename).
 
     Args:
         mask: ``(X, Y, Z)`` binary mask on ``info``'s grid.
@@ -121,7 +122,7 @@ def write_seg(mask: np.ndarray, info: SeriesInfo, path: str | Path, **kwargs) ->
         The path written.
     """
     seg = build_seg(mask, info, **kwargs)
-    path = save_atomic(seg, path)
+    path = atomic_write_dicom(seg, path)
     logger.info("Wrote DICOM SEG %s for %s", seg.SOPInstanceUID, info.describe())
     return path
 

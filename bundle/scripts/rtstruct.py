@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from scripts.dicom_series import SeriesInfo, register_refusal, resample_slices
-from scripts.safe_io import default_file_mode
+from scripts.safe_io import atomic_write_dicom
 
 logger = logging.getLogger(__name__)
 
@@ -109,30 +107,6 @@ register_refusal(RTStructError)  # an uncaught RTSTRUCT refusal ends stderr with
 
 
 # ------------------------------------------------------------------------------------------------ file helpers
-
-
-def save_atomic(ds: Dataset, path: str | Path) -> Path:
-    """Write a DICOM file through a temporary file in the same folder, then rename it into place.
-
-    Args:
-        ds: dataset with ``file_meta``.
-        path: destination; its folder is created if needed.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; results are shared with PACS/TPS tools
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_rtstruct(path: str | Path) -> Dataset:
@@ -615,7 +589,7 @@ def _roi_contour(mask: np.ndarray, info: SeriesInfo, color: Sequence[int]) -> Da
 
 
 def write_rtstruct(mask: np.ndarray, info: SeriesInfo, path: str | Path, **kwargs) -> Path:
-    """Build an RTSTRUCT with :func:`build_rtstruct` and save it atomically.
+    """Build an RTSTRUCT with :func:`build_rtstruct` and save it atomically (temporary file, fsync, rename).
 
     Args:
         mask: ``(X, Y, Z)`` binary mask on ``info``'s grid.
@@ -627,6 +601,6 @@ def write_rtstruct(mask: np.ndarray, info: SeriesInfo, path: str | Path, **kwarg
         The path written.
     """
     ds = build_rtstruct(mask, info, **kwargs)
-    path = save_atomic(ds, path)
+    path = atomic_write_dicom(ds, path)
     logger.info("Wrote RTSTRUCT %s for %s", ds.SOPInstanceUID, info.describe())
     return path

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import yaml
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import IgniteInfo, min_version, optional_import
 
@@ -60,6 +61,9 @@ __all__ = [
     "CheckpointVerificationError",
     "VerifiedCheckpointLoader",
     "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_dicom",
+    "atomic_write_json",
     "expected_hash",
     "file_hash",
     "load_checkpoint",
@@ -105,56 +109,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return file_hash(path, "sha256")
 
 
-def _unquote(text: str) -> str:
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
-
-def _strip_comment(line: str) -> str:
-    quote = None
-    for i, ch in enumerate(line):
-        if ch in "'\"":
-            quote = None if quote == ch else (ch if quote is None else quote)
-        elif ch == "#" and quote is None and (i == 0 or line[i - 1].isspace()):
-            return line[:i]
-    return line
-
-
-def _parse_large_files_yaml(text: str, source: str) -> dict:
-    """Read the one YAML shape ``large_files.yml`` uses: ``large_files:`` then a list of flat ``key: value`` maps."""
-    entries: list[dict[str, str]] = []
-    in_list = seen = False
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = _strip_comment(raw).rstrip()
-        if not line.strip() or line.strip() == "---":
-            continue
-        stripped = line.strip()
-        if not line[0].isspace() and not stripped.startswith("-"):
-            in_list = stripped == "large_files:"
-            seen = seen or in_list
-            if not in_list and ":" not in stripped:
-                raise ValueError(f"{source}:{number}: cannot read {raw!r}; install PyYAML for full YAML support.")
-            continue
-        if not in_list:
-            continue
-        if stripped.startswith("- "):
-            entries.append({})
-            stripped = stripped[2:].strip()
-        elif not entries:
-            raise ValueError(f"{source}:{number}: expected a '- path: ...' list item, got {raw!r}.")
-        key, sep, value = stripped.partition(":")
-        if not sep or not key.strip():
-            raise ValueError(f"{source}:{number}: expected 'key: value', got {raw!r}; install PyYAML for full YAML.")
-        entries[-1][key.strip()] = _unquote(value)
-    return {"large_files": entries} if seen else {}
-
-
 def read_large_files(path: str | os.PathLike) -> list[dict]:
     """Entries of a ``large_files.yml``/``.yaml``/``.json`` (``path``, ``url``, ``hash_val``, ``hash_type``).
 
-    PyYAML is used when installed; otherwise a small reader for the format MONAI's ``download_large_files`` uses.
+    YAML is read with PyYAML (``yaml.safe_load``), as MONAI's ``download_large_files`` reads it.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -162,15 +120,10 @@ def read_large_files(path: str | os.PathLike) -> list[dict]:
     """
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        content = json.loads(text)
-    else:
-        try:
-            import yaml
-        except ImportError:
-            content = _parse_large_files_yaml(text, str(path))
-        else:
-            content = yaml.safe_load(text)
+    try:
+        content = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"{path} cannot be parsed: {e}") from e
     entries = content.get("large_files") if isinstance(content, Mapping) else None
     if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "path" in e for e in entries):
         raise ValueError(f"{path} must hold a 'large_files' list of entries with 'path', 'hash_val', 'hash_type'.")
@@ -568,6 +521,20 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     """:func:`atomic_save` of ``obj`` as indented JSON with a final newline."""
     atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode("utf-8"), path)
+
+
+def _write_dicom_file(ds: Any, f: Any) -> None:
+    ds.save_as(f, enforce_file_format=True)  # DICOM Part 10: preamble, File Meta, then the dataset
+
+
+def atomic_write_dicom(ds: Any, path: str | os.PathLike) -> Path:
+    """:func:`atomic_save` of a pydicom ``Dataset`` (with ``file_meta``) as a DICOM file; returns ``path``.
+
+    The clinical outputs (SEG, RTSTRUCT) are written this way, so a PACS or planning system watching the folder
+    never sees a half-written file, and a file that is there survives a power loss.
+    """
+    atomic_save(ds, path, save_func=_write_dicom_file, verify=False)
+    return Path(path)
 
 
 class _AtomicDiskSaver(_DiskSaverBase):

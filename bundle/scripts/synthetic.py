@@ -523,7 +523,7 @@ def generate_cohort(
 def _write_dicom_case(image, label, affine, out: Path, case_id: str, attrs: dict, seed: int, index: int) -> dict:
     """Write one case as a DICOM CT series plus RTSTRUCT; the storage variant (identity, flipped or
     transposed axes, reversed slices, oblique) cycles over the cases so every geometry is exercised."""
-    from scripts.dicom_write import VARIANTS, write_case_dicom  # DICOM stack only when asked
+    from scripts.synthetic_dicom import VARIANTS, write_case_dicom  # DICOM stack only when asked
 
     variant = list(VARIANTS)[index % len(VARIANTS)]
     dicom_dir, rtstruct = write_case_dicom(

@@ -220,6 +220,29 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([real, real_root]) == real_root
 
 
+#: one item of the datalist: (list, index in the list, case id or "#<index>", the item)
+_Item = tuple[str, int, str, Mapping]
+
+
+def _check_arguments(keys, patch_size, subgroups, affine_tol, num_workers):
+    """Validate :func:`check_datalist`'s arguments; returns ``(patch_size, subgroups)`` normalised."""
+    if isinstance(keys, str) or not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"keys must be a non-empty list of list names, got {keys!r}.")
+    if patch_size is not None:
+        patch_size = tuple(int(p) for p in patch_size)
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive voxel counts (X, Y, Z), got {patch_size!r}.")
+    if subgroups is not None:
+        if isinstance(subgroups, str) or len(subgroups) == 0:
+            raise ValueError(f"subgroups must be a non-empty list of values, got {subgroups!r}.")
+        subgroups = [str(s) for s in subgroups]
+    if affine_tol < 0:
+        raise ValueError(f"affine_tol must be >= 0 mm, got {affine_tol}.")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+    return patch_size, subgroups
+
+
 def check_datalist(
     datalist_path: str | os.PathLike | Mapping,
     dataset_dir: str | os.PathLike | None = None,
@@ -234,6 +257,10 @@ def check_datalist(
     num_workers: int = 1,
 ) -> list[Problem]:
     """Check a datalist and every file it lists; report all problems at once.
+
+    The phases, each its own function: the items (lists, objects, unique ids), the files (paths that exist and
+    are not empty), their contents (each file read once: readable, 3D, finite image, binary label, image and
+    label on one grid), the subgroups.
 
     Args:
         datalist_path: the datalist JSON (``{"training": [...], "validation": [...], "testing": [...]}``), or
@@ -255,21 +282,7 @@ def check_datalist(
     Raises:
         ValueError: for an invalid argument (not for an invalid cohort: that is what the returned list is for).
     """
-    if isinstance(keys, str) or not keys or not all(isinstance(k, str) for k in keys):
-        raise ValueError(f"keys must be a non-empty list of list names, got {keys!r}.")
-    if patch_size is not None:
-        patch_size = tuple(int(p) for p in patch_size)
-        if len(patch_size) != 3 or min(patch_size) < 1:
-            raise ValueError(f"patch_size must be three positive voxel counts (X, Y, Z), got {patch_size!r}.")
-    if subgroups is not None:
-        if isinstance(subgroups, str) or len(subgroups) == 0:
-            raise ValueError(f"subgroups must be a non-empty list of values, got {subgroups!r}.")
-        subgroups = [str(s) for s in subgroups]
-    if affine_tol < 0:
-        raise ValueError(f"affine_tol must be >= 0 mm, got {affine_tol}.")
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
-
+    patch_size, subgroups = _check_arguments(keys, patch_size, subgroups, affine_tol, num_workers)
     problems: list[Problem] = []
     if isinstance(datalist_path, Mapping):
         data, dl_name = datalist_path, "<datalist>"
@@ -288,8 +301,24 @@ def check_datalist(
         msg = f"dataset_dir {str(base)!r} is not a folder; pass the folder the datalist's relative paths start from"
         problems.append(Problem("error", msg, file=dl_name, code="no_dataset_dir"))
 
-    # ---- structure of every list and item; collect the files to read
-    items: list[tuple[str, int, str, Mapping]] = []  # (list, index, case, item)
+    items, found = _item_problems(data, keys, dl_name)
+    problems.extend(found)
+    files = [_file_problems(entry, base, dl_name, require_label, strict_paths) for entry in items]
+    to_read = dict.fromkeys((path, role) for paths, _ in files for role, path in paths.items())
+    summaries = _read_files(to_read, num_workers)
+    image_users: dict[str, tuple[str, str]] = {}
+    for item, (paths, found) in zip(items, files):
+        problems.extend(found)  # an item's file problems, then its content problems: datalist order
+        problems.extend(_content_problems(item, paths, summaries, image_users, patch_size, affine_tol))
+    if subgroup_key is not None:
+        problems.extend(_subgroup_problems(items, keys, subgroup_key, subgroups, dl_name))
+    return problems
+
+
+def _item_problems(data: Mapping, keys: Sequence[str], dl_name: str) -> tuple[list[_Item], list[Problem]]:
+    """Phase 1, the items: every requested list exists and holds objects; ids are unique across all lists."""
+    problems: list[Problem] = []
+    items: list[_Item] = []
     for list_key in keys:
         if list_key not in data:
             present = [k for k, v in data.items() if isinstance(v, list)]
@@ -328,164 +357,200 @@ def check_datalist(
             problems.append(Problem("error", msg, list_key, case, dl_name, "id", "duplicate_id"))
         else:
             first_seen[case] = (list_key, index)
+    return items, problems
 
-    # file paths of every item
-    per_item: list[dict[str, str]] = []  # role -> resolved path, for the items whose entries are usable
-    to_read: dict[tuple[str, str], None] = {}  # (path, role), insertion-ordered, each read once
-    item_problems: list[list[Problem]] = []
-    for list_key, _index, case, item in items:
-        found: list[Problem] = []
-        paths: dict[str, str] = {}
-        for role in ("image", "label"):
-            value = item.get(role)
-            if value is None:
-                if role == "label" and list_key == "testing" and not require_label:
-                    continue
-                msg = f"item has no {role!r}; add the path of its {role} (relative to dataset_dir)"
-                found.append(Problem("error", msg, list_key, case, dl_name, role, f"missing_{role}"))
-                continue
-            if not isinstance(value, str) or not value:
-                msg = f"{role!r} must be a non-empty path string, got {value!r}"
-                found.append(Problem("error", msg, list_key, case, dl_name, role, f"missing_{role}"))
-                continue
-            path = _resolve(value, base)
-            if strict_paths and not _inside(path, str(base)):
-                msg = (
-                    f"{role} path {value!r} resolves to {os.path.realpath(path)!r}, outside dataset_dir "
-                    f"{os.path.realpath(base)!r} (strict_paths); move the file under dataset_dir"
-                )
-                found.append(Problem("error", msg, list_key, case, path, role, "path_escapes"))
-                continue
-            if not os.path.exists(path):
-                msg = (
-                    f"{role} file not found (datalist says {value!r}, resolved against dataset_dir {str(base)!r}); "
-                    "fix the path or pass the right dataset_dir"
-                )
-                found.append(Problem("error", msg, list_key, case, path, role, "missing_file"))
-                continue
-            if os.path.isfile(path) and os.path.getsize(path) == 0:
-                msg = f"{role} file {value!r} is empty (0 bytes); copy or export it again"
-                found.append(Problem("error", msg, list_key, case, path, role, "empty_file"))
-                continue
-            if os.path.isdir(path) and not any(os.scandir(path)):
-                msg = f"{role} folder {value!r} is empty; it should hold the DICOM series of the case"
-                found.append(Problem("error", msg, list_key, case, path, role, "empty_file"))
-                continue
-            paths[role] = path
-            to_read[(path, role)] = None
-        per_item.append(paths)
-        item_problems.append(found)
 
-    # ---- read every file once
+def _file_problems(
+    entry: _Item, base: Path, dl_name: str, require_label: bool, strict_paths: bool
+) -> tuple[dict[str, str], list[Problem]]:
+    """Phase 2, the files of one item: ``({role: resolved path} of the usable ones, problems)``."""
+    list_key, _index, case, item = entry
+    found: list[Problem] = []
+    paths: dict[str, str] = {}
+    for role in ("image", "label"):
+        value = item.get(role)
+        if value is None:
+            if role == "label" and list_key == "testing" and not require_label:
+                continue
+            msg = f"item has no {role!r}; add the path of its {role} (relative to dataset_dir)"
+            found.append(Problem("error", msg, list_key, case, dl_name, role, f"missing_{role}"))
+            continue
+        if not isinstance(value, str) or not value:
+            msg = f"{role!r} must be a non-empty path string, got {value!r}"
+            found.append(Problem("error", msg, list_key, case, dl_name, role, f"missing_{role}"))
+            continue
+        path = _resolve(value, base)
+        if strict_paths and not _inside(path, str(base)):
+            msg = (
+                f"{role} path {value!r} resolves to {os.path.realpath(path)!r}, outside dataset_dir "
+                f"{os.path.realpath(base)!r} (strict_paths); move the file under dataset_dir"
+            )
+            found.append(Problem("error", msg, list_key, case, path, role, "path_escapes"))
+            continue
+        if not os.path.exists(path):
+            msg = (
+                f"{role} file not found (datalist says {value!r}, resolved against dataset_dir {str(base)!r}); "
+                "fix the path or pass the right dataset_dir"
+            )
+            found.append(Problem("error", msg, list_key, case, path, role, "missing_file"))
+            continue
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            msg = f"{role} file {value!r} is empty (0 bytes); copy or export it again"
+            found.append(Problem("error", msg, list_key, case, path, role, "empty_file"))
+            continue
+        if os.path.isdir(path) and not any(os.scandir(path)):
+            msg = f"{role} folder {value!r} is empty; it should hold the DICOM series of the case"
+            found.append(Problem("error", msg, list_key, case, path, role, "empty_file"))
+            continue
+        paths[role] = path
+    return paths, found
+
+
+def _read_files(to_read: Mapping[tuple[str, str], None], num_workers: int) -> dict[tuple[str, str], _FileSummary]:
+    """Read every ``(path, role)`` once, on ``num_workers`` threads."""
+
     def read(path_role: tuple[str, str]) -> _FileSummary:
         return _inspect(*path_role)
 
     if num_workers > 1 and len(to_read) > 1:
         with ThreadPoolExecutor(max_workers=num_workers) as pool:
-            summaries = dict(zip(to_read, pool.map(read, to_read)))
+            return dict(zip(to_read, pool.map(read, to_read)))
+    return {pr: read(pr) for pr in to_read}
+
+
+def _unusable_file(entry: _Item, role: str, path: str, s: _FileSummary) -> Problem | None:
+    """Why a file's contents cannot be checked (not NIfTI, unreadable, not one 3D volume), or ``None``."""
+    list_key, _index, case, item = entry
+    value = item[role]
+    if s.kind == "folder":
+        msg = f"{role} {value!r} is a folder (a DICOM series?): its contents are not inspected here"
+        return Problem("info", msg, list_key, case, path, role, "not_inspected")
+    if s.kind == "other":
+        msg = f"{role} {value!r} is not NIfTI: its contents are not inspected here"
+        return Problem("info", msg, list_key, case, path, role, "not_inspected")
+    if s.error_code == "unreadable_header":
+        msg = (
+            f"cannot read {role} {value!r} as NIfTI ({s.error}); the file is truncated, corrupt or not an "
+            "image: copy or export it again"
+        )
+        return Problem("error", msg, list_key, case, path, role, "unreadable")
+    if s.error_code == "corrupt_data":
+        msg = (
+            f"{role} {value!r} is truncated or corrupt: its header reads but its voxel data does not "
+            f"({s.error}); copy or export it again"
+        )
+        return Problem("error", msg, list_key, case, path, role, "corrupt")
+    why = _spatial_shape_problem(s.shape)
+    if why is not None:
+        return Problem("error", f"{role} {value!r} {why}", list_key, case, path, role, "not_3d")
+    return None
+
+
+def _image_problems(
+    entry: _Item, path: str, s: _FileSummary, image_users: dict[str, tuple[str, str]], patch_size
+) -> list[Problem]:
+    """An image's voxels are finite; it is not smaller than the patch (info); no other case lists it."""
+    list_key, _index, case, item = entry
+    value, problems = item["image"], []
+    if s.n_nan or s.n_inf:
+        msg = (
+            f"image {value!r} has {s.n_nan} NaN and {s.n_inf} infinite voxels; replace them (e.g. with "
+            "-1024 HU, air) before training: one NaN makes the loss NaN"
+        )
+        problems.append(Problem("error", msg, list_key, case, path, "image", "non_finite"))
+    if patch_size is not None and any(n < p for n, p in zip(s.shape[:3], patch_size)):
+        msg = (
+            f"image {value!r} ({'x'.join(map(str, s.shape[:3]))} voxels) is smaller than the patch "
+            f"{'x'.join(map(str, patch_size))}: it will be padded (compared before resampling)"
+        )
+        problems.append(Problem("info", msg, list_key, case, path, "image", "smaller_than_patch"))
+    if path in image_users:
+        other_list, other_case = image_users[path]
+        msg = (
+            f"image {value!r} is also the image of {other_list} case {other_case}; list each case once "
+            "(across lists it leaks test data)"
+        )
+        problems.append(Problem("warning", msg, list_key, case, path, "image", "duplicate_image"))
     else:
-        summaries = {pr: read(pr) for pr in to_read}
+        image_users[path] = (list_key, case)
+    return problems
 
-    # ---- per-item content checks, in datalist order
-    image_users: dict[str, tuple[str, str]] = {}
-    for (list_key, _index, case, item), paths, found in zip(items, per_item, item_problems):
-        problems.extend(found)
-        ok: dict[str, _FileSummary] = {}
-        for role, path in paths.items():
-            s = summaries[(path, role)]
-            value = item[role]
-            if s.kind == "folder":
-                msg = f"{role} {value!r} is a folder (a DICOM series?): its contents are not inspected here"
-                problems.append(Problem("info", msg, list_key, case, path, role, "not_inspected"))
-                continue
-            if s.kind == "other":
-                msg = f"{role} {value!r} is not NIfTI: its contents are not inspected here"
-                problems.append(Problem("info", msg, list_key, case, path, role, "not_inspected"))
-                continue
-            if s.error_code == "unreadable_header":
-                msg = (
-                    f"cannot read {role} {value!r} as NIfTI ({s.error}); the file is truncated, corrupt or not an "
-                    "image: copy or export it again"
-                )
-                problems.append(Problem("error", msg, list_key, case, path, role, "unreadable"))
-                continue
-            if s.error_code == "corrupt_data":
-                msg = (
-                    f"{role} {value!r} is truncated or corrupt: its header reads but its voxel data does not "
-                    f"({s.error}); copy or export it again"
-                )
-                problems.append(Problem("error", msg, list_key, case, path, role, "corrupt"))
-                continue
-            why = _spatial_shape_problem(s.shape)
-            if why is not None:
-                problems.append(Problem("error", f"{role} {value!r} {why}", list_key, case, path, role, "not_3d"))
-                continue
-            ok[role] = s
-            if role == "image":
-                if s.n_nan or s.n_inf:
-                    msg = (
-                        f"image {value!r} has {s.n_nan} NaN and {s.n_inf} infinite voxels; replace them (e.g. with "
-                        "-1024 HU, air) before training: one NaN makes the loss NaN"
-                    )
-                    problems.append(Problem("error", msg, list_key, case, path, role, "non_finite"))
-                if patch_size is not None and any(n < p for n, p in zip(s.shape[:3], patch_size)):
-                    msg = (
-                        f"image {value!r} ({'x'.join(map(str, s.shape[:3]))} voxels) is smaller than the patch "
-                        f"{'x'.join(map(str, patch_size))}: it will be padded (compared before resampling)"
-                    )
-                    problems.append(Problem("info", msg, list_key, case, path, role, "smaller_than_patch"))
-                if path in image_users:
-                    other_list, other_case = image_users[path]
-                    msg = (
-                        f"image {value!r} is also the image of {other_list} case {other_case}; list each case once "
-                        "(across lists it leaks test data)"
-                    )
-                    problems.append(Problem("warning", msg, list_key, case, path, role, "duplicate_image"))
-                else:
-                    image_users[path] = (list_key, case)
-            else:
-                if s.bad_values:
-                    more = " ..." if s.n_bad_distinct > len(s.bad_values) else ""
-                    msg = (
-                        f"label {value!r} has values other than 0 and 1: {_format_values(s.bad_values)}{more} in "
-                        f"{s.n_bad_voxels} voxel(s); the CTV label must be binary: keep only the CTV (label == its "
-                        "value) or binarise it (label > 0)"
-                    )
-                    problems.append(Problem("error", msg, list_key, case, path, role, "label_values"))
-                elif s.n_foreground == 0:
-                    msg = f"label {value!r} is empty (no voxel is 1): the case has no target; check the export"
-                    problems.append(Problem("warning", msg, list_key, case, path, role, "empty_label"))
-        if "image" in ok and "label" in ok:
-            img, lab = ok["image"], ok["label"]
-            if img.shape[:3] != lab.shape[:3]:
-                msg = (
-                    f"image {item['image']!r} has shape {img.shape[:3]} but label {item['label']!r} has shape "
-                    f"{lab.shape[:3]}; resample the label onto the image grid (nearest neighbour)"
-                )
-                problems.append(Problem("error", msg, list_key, case, paths["label"], "label", "shape_mismatch"))
-            else:
-                diff = float(np.max(np.abs(img.affine - lab.affine)))
-                if diff > affine_tol:
-                    msg = (
-                        f"image {item['image']!r} and label {item['label']!r} have different affines (up to "
-                        f"{diff:.4g} mm apart, tolerance {affine_tol:g} mm): the label is not on the image grid; "
-                        "export both from the same series or resample the label onto the image"
-                    )
-                    problems.append(Problem("error", msg, list_key, case, paths["label"], "label", "affine_mismatch"))
 
-    # ---- subgroups
-    if subgroup_key is not None:
-        problems.extend(_subgroup_problems(items, keys, subgroup_key, subgroups, dl_name))
+def _label_problems(entry: _Item, path: str, s: _FileSummary) -> list[Problem]:
+    """A label holds only 0 and 1 (error), and some 1 (warning)."""
+    list_key, _index, case, item = entry
+    value = item["label"]
+    if s.bad_values:
+        more = " ..." if s.n_bad_distinct > len(s.bad_values) else ""
+        msg = (
+            f"label {value!r} has values other than 0 and 1: {_format_values(s.bad_values)}{more} in "
+            f"{s.n_bad_voxels} voxel(s); the CTV label must be binary: keep only the CTV (label == its "
+            "value) or binarise it (label > 0)"
+        )
+        return [Problem("error", msg, list_key, case, path, "label", "label_values")]
+    if s.n_foreground == 0:
+        msg = f"label {value!r} is empty (no voxel is 1): the case has no target; check the export"
+        return [Problem("warning", msg, list_key, case, path, "label", "empty_label")]
+    return []
+
+
+def _grid_problem(entry: _Item, label_path: str, img: _FileSummary, lab: _FileSummary, affine_tol: float):
+    """Image and label on one grid: same shape, affines within ``affine_tol`` mm; the problem or ``None``."""
+    list_key, _index, case, item = entry
+    if img.shape[:3] != lab.shape[:3]:
+        msg = (
+            f"image {item['image']!r} has shape {img.shape[:3]} but label {item['label']!r} has shape "
+            f"{lab.shape[:3]}; resample the label onto the image grid (nearest neighbour)"
+        )
+        return Problem("error", msg, list_key, case, label_path, "label", "shape_mismatch")
+    diff = float(np.max(np.abs(img.affine - lab.affine)))
+    if diff > affine_tol:
+        msg = (
+            f"image {item['image']!r} and label {item['label']!r} have different affines (up to "
+            f"{diff:.4g} mm apart, tolerance {affine_tol:g} mm): the label is not on the image grid; "
+            "export both from the same series or resample the label onto the image"
+        )
+        return Problem("error", msg, list_key, case, label_path, "label", "affine_mismatch")
+    return None
+
+
+def _content_problems(
+    entry: _Item,
+    paths: Mapping[str, str],
+    summaries: Mapping[tuple[str, str], _FileSummary],
+    image_users: dict[str, tuple[str, str]],
+    patch_size,
+    affine_tol: float,
+) -> list[Problem]:
+    """Phase 3, the contents of one item's files (read once, in ``summaries``), then image against label."""
+    problems: list[Problem] = []
+    ok: dict[str, _FileSummary] = {}
+    for role, path in paths.items():
+        s = summaries[(path, role)]
+        unusable = _unusable_file(entry, role, path, s)
+        if unusable is not None:
+            problems.append(unusable)
+            continue
+        ok[role] = s
+        if role == "image":
+            problems.extend(_image_problems(entry, path, s, image_users, patch_size))
+        else:
+            problems.extend(_label_problems(entry, path, s))
+    if "image" in ok and "label" in ok:
+        grid = _grid_problem(entry, paths["label"], ok["image"], ok["label"], affine_tol)
+        if grid is not None:
+            problems.append(grid)
     return problems
 
 
 def _subgroup_problems(
-    items: list[tuple[str, int, str, Mapping]],
+    items: list[_Item],
     keys: Sequence[str],
     subgroup_key: str,
     subgroups: list[str] | None,
     dl_name: str,
 ) -> list[Problem]:
+    """Phase 4, the subgroups: every item names a known one; every subgroup has training cases."""
     problems: list[Problem] = []
     missing: dict[str, list[str]] = {}
     n_items = Counter(list_key for list_key, *_ in items)

@@ -7,7 +7,8 @@ CT DICOM folder in; DICOM SEG (the SDK's highdicom writer) and RTSTRUCT (the bun
 Pipeline: DICOMDataLoaderOperator -> DICOMSeriesSelectorOperator (the CT series) ->
 DICOMSeriesToVolumeOperator -> SubgroupBundleInferenceOperator (the SDK's MonaiBundleInferenceOperator
 reading ``extra/inference.json`` from ``model.ts``, with the subgroup added) -> DICOMSegmentationWriterOperator
-and RTStructWriterOperator. See bundle/docs/deploy.md.
+and RTStructWriterOperator. Environment, commands and what `make test-deploy` checks: the model card
+(bundle/docs/README.md), section "MONAI Deploy App SDK".
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ BUNDLE_ROOT = REPO_ROOT / "bundle"
 
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
+# the DICOM node's package (deploy/dicom_node), as PYTHONPATH=bundle:deploy gives `python -m dicom_node`
+if str(REPO_ROOT / "deploy") not in sys.path:
+    sys.path.insert(1, str(REPO_ROOT / "deploy"))
 
 #: a local schema file chosen by the user; it wins over every other source
 SCHEMA_ENV = "BUNDLE_META_SCHEMA"

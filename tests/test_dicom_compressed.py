@@ -21,17 +21,16 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from dicom_node import CT_COMPRESSED_TRANSFER_SYNTAXES
 from monai.bundle import ConfigParser, ConfigWorkflow
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from scripts import synthetic
 from scripts.dicom_series import DicomSeriesError, read_ct_series
-from test_dicom_node import Receiver, _node  # also puts deploy/ (the node's package) on sys.path
+from test_dicom_node import Receiver, _node
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-from dicom_node import CT_COMPRESSED_TRANSFER_SYNTAXES  # noqa: E402 (deploy/ is on sys.path once test_dicom_node is)
-
 NET = {"features": 4, "num_experts": 4}
 J2K_LOSSY_MAX_HU, J2K_LOSSY_MEAN_HU = 64.0, 10.0
 NEAR_LOSSLESS_HU = 2.0

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 import torch
+from dicom_node import DicomNode, DicomNodeError, SubgroupSource, series_fingerprint
+from dicom_node.cli import _parse_overrides
 from monai.bundle import ConfigParser
 from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -26,11 +28,6 @@ from scripts.dicom_series import read_series_info
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 NODE_CONFIG = REPO / "deploy" / "dicom_node.json"
-sys.path.insert(0, str(REPO / "deploy"))  # the node's package, as PYTHONPATH=deploy does for `python -m dicom_node`
-
-from dicom_node import DicomNode, DicomNodeError, SubgroupSource, series_fingerprint  # noqa: E402
-from dicom_node.cli import _parse_overrides  # noqa: E402
-
 NET = {"features": 4, "num_experts": 4}
 NAME, PID = "CANARY^PRIVACY^ZQXW", "PID-CANARY-88231"  # must never reach a log
 FAST_RETRY = {"initial_seconds": 0.2, "max_seconds": 1.0, "factor": 2.0}
@@ -46,7 +43,11 @@ def _node_logger_enabled():
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("node_cohort")
+    return build_cohort(tmp_path_factory.mktemp("node_cohort"))
+
+
+def build_cohort(root: Path) -> SimpleNamespace:
+    """Four small synthetic CT series (patient name/ID set to canaries) and a checkpoint predicting background."""
     datalist = synthetic.generate_cohort(root, n_cases=4, seed=7, shape=(48, 48, 24), dicom=True)
     items = [it for part in ("training", "validation", "testing") for it in datalist[part]]
     parser = ConfigParser()

@@ -18,6 +18,7 @@ Logs and files carry UIDs, AE titles and reasons only: PatientName / PatientID a
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -213,7 +214,7 @@ class DicomNode:
         logger.info("DICOM node %s stopped.", self.ae_title)
 
     def serve_forever(self) -> None:
-        """Start (unless started) and block until SIGINT/SIGTERM, then stop cleanly."""
+        """Start (unless started) and block until SIGINT/SIGTERM, then stop cleanly (sets the process umask 077)."""
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -221,6 +222,7 @@ class DicomNode:
             stop.set()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        os.umask(0o077)  # the node's own process: every file it writes is for its user only (patient data)
         try:
             if not self.receiver.listening:
                 self.start()

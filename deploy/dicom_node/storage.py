@@ -116,7 +116,8 @@ class Retention:
                 removed.append(f"results/{folder.name}")
         if self.failed_retention_days is not None:
             for folder in sorted(p for p in self.failed.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                age = _age_days(folder / "reason.txt", now) or _age_days(folder, now)
+                reason = folder / "reason.txt"
+                age = _age_days(reason if reason.is_file() else folder, now)
                 if age is not None and age >= self.failed_retention_days:
                     _remove(folder)
                     removed.append(f"failed/{folder.name}")

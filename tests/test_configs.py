@@ -55,7 +55,9 @@ def test_train_and_inference_share_definitions():
     # the inference preprocessing is the training load chain restricted to the image
     train_chain = [train[t[1:]] if isinstance(t, str) and t.startswith("@") else t for t in train["load_transforms"]]
     train_targets = [t["_target_"] for t in train_chain]
-    infer_targets = [t["_target_"] for t in infer["preprocessing"]["transforms"]]
+    infer_chain = [infer[t[1:]] if isinstance(t, str) and t.startswith("@") else t
+                   for t in infer["preprocessing"]["transforms"]]  # fmt: skip
+    infer_targets = [t["_target_"] for t in infer_chain]
     assert infer_targets == [t for t in train_targets if t != "SpatialPadd"]
 
 
@@ -103,3 +105,48 @@ def test_inference_path_imports_no_optional_heavy_packages():
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+#: the only list positions an overlay may use: MONAI's ``_disabled_`` needs the item itself, and the multi-GPU
+#: overlays switch the stats handlers off on ranks > 0. Each position, with the ``_target_`` it must hold in the
+#: stack below the overlay (a handler added or moved in train.json/evaluate.json breaks this test, not the run).
+RANK0_ONLY = {
+    "multi_gpu_train.json": (
+        ["train.json"],
+        {
+            "train#handlers#2": "StatsHandler",
+            "train#handlers#3": "TensorBoardStatsHandler",
+            "validate#handlers#0": "StatsHandler",
+            "validate#handlers#1": "TensorBoardStatsHandler",
+        },
+    ),
+    "multi_gpu_evaluate.json": (["train.json", "evaluate.json"], {"validate#handlers#1": "StatsHandler"}),
+}
+POSITIONAL = re.compile(r"#(transforms|handlers)#\d+")
+
+
+def _config_files():
+    return sorted(CONFIGS.glob("*.json")) + sorted((CONFIGS / "variants").glob("*.json"))
+
+
+def test_overlays_override_by_id_not_by_list_position():
+    found = {}
+    for path in _config_files():
+        for key in json.loads(path.read_text()):
+            if POSITIONAL.search(key):
+                found.setdefault(path.name, set()).add(key)
+    allowed = {name: {f"{pos}#_disabled_" for pos in positions} for name, (_, positions) in RANK0_ONLY.items()}
+    assert found == allowed, "override by id (give the component its own key, as inference.json's loader/saver)"
+
+
+@pytest.mark.parametrize("overlay", sorted(RANK0_ONLY))
+def test_multi_gpu_positions_hold_the_handlers_they_disable(overlay):
+    base, positions = RANK0_ONLY[overlay]
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in base])
+    for position, target in positions.items():
+        item = parser.get(position.replace("#", "::"))
+        if isinstance(item, str) and item.startswith("@"):
+            item = parser.get(item[1:].replace("#", "::"))
+        got = item.get("_target_") if isinstance(item, dict) else item
+        assert got == target, f"{overlay} disables {position} meaning {target}, but {'+'.join(base)} has {got} there"

@@ -384,60 +384,14 @@ def write_fairness_report(
         NotComputableError: when there is no record.
         ValueError: missing ids or grouping columns, repeated ids, non-finite scores.
     """
-    from scripts.fairness_metrics import NotComputableError
-
-    rows = records_to_table(records)
-    if not rows:
-        raise NotComputableError("a fairness report needs at least one case; got no record.")
+    rows, present_metrics = _checked_rows(records, groupings)
     groupings = list(groupings)
-    ids = [r.get("id") for r in rows]
-    if any(_is_missing(i) for i in ids):
-        raise ValueError("every record needs an 'id'.")
-    ids = [str(i) for i in ids]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise ValueError(f"repeated case id(s) {dup[:10]}.")
-    present_metrics = [m for m in CASE_METRICS if all(m in r and not _is_missing(r[m]) for r in rows)]
-    if "dice" not in present_metrics:
-        raise ValueError("every record needs a 'dice' score.")
-    for m in present_metrics:
-        bad = [str(r["id"]) for r in rows if not math.isfinite(float(r[m]))]
-        if bad:
-            raise ValueError(f"non-finite {m} for case(s) {bad[:10]}.")
-    missing = [g for g in groupings if all(g not in r for r in rows)]
-    if missing:
-        raise ValueError(f"grouping attribute(s) {missing} are in no record.")
-
     fair_dir = Path(out_dir) / FAIRNESS_DIR
     (fair_dir / "plots").mkdir(parents=True, exist_ok=True)
     (fair_dir / "thumbs").mkdir(parents=True, exist_ok=True)
-
-    # ---- per_case.csv
-    attr_cols: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in ("id", "hard", *CASE_METRICS) and k not in attr_cols:
-                attr_cols.append(k)
-    has_hard = any(not _is_missing(r.get("hard")) for r in rows)
-    columns = ["id", *attr_cols, *present_metrics, *(["hard"] if has_hard else [])]
     per_case_path = fair_dir / PER_CASE_FILE
-    with per_case_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for r in rows:
-            line = []
-            for c in columns:
-                v = r.get(c)
-                if c in CASE_METRICS:
-                    line.append(repr(float(v)))
-                elif c == "hard":
-                    h = _as_bool(v)
-                    line.append("" if h is None else str(h).lower())
-                else:
-                    line.append("" if _is_missing(v) else _group_label(v))
-            writer.writerow(line)
+    attr_cols = _write_per_case(rows, present_metrics, per_case_path)
 
-    # ---- metrics
     for r in rows:
         for m in present_metrics:
             r[m] = float(r[m])
@@ -458,32 +412,10 @@ def write_fairness_report(
         "groupings": {},
         "routing": None,
     }
+    boot = {"n_boot": n_boot, "seed": seed, "confidence": confidence, "alpha": alpha, "threshold": threshold}
     worst: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for attribute in groupings:
-        entry: dict[str, Any] = {}
-        for m in bounded:
-            entry[m] = bootstrap_group_metrics(
-                rows,
-                attribute,
-                metric=m,
-                n_boot=n_boot,
-                seed=seed,
-                confidence=confidence,
-                alpha=alpha,
-                threshold=threshold,
-            )
-        order = list(entry["dice"]["groups"])
-        if "hd95" in present_metrics:
-            entry["hd95"] = {
-                "groups": {
-                    g: {
-                        "n": entry["dice"]["groups"][g]["n"],
-                        "mean": float(np.mean([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
-                        "median": float(np.median([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
-                    }
-                    for g in order
-                }
-            }
+        entry = _grouping_entry(rows, attribute, bounded, "hd95" in present_metrics, boot)
         worst[attribute] = worst_cases(rows, attribute, "dice", alpha=alpha, n_worst=n_worst)
         entry["worst_cases"] = {g: [str(r["id"]) for r in cases] for g, cases in worst[attribute].items()}
         minority = minority_metrics(rows, attribute, threshold=threshold)
@@ -497,10 +429,105 @@ def write_fairness_report(
     metrics_path = fair_dir / METRICS_FILE
     metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
-    # ---- figures
+    images, thumbs_written = _write_figures(fair_dir, rows, metrics, bounded, worst, thumbnails)
+    report_path = fair_dir / REPORT_FILE
+    report_path.write_text(_render_html(title, metrics, rows, groupings, worst, images, thumbs_written, attr_cols))
+    logger.info("fairness report of %d cases written to %s", len(rows), report_path)
+    return {"per_case": per_case_path, "metrics": metrics_path, "report": report_path}
+
+
+def _checked_rows(records: Any, groupings: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records as rows, and the per-case metrics every row has; refuses what a report cannot use."""
+    from scripts.fairness_metrics import NotComputableError
+
+    rows = records_to_table(records)
+    if not rows:
+        raise NotComputableError("a fairness report needs at least one case; got no record.")
+    ids = [r.get("id") for r in rows]
+    if any(_is_missing(i) for i in ids):
+        raise ValueError("every record needs an 'id'.")
+    ids = [str(i) for i in ids]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"repeated case id(s) {dup[:10]}.")
+    present_metrics = [m for m in CASE_METRICS if all(m in r and not _is_missing(r[m]) for r in rows)]
+    if "dice" not in present_metrics:
+        raise ValueError("every record needs a 'dice' score.")
+    for m in present_metrics:
+        bad = [str(r["id"]) for r in rows if not math.isfinite(float(r[m]))]
+        if bad:
+            raise ValueError(f"non-finite {m} for case(s) {bad[:10]}.")
+    missing = [g for g in groupings if all(g not in r for r in rows)]
+    if missing:
+        raise ValueError(f"grouping attribute(s) {missing} are in no record.")
+    return rows, present_metrics
+
+
+def _write_per_case(rows: list[dict[str, Any]], present_metrics: list[str], path: Path) -> list[str]:
+    """Write ``per_case.csv`` (id, every attribute, the metrics, hard); returns the attribute columns."""
+    attr_cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in ("id", "hard", *CASE_METRICS) and k not in attr_cols:
+                attr_cols.append(k)
+    has_hard = any(not _is_missing(r.get("hard")) for r in rows)
+    columns = ["id", *attr_cols, *present_metrics, *(["hard"] if has_hard else [])]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in rows:
+            line = []
+            for c in columns:
+                v = r.get(c)
+                if c in CASE_METRICS:
+                    line.append(repr(float(v)))
+                elif c == "hard":
+                    h = _as_bool(v)
+                    line.append("" if h is None else str(h).lower())
+                else:
+                    line.append("" if _is_missing(v) else _group_label(v))
+            writer.writerow(line)
+    return attr_cols
+
+
+def _grouping_entry(
+    rows: list[dict[str, Any]], attribute: str, bounded: list[str], has_hd95: bool, boot: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Group metrics with bootstrap intervals for each bounded metric (Dice, NSD), and HD95 means and medians."""
+    entry: dict[str, Any] = {m: bootstrap_group_metrics(rows, attribute, metric=m, **boot) for m in bounded}
+    if has_hd95:
+        order = list(entry["dice"]["groups"])
+        entry["hd95"] = {
+            "groups": {
+                g: {
+                    "n": entry["dice"]["groups"][g]["n"],
+                    "mean": float(np.mean([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
+                    "median": float(np.median([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
+                }
+                for g in order
+            }
+        }
+    return entry
+
+
+def _write_figures(
+    fair_dir: Path,
+    rows: list[dict[str, Any]],
+    metrics: Mapping[str, Any],
+    bounded: list[str],
+    worst: Mapping[str, Mapping[str, list[dict[str, Any]]]],
+    thumbnails: Mapping[str, Thumbnail] | None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Box plots per grouping and metric, thumbnails of the listed worst cases, the routing heat-map.
+
+    Returns:
+        ``(images, thumbnails written)``: report-relative paths keyed ``"<attribute>/<metric>"`` (and
+        ``"routing"``), and by case id.
+    """
+    threshold = metrics["settings"]["threshold"]
     images: dict[str, str] = {}
-    for attribute in groupings:
-        order = list(metrics["groupings"][attribute]["dice"]["groups"])
+    for attribute, entry in metrics["groupings"].items():
+        order = list(entry["dice"]["groups"])
         for m in bounded:
             rel = f"plots/{m}_by_{_safe_name(attribute)}.png"
             _plot_groups(rows, attribute, m, order, threshold, fair_dir / rel)
@@ -516,12 +543,7 @@ def write_fairness_report(
     if metrics["routing"] is not None:
         _plot_routing(metrics["routing"], fair_dir / "plots" / "routing.png")
         images["routing"] = "plots/routing.png"
-
-    # ---- html
-    report_path = fair_dir / REPORT_FILE
-    report_path.write_text(_render_html(title, metrics, rows, groupings, worst, images, thumbs_written, attr_cols))
-    logger.info("fairness report of %d cases written to %s", len(rows), report_path)
-    return {"per_case": per_case_path, "metrics": metrics_path, "report": report_path}
+    return images, thumbs_written
 
 
 def _selection_line(selection: Any) -> list[str]:
@@ -558,6 +580,36 @@ def _render_html(
         f"case fails when its Dice is below {s['threshold']:g}. ES-Dice = Dice / (1 + &Sigma;<sub>g</sub> "
         "|Dice &minus; Dice<sub>g</sub>|); ES-Dice (std) = Dice / (1 + sample std of the group means).</p>",
         *_selection_line(s.get("model_selection")),
+        *_headline_html(metrics, groupings),
+        *_overall_html(metrics["overall"]),
+    ]
+    for attribute in groupings:
+        entry = metrics["groupings"][attribute]
+        out += _groups_html(attribute, entry)
+        if "minority" in entry:
+            out += _minority_table(attribute, entry["minority"])
+        for m in ("dice", "nsd"):
+            if f"{attribute}/{m}" in images:
+                out.append(
+                    f'<img src="{html.escape(images[attribute + "/" + m])}" alt="{m} by {html.escape(attribute)}">'
+                )
+        out += _worst_cases_html(attribute, worst[attribute], thumbs, attr_cols, s["threshold"])
+    out.append("<h2>Expert routing</h2>")
+    if "routing" in images:
+        out.append(
+            "<p>Share of each expert among the routing choices, per subgroup (rows) and dMoE layer "
+            "(panels). Different rows mean subgroups use different experts.</p>"
+        )
+        out.append(f'<img src="{images["routing"]}" alt="routing heat-map">')
+    else:
+        out.append("<p>No routing statistics (network without dMoE layers, or none given).</p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _headline_html(metrics: Mapping[str, Any], groupings: list[str]) -> list[str]:
+    """The headline table: one row per grouping attribute."""
+    out = [
         "<h2>Headline</h2>",
         "<table><tr><th>grouping</th><th>groups</th><th>Dice (all)</th><th>worst-group Dice</th>"
         "<th>worst group</th><th>group gap</th><th>ES-Dice</th><th>ES-Dice (std)</th><th>worst-group CVaR</th>"
@@ -578,89 +630,87 @@ def _render_html(
         cells.append(f"<td>{hard}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
-    ov = metrics["overall"]
-    out.append(
+    return out
+
+
+def _overall_html(overall: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Summary statistics of every per-case metric over all cases."""
+    out = [
         "<h2>All cases</h2><table><tr><th>metric</th><th>mean</th><th>median</th><th>std</th><th>min</th>"
         "<th>max</th></tr>"
-    )
-    for m, st in ov.items():
+    ]
+    for m, st in overall.items():
         unit = " (mm)" if m == "hd95" else ""
         out.append(f"<tr><td>{m}{unit}</td>" + "".join(_cell(f"overall.{m}.{k}", st[k]) for k in st) + "</tr>")
     out.append("</table>")
+    return out
 
-    for attribute in groupings:
-        entry = metrics["groupings"][attribute]
-        d = entry["dice"]
-        out.append(f"<h2>By {html.escape(attribute)}</h2>")
-        header = "<tr><th>group</th><th>n</th><th>Dice</th><th>std</th><th>CVaR</th><th>hidden failures</th>"
-        header += "<th>hard failures / hard</th>" if "hard_cases" in d else ""
-        header += "<th>NSD</th>" if "nsd" in entry else ""
-        header += "<th>HD95 mean (mm)</th><th>HD95 median (mm)</th>" if "hd95" in entry else ""
-        out.append("<table>" + header + "</tr>")
-        for g, ge in d["groups"].items():
-            k = f"{attribute}.dice.groups.{g}"
-            cells = [
-                f"<td>{html.escape(g)}</td>",
-                f"<td>{ge['n']}</td>",
-                _cell(f"{k}.dice", ge["dice"], ge["ci"]["dice"]),
-                _cell(f"{k}.std", ge["std"]),
-                _cell(f"{k}.cvar", ge["cvar"], ge["ci"]["cvar"]),
-                _cell(f"{k}.hidden_failures", ge["hidden_failures"]),
+
+def _groups_html(attribute: str, entry: Mapping[str, Any]) -> list[str]:
+    """The per-group table of one grouping attribute."""
+    d = entry["dice"]
+    out = [f"<h2>By {html.escape(attribute)}</h2>"]
+    header = "<tr><th>group</th><th>n</th><th>Dice</th><th>std</th><th>CVaR</th><th>hidden failures</th>"
+    header += "<th>hard failures / hard</th>" if "hard_cases" in d else ""
+    header += "<th>NSD</th>" if "nsd" in entry else ""
+    header += "<th>HD95 mean (mm)</th><th>HD95 median (mm)</th>" if "hd95" in entry else ""
+    out.append("<table>" + header + "</tr>")
+    for g, ge in d["groups"].items():
+        k = f"{attribute}.dice.groups.{g}"
+        cells = [
+            f"<td>{html.escape(g)}</td>",
+            f"<td>{ge['n']}</td>",
+            _cell(f"{k}.dice", ge["dice"], ge["ci"]["dice"]),
+            _cell(f"{k}.std", ge["std"]),
+            _cell(f"{k}.cvar", ge["cvar"], ge["ci"]["cvar"]),
+            _cell(f"{k}.hidden_failures", ge["hidden_failures"]),
+        ]
+        if "hard_cases" in ge:
+            cells.append(f"<td>{ge['hard_failures']} / {ge['hard_cases']}</td>")
+        if "nsd" in entry:
+            cells.append(_cell(f"{attribute}.nsd.groups.{g}.nsd", entry["nsd"]["groups"][g]["nsd"]))
+        if "hd95" in entry:
+            h = entry["hd95"]["groups"][g]
+            cells += [
+                _cell(f"{attribute}.hd95.groups.{g}.mean", h["mean"]),
+                _cell(f"{attribute}.hd95.groups.{g}.median", h["median"]),
             ]
-            if "hard_cases" in ge:
-                cells.append(f"<td>{ge['hard_failures']} / {ge['hard_cases']}</td>")
-            if "nsd" in entry:
-                cells.append(_cell(f"{attribute}.nsd.groups.{g}.nsd", entry["nsd"]["groups"][g]["nsd"]))
-            if "hd95" in entry:
-                h = entry["hd95"]["groups"][g]
-                cells += [
-                    _cell(f"{attribute}.hd95.groups.{g}.mean", h["mean"]),
-                    _cell(f"{attribute}.hd95.groups.{g}.median", h["median"]),
-                ]
-            out.append("<tr>" + "".join(cells) + "</tr>")
-        out.append("</table>")
-        if "minority" in entry:
-            out += _minority_table(attribute, entry["minority"])
-        for m in ("dice", "nsd"):
-            if f"{attribute}/{m}" in images:
-                out.append(
-                    f'<img src="{html.escape(images[attribute + "/" + m])}" alt="{m} by {html.escape(attribute)}">'
-                )
-        out.append(f"<h3>Intra-group worst cases by {html.escape(attribute)}</h3>")
-        out.append(
-            "<table><tr><th>group</th><th>id</th>"
-            + "".join(f"<th>{html.escape(c)}</th>" for c in attr_cols if c != attribute)
-            + "<th>Dice</th><th>HD95 (mm)</th><th>NSD</th><th>hard</th><th>slices</th></tr>"
-        )
-        for g, cases in worst[attribute].items():
-            for r in cases:
-                cid = str(r["id"])
-                cls = ' class="fail"' if r["dice"] < s["threshold"] else ""
-                thumb = (
-                    f'<img src="{html.escape(thumbs[cid])}" alt="{html.escape(cid)}" width="420">'
-                    if cid in thumbs
-                    else ""
-                )
-                hard = _as_bool(r.get("hard"))
-                out.append(
-                    f"<tr><td>{html.escape(g)}</td><td>{html.escape(cid)}</td>"
-                    + "".join(f"<td>{html.escape(_group_label(r.get(c)))}</td>" for c in attr_cols if c != attribute)
-                    + f"<td{cls}>{r['dice']:.4f}</td><td>{_fmt(r.get('hd95', '-'), 2)}</td>"
-                    f"<td>{_fmt(r.get('nsd', '-'))}</td><td>{'' if hard is None else str(hard).lower()}</td>"
-                    f"<td>{thumb}</td></tr>"
-                )
-        out.append("</table>")
-    out.append("<h2>Expert routing</h2>")
-    if "routing" in images:
-        out.append(
-            "<p>Share of each expert among the routing choices, per subgroup (rows) and dMoE layer "
-            "(panels). Different rows mean subgroups use different experts.</p>"
-        )
-        out.append(f'<img src="{images["routing"]}" alt="routing heat-map">')
-    else:
-        out.append("<p>No routing statistics (network without dMoE layers, or none given).</p>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return out
+
+
+def _worst_cases_html(
+    attribute: str,
+    worst: Mapping[str, list[dict[str, Any]]],
+    thumbs: Mapping[str, str],
+    attr_cols: list[str],
+    threshold: float,
+) -> list[str]:
+    """The intra-group worst cases of one grouping attribute, with their thumbnails."""
+    out = [
+        f"<h3>Intra-group worst cases by {html.escape(attribute)}</h3>",
+        "<table><tr><th>group</th><th>id</th>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in attr_cols if c != attribute)
+        + "<th>Dice</th><th>HD95 (mm)</th><th>NSD</th><th>hard</th><th>slices</th></tr>",
+    ]
+    for g, cases in worst.items():
+        for r in cases:
+            cid = str(r["id"])
+            cls = ' class="fail"' if r["dice"] < threshold else ""
+            thumb = ""
+            if cid in thumbs:
+                thumb = f'<img src="{html.escape(thumbs[cid])}" alt="{html.escape(cid)}" width="420">'
+            hard = _as_bool(r.get("hard"))
+            out.append(
+                f"<tr><td>{html.escape(g)}</td><td>{html.escape(cid)}</td>"
+                + "".join(f"<td>{html.escape(_group_label(r.get(c)))}</td>" for c in attr_cols if c != attribute)
+                + f"<td{cls}>{r['dice']:.4f}</td><td>{_fmt(r.get('hd95', '-'), 2)}</td>"
+                f"<td>{_fmt(r.get('nsd', '-'))}</td><td>{'' if hard is None else str(hard).lower()}</td>"
+                f"<td>{thumb}</td></tr>"
+            )
+    out.append("</table>")
+    return out
 
 
 def _minority_table(attribute: str, block: Mapping[str, Any]) -> list[str]:

@@ -2,7 +2,6 @@
 no unit too long to read in one sitting."""
 
 import ast
-import json
 import re
 from pathlib import Path
 
@@ -20,24 +19,12 @@ MAX_FUNCTION_LINES, MAX_CLASS_LINES, MAX_EXCEPTIONS = 120, 300, 3
 SCRIPT_REF = re.compile(r"\bscripts\.([A-Za-z_]\w*)")
 
 
-def _strings(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _strings(value)
-    elif isinstance(node, str):
-        yield node
-
-
 def _config_modules() -> dict[str, set[str]]:
     """Module of ``scripts`` -> the config files that name it (``_target_`` paths and ``$`` expressions)."""
     named: dict[str, set[str]] = {}
     for path in sorted((BUNDLE / "configs").rglob("*.json")):
-        for text in _strings(json.loads(path.read_text())):
-            for module in SCRIPT_REF.findall(text):
-                named.setdefault(module, set()).add(path.name)
+        for module in SCRIPT_REF.findall(path.read_text()):  # in _target_ paths and $ expressions alike
+            named.setdefault(module, set()).add(path.name)
     return named
 
 

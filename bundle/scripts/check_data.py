@@ -306,7 +306,7 @@ def check_datalist(
     files = [_file_problems(entry, base, dl_name, require_label, strict_paths) for entry in items]
     to_read = dict.fromkeys((path, role) for paths, _ in files for role, path in paths.items())
     summaries = _read_files(to_read, num_workers)
-    image_users: dict[str, tuple[str, str]] = {}
+    image_users: dict[str, tuple[str, int, str]] = {}
     for item, (paths, found) in zip(items, files):
         problems.extend(found)  # an item's file problems, then its content problems: datalist order
         problems.extend(_content_problems(item, paths, summaries, image_users, patch_size, affine_tol))
@@ -447,7 +447,7 @@ def _unusable_file(entry: _Item, role: str, path: str, s: _FileSummary) -> Probl
 
 
 def _image_problems(
-    entry: _Item, path: str, s: _FileSummary, image_users: dict[str, tuple[str, str]], patch_size
+    entry: _Item, path: str, s: _FileSummary, image_users: dict[str, tuple[str, int, str]], patch_size
 ) -> list[Problem]:
     """An image's voxels are finite; it is not smaller than the patch (info); no other case lists it."""
     list_key, _index, case, item = entry
@@ -464,15 +464,13 @@ def _image_problems(
             f"{'x'.join(map(str, patch_size))}: it will be padded (compared before resampling)"
         )
         problems.append(Problem("info", msg, list_key, case, path, "image", "smaller_than_patch"))
-    if path in image_users:
-        other_list, other_case = image_users[path]
+    first_user = image_users.setdefault(path, entry[:3])  # (list, index, case) of the first item listing it
+    if first_user != entry[:3]:
         msg = (
-            f"image {value!r} is also the image of {other_list} case {other_case}; list each case once "
+            f"image {value!r} is also the image of {first_user[0]} case {first_user[2]}; list each case once "
             "(across lists it leaks test data)"
         )
         problems.append(Problem("warning", msg, list_key, case, path, "image", "duplicate_image"))
-    else:
-        image_users[path] = (list_key, case)
     return problems
 
 
@@ -518,7 +516,7 @@ def _content_problems(
     entry: _Item,
     paths: Mapping[str, str],
     summaries: Mapping[tuple[str, str], _FileSummary],
-    image_users: dict[str, tuple[str, str]],
+    image_users: dict[str, tuple[str, int, str]],
     patch_size,
     affine_tol: float,
 ) -> list[Problem]:

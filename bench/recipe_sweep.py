@@ -4,7 +4,8 @@ Every run is ``fairdro`` (seed 0) on the ablation's main cohort (``necrotic`` at
 64x64x32, split 0.3/0.1/0.6) with the ablation's recipe, and one setting changed:
 
 1. ``dro#apply``: ``sample`` against ``loss``, both at ``min_ess`` 0.5;
-2. ``dro#min_ess``: 0.25 against 0.5 under the ``apply`` chosen in step 1 (two values: each run costs about 8 CPU minutes);
+2. ``dro#min_ess``: 0.25 against 0.5 under the ``apply`` chosen in step 1 (two values: a run costs about 8 CPU
+   minutes);
 3. the schedule: ERM with twice the recipe's epochs, against the recipe's (does the validation curve still rise?).
 
 ERM on the same cohort (seed 0, the calibration's run) is the reference. Each run is trained by

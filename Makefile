@@ -213,7 +213,8 @@ NODE_ARGS ?=
 dicom-node: setup
 	PYTHONPATH=deploy $(PY) -m dicom_node --config deploy/dicom_node.json $(NODE_CONFIG) $(NODE_ARGS)
 
-# the clinical loop against a real Orthanc (Debian orthanc + orthanc-dicomweb, installed when missing)
+# the clinical loop against a real Orthanc (Debian orthanc + orthanc-dicomweb, installed when missing), plain and over
+# DICOM TLS with a throw-away CA (tools/testcerts.py)
 # dcmtk: tools/pacs_check.py encodes a JPEG-lossless series with dcmcjpeg for the compressed round trip
 ORTHANC_PKGS := orthanc orthanc-dicomweb dcmtk
 orthanc:

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -71,9 +72,12 @@ class Orthanc:
         work: folder for its configuration, storage, index and log (created).
         node_port: DICOM port of our node (registered as modality ``fairdro``, AE ``FAIRDRO``, 127.0.0.1).
         concurrent_jobs: Orthanc jobs run at once (a store to a modality is a job).
+        tls: ``{"certificate", "private_key", "ca_bundle"}`` (PEM paths): DICOM over TLS in both directions, the
+            peer's certificate required and checked against ``ca_bundle`` (Orthanc's DicomTls* settings); the node
+            is registered with ``UseDicomTls``.
     """
 
-    def __init__(self, work: Path, node_port: int, concurrent_jobs: int = 4):
+    def __init__(self, work: Path, node_port: int, concurrent_jobs: int = 4, tls: dict[str, Any] | None = None):
         if shutil.which("Orthanc") is None:
             raise RuntimeError("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb).")
         if not DICOMWEB_PLUGIN.is_file():
@@ -102,6 +106,17 @@ class Orthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StableAge": 2,
         }
+        if tls:
+            self.config.update({
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(tls["certificate"]),
+                "DicomTlsPrivateKey": str(tls["private_key"]),
+                "DicomTlsTrustedCertificates": str(tls["ca_bundle"]),
+                "DicomTlsRemoteCertificateRequired": True,
+                "DicomModalities": {
+                    NODE_MODALITY: {"AET": NODE_AET, "Host": "127.0.0.1", "Port": int(node_port), "UseDicomTls": True}
+                },
+            })  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Orthanc:
@@ -179,6 +194,13 @@ class Orthanc:
         return self._request("GET", f"/instances/{instance_id}/file")
 
 
+def client_context(pki: dict[str, dict[str, Path]], who: str) -> ssl.SSLContext:
+    """A TLS client context of the test PKI (tools/testcerts.py): trusts its CA, presents ``who``'s certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]["certificate"]))
+    context.load_cert_chain(str(pki[who]["certificate"]), str(pki[who]["private_key"]))
+    return context
+
+
 def node_settings(work: Path, port: int, subgroup_table: Path, quiet_seconds: float, **extra: Any) -> dict[str, Any]:
     """Node settings for these runs: Orthanc may call, subgroups from a PatientID table, quick retries."""
     return {
@@ -206,6 +228,7 @@ class NodeProcess:
         self.overrides = overrides
         self.proc: subprocess.Popen | None = None
         self.runs = 0
+        self.echo_tls_args: tuple | None = None  # pynetdicom tls_args of the readiness C-ECHO when TLS is on
 
     def start(self, timeout: float = 120.0, **changes: Any) -> None:
         """Start (or restart) the node; returns once it answers C-ECHO."""
@@ -229,7 +252,8 @@ class NodeProcess:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the node exited with {self.proc.returncode}; log: {self.log_path}")
-            assoc = ae.associate("127.0.0.1", int(self.overrides["port"]), ae_title=NODE_AET)
+            assoc = ae.associate("127.0.0.1", int(self.overrides["port"]), ae_title=NODE_AET,
+                                 tls_args=self.echo_tls_args)  # fmt: skip
             if assoc.is_established:
                 status = assoc.send_c_echo()
                 assoc.release()

@@ -17,7 +17,11 @@ Run with the main venv's python. Steps:
 8. another series encoded JPEG Lossless SV1 (.70, ``dcmcjpeg +e1``), uploaded (Orthanc keeps it .70: no ingest
    transcoding is configured) and sent by Orthanc as stored: the node's spool/processing files of that series
    are .70 with the uploaded pixel data byte for byte (stored as received, not transcoded), and its RTSTRUCT
-   arrives in the same study, referencing that series, with Dice >= 0.95 against the bundle's own NIfTI.
+   arrives in the same study, referencing that series, with Dice >= 0.95 against the bundle's own NIfTI;
+9. DICOM TLS (a throw-away CA, tools/testcerts.py): Orthanc restarted with DICOM TLS (its certificate required
+   by the node and the node's by Orthanc), the node restarted with TLS and client certificates required: a
+   plain-TCP client and a client with a certificate from another CA are refused, Orthanc's C-ECHO succeeds, and
+   a new series goes CT in and RTSTRUCT back over TLS (checked as in step 5).
 
 Exit status 0 = every check passed. ``--keep`` keeps the work folder (logs of Orthanc and the node).
 """
@@ -33,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import pydicom
@@ -42,11 +47,24 @@ sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from checklib import Checks, bundle_dicom_inference, dice, free_port, log  # noqa: E402
-from pacs import ORTHANC_AET, NodeProcess, Orthanc, ct_files, node_settings, references_only_series  # noqa: E402
+from pacs import (  # noqa: E402
+    NODE_AET,
+    NODE_MODALITY,
+    ORTHANC_AET,
+    NodeProcess,
+    Orthanc,
+    client_context,
+    ct_files,
+    node_settings,
+    references_only_series,
+)
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_seg import read_seg  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
 from scripts.rtstruct import rasterise_roi  # noqa: E402
+from testcerts import make_pki  # noqa: E402
 
 check = Checks()
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
@@ -107,9 +125,153 @@ def wait_for(pacs: Orthanc, study_id: str, modality: str, timeout: float, count:
     return pacs.series_in_study(study_id, modality)
 
 
+def check_rtstruct(
+    pacs: Orthanc, work: Path, item: dict, series_dir: Path, series_id: str, t0: float, timeout: float, seg: bool = True
+) -> None:
+    """The RTSTRUCT (and SEG) of one series arrived in its study, reference only its slices, and match the bundle's
+    own NIfTI of that series (Dice); DICOMweb lists them."""
+    info = read_series_info(series_dir)
+    study_id = pacs.study_of(series_id)
+    rs_series = wait_for(pacs, study_id, "RTSTRUCT", timeout)
+    check(len(rs_series) == 1, f"{item['id']}: one RTSTRUCT series in the study ({time.time() - t0:.1f} s)")
+    if len(rs_series) != 1:
+        return
+    (rs_instance,) = rs_series[0]["Instances"]
+    rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(rs_instance)))
+    check(rs.StudyInstanceUID == info.study_instance_uid, f"{item['id']}: RTSTRUCT in the CT's study")
+    check(references_only_series(rs, info), f"{item['id']}: RTSTRUCT references this CT series and only its slices")
+    frame_uid = rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+    check(frame_uid == info.frame_of_reference_uid, f"{item['id']}: frame of reference")
+    own = bundle_dicom_inference(series_dir, work / "bundle" / item["id"], item["stage"])
+    d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
+    check(d >= 0.95, f"{item['id']}: RTSTRUCT from Orthanc vs the bundle's own NIfTI: Dice {d:.4f} >= 0.95")
+    if seg:
+        seg_series = wait_for(pacs, study_id, "SEG", 30)
+        check(len(seg_series) == 1, f"{item['id']}: one SEG series in the study (send_seg)")
+        if seg_series:
+            seg_file = work / f"{item['id']}_seg.dcm"
+            seg_file.write_bytes(pacs.instance_file(seg_series[0]["Instances"][0]))
+            ds = dice(read_seg(seg_file, info), own)
+            check(ds >= 0.999, f"{item['id']}: SEG from Orthanc vs the bundle's own NIfTI: Dice {ds:.4f}")
+    web = pacs.get(f"/dicom-web/studies/{info.study_instance_uid}/series")
+    modalities = sorted(s.get("00080060", {}).get("Value", ["?"])[0] for s in web)
+    check("RTSTRUCT" in modalities and "CT" in modalities, f"{item['id']}: DICOMweb lists {modalities}")
+
+
+def check_loop(pacs: Orthanc, node: NodeProcess, work: Path, items: list[dict], timeout: float) -> None:
+    """Steps 4-7: every series through Orthanc -> node -> Orthanc, then the first one sent again."""
+    sent = []
+    for item in items:
+        series_dir = work / "cohort" / item["dicom_dir"]
+        series_id = pacs.upload(ct_files(series_dir))
+        t0 = time.time()
+        pacs.send_to_node(series_id, synchronous=True)
+        sent.append((item, series_dir, series_id, t0))
+        log(f"{item['id']} ({item['dicom_variant']}, stage {item['stage']}) sent by Orthanc to the node")
+    for item, series_dir, series_id, t0 in sent:
+        check_rtstruct(pacs, work, item, series_dir, series_id, t0, timeout)
+    # the same series sent again: processed once
+    item, series_dir, series_id, _ = sent[0]
+    pacs.send_to_node(series_id, synchronous=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and "duplicate" not in node.log_text().lower():
+        time.sleep(0.5)
+    time.sleep(3)
+    study_id = pacs.study_of(series_id)
+    n_rs = sum(len(s["Instances"]) for s in pacs.series_in_study(study_id, "RTSTRUCT"))
+    check("duplicate" in node.log_text().lower() and n_rs == 1,
+          f"{item['id']}: sent twice, processed once (duplicate logged; {n_rs} RTSTRUCT in Orthanc)")  # fmt: skip
+
+
+def check_jpeg(pacs: Orthanc, node: NodeProcess, work: Path, item: dict, timeout: float) -> None:
+    """Step 8: a JPEG-lossless series, sent by Orthanc as stored: the node must receive and keep .70."""
+    series_dir = work / "cohort" / item["dicom_dir"]
+    info = read_series_info(series_dir)
+    files = encode_jpeg_lossless(ct_files(series_dir), work / "jpeg70" / item["id"])
+    uploaded = {str(ds.SOPInstanceUID): bytes(ds.PixelData) for ds in map(pydicom.dcmread, files)}
+    series_id = pacs.upload(files)
+    instances = pacs.get(f"/series/{series_id}")["Instances"]
+    in_orthanc = {pacs.get(f"/instances/{i}/metadata/TransferSyntax").decode() for i in instances}
+    check(in_orthanc == {JPEG_LOSSLESS_SV1}, f"{item['id']}: Orthanc stores the uploaded series as {in_orthanc}")
+    watcher = SpoolWatcher(Path(node.overrides["work_dir"]), info.series_instance_uid)
+    watcher.start()
+    t0 = time.time()
+    try:
+        pacs.send_to_node(series_id, synchronous=True)
+        log(f"{item['id']} (JPEG Lossless SV1, stage {item['stage']}) sent by Orthanc to the node")
+        study_id = pacs.study_of(series_id)
+        rs_series = wait_for(pacs, study_id, "RTSTRUCT", timeout)
+    finally:
+        watcher.stop()
+    syntaxes = sorted({ts for ts, _ in watcher.seen.values()})
+    check(len(watcher.seen) == len(uploaded) and syntaxes == [JPEG_LOSSLESS_SV1],
+          f"{item['id']}: the node stored {len(watcher.seen)}/{len(uploaded)} instances, transfer syntax "
+          f"{syntaxes}")  # fmt: skip
+    same = sum(watcher.seen.get(sop, ("", b""))[1] == data for sop, data in uploaded.items())
+    check(same == len(uploaded), f"{item['id']}: {same}/{len(uploaded)} stored with the uploaded pixel data "
+          "byte for byte (not transcoded)")  # fmt: skip
+    check(len(rs_series) == 1, f"{item['id']}: one RTSTRUCT series in the study ({time.time() - t0:.1f} s)")
+    if len(rs_series) == 1:
+        (rs_instance,) = rs_series[0]["Instances"]
+        rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(rs_instance)))
+        check(rs.StudyInstanceUID == info.study_instance_uid and references_only_series(rs, info),
+              f"{item['id']}: RTSTRUCT in the CT's study, referencing this series and only its slices")  # fmt: skip
+        own = bundle_dicom_inference(series_dir, work / "bundle" / item["id"], item["stage"])
+        d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
+        check(d >= 0.95, f"{item['id']}: RTSTRUCT of the .70 series vs the bundle's NIfTI of the uncompressed "
+              f"series: Dice {d:.4f} >= 0.95")  # fmt: skip
+
+
+def _echo(port: int, tls_args: tuple | None) -> bool:
+    """C-ECHO to the node as Orthanc's AE title (allow-listed), over TLS when ``tls_args`` is given."""
+    ae = AE(ORTHANC_AET)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET, tls_args=tls_args)
+    if not assoc.is_established:
+        return False
+    ok = int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    return ok
+
+
+def check_tls(work: Path, node: NodeProcess, item: dict, timeout: float) -> None:
+    """Step 9: the node with TLS (client certificates required) and a TLS Orthanc: CT in and RTSTRUCT back over
+    TLS in both directions; a plain-TCP client and a client with a certificate from another CA are refused."""
+    pki = make_pki(work / "pki")
+    tls = {"certificate": pki["peer"]["certificate"], "private_key": pki["peer"]["private_key"],
+           "ca_bundle": pki["ca"]["certificate"]}  # fmt: skip
+    node_tls = {"enabled": True, "certificate": str(pki["node"]["certificate"]),
+                "private_key": str(pki["node"]["private_key"]), "ca_bundle": str(pki["ca"]["certificate"]),
+                "require_client_cert": True, "min_version": "1.2"}  # fmt: skip
+    port = int(node.overrides["port"])
+    node.stop()
+    with Orthanc(work / "orthanc_tls", port, tls=tls) as pacs:
+        dest = {"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": pacs.dicom_port, "tls_hostname": "localhost"}
+        node.echo_tls_args = (client_context(pki, "peer"), "localhost")
+        node.start(tls=node_tls, destinations=[dest], send_seg=False)
+        log(f"TLS: Orthanc (DICOM TLS on {pacs.dicom_port}) and the node (TLS on {port})")
+        check(not _echo(port, None), "TLS: a plain-TCP client is refused")
+        check(not _echo(port, (client_context(pki, "rogue"), "localhost")),
+              "TLS: a client whose certificate is signed by another CA is refused")  # fmt: skip
+        check(_echo(port, node.echo_tls_args), "TLS: a client with a certificate from the CA is accepted")
+        try:
+            echoed = pacs.post_json(f"/modalities/{NODE_MODALITY}/echo", {}) in ({}, None)
+        except urllib.error.HTTPError:  # Orthanc answers 500 when the echo fails
+            echoed = False
+        check(echoed, "TLS: Orthanc's C-ECHO to the node over DICOM TLS succeeds")
+        series_dir = work / "cohort" / item["dicom_dir"]
+        series_id = pacs.upload(ct_files(series_dir))
+        t0 = time.time()
+        pacs.send_to_node(series_id, synchronous=True)
+        log(f"{item['id']} (stage {item['stage']}) sent by Orthanc to the node over DICOM TLS")
+        check_rtstruct(pacs, work, item, series_dir, series_id, t0, timeout, seg=False)
+        text = node.log_text()
+        check("Refused TLS connection" in text, "TLS: the node logged the refused handshakes")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-cases", type=int, default=5, help="synthetic cases in the cohort (more than --series)")
+    ap.add_argument("--n-cases", type=int, default=5, help="synthetic cases in the cohort (more than --series + 1)")
     ap.add_argument("--series", type=int, default=3, help="series sent through the loop")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each RTSTRUCT")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -121,9 +283,10 @@ def main() -> int:
     # one series per stage first (each is routed by its own subgroup), then the rest
     firsts = [next(it for it in pool if it["stage"] == s) for s in dict.fromkeys(it["stage"] for it in pool)]
     items = (firsts + [it for it in pool if it not in firsts])[: args.series]
-    jpeg_item = next(it for it in pool if it not in items)  # step 8: a series the node has not seen
+    jpeg_item, tls_item = [it for it in pool if it not in items][:2]  # series the node has not seen
     table = work / "subgroups.json"
-    table.write_text(json.dumps({it["id"]: it["stage"] for it in [*items, jpeg_item]}))  # PatientID = case id
+    every = [*items, jpeg_item, tls_item]
+    table.write_text(json.dumps({it["id"]: it["stage"] for it in every}))  # PatientID = case id
 
     node_port = free_port()
     node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, 2, send_seg=True))
@@ -133,98 +296,12 @@ def main() -> int:
         node.overrides["destinations"] = [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": pacs.dicom_port}]
         node.start()
         log(f"Orthanc on 127.0.0.1 (HTTP {pacs.http_port}, DICOM {pacs.dicom_port}); node on {node_port}")
-        sent = []
-        for item in items:
-            series_dir = work / "cohort" / item["dicom_dir"]
-            series_id = pacs.upload(ct_files(series_dir))
-            t0 = time.time()
-            pacs.send_to_node(series_id, synchronous=True)
-            sent.append((item, series_dir, series_id, t0))
-            log(f"{item['id']} ({item['dicom_variant']}, stage {item['stage']}) sent by Orthanc to the node")
-        for item, series_dir, series_id, t0 in sent:
-            info = read_series_info(series_dir)
-            study_id = pacs.study_of(series_id)
-            rs_series = wait_for(pacs, study_id, "RTSTRUCT", args.timeout)
-            check(len(rs_series) == 1, f"{item['id']}: one RTSTRUCT series in the study ({time.time() - t0:.1f} s)")
-            if len(rs_series) != 1:
-                continue
-            seg_series = wait_for(pacs, study_id, "SEG", 30)
-            check(len(seg_series) == 1, f"{item['id']}: one SEG series in the study (send_seg)")
-            (rs_instance,) = rs_series[0]["Instances"]
-            rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(rs_instance)))
-            check(rs.StudyInstanceUID == info.study_instance_uid, f"{item['id']}: RTSTRUCT in the CT's study")
-            check(
-                references_only_series(rs, info),
-                f"{item['id']}: RTSTRUCT references this CT series and only its slices (not mixed)",
-            )
-            frame_uid = rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
-            check(frame_uid == info.frame_of_reference_uid, f"{item['id']}: frame of reference")
-            own = bundle_dicom_inference(series_dir, work / "bundle" / item["id"], item["stage"])
-            d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
-            check(d >= 0.95, f"{item['id']}: RTSTRUCT from Orthanc vs the bundle's own NIfTI: Dice {d:.4f} >= 0.95")
-            if seg_series:
-                seg_file = work / f"{item['id']}_seg.dcm"
-                seg_file.write_bytes(pacs.instance_file(seg_series[0]["Instances"][0]))
-                ds = dice(read_seg(seg_file, info), own)
-                check(ds >= 0.999, f"{item['id']}: SEG from Orthanc vs the bundle's own NIfTI: Dice {ds:.4f}")
-            uid = info.study_instance_uid
-            web = pacs.get(f"/dicom-web/studies/{uid}/series")
-            modalities = sorted(s.get("00080060", {}).get("Value", ["?"])[0] for s in web)
-            check("RTSTRUCT" in modalities and "CT" in modalities, f"{item['id']}: DICOMweb lists {modalities}")
-
-        # the same series sent again: processed once
-        item, series_dir, series_id, _ = sent[0]
-        pacs.send_to_node(series_id, synchronous=True)
-        deadline = time.time() + 60
-        while time.time() < deadline and "duplicate" not in node.log_text().lower():
-            time.sleep(0.5)
-        time.sleep(3)
-        study_id = pacs.study_of(series_id)
-        n_rs = sum(len(s["Instances"]) for s in pacs.series_in_study(study_id, "RTSTRUCT"))
-        check("duplicate" in node.log_text().lower() and n_rs == 1,
-              f"{item['id']}: sent twice, processed once (duplicate logged; {n_rs} RTSTRUCT in Orthanc)")  # fmt: skip
-
-        # a JPEG-lossless series, sent by Orthanc as stored: the node must receive and keep .70
-        item = jpeg_item
-        series_dir = work / "cohort" / item["dicom_dir"]
-        info = read_series_info(series_dir)
-        files = encode_jpeg_lossless(ct_files(series_dir), work / "jpeg70" / item["id"])
-        uploaded = {str(ds.SOPInstanceUID): bytes(ds.PixelData) for ds in map(pydicom.dcmread, files)}
-        series_id = pacs.upload(files)
-        instances = pacs.get(f"/series/{series_id}")["Instances"]
-        in_orthanc = {pacs.get(f"/instances/{i}/metadata/TransferSyntax").decode() for i in instances}
-        check(in_orthanc == {JPEG_LOSSLESS_SV1}, f"{item['id']}: Orthanc stores the uploaded series as {in_orthanc}")
-        watcher = SpoolWatcher(Path(node.overrides["work_dir"]), info.series_instance_uid)
-        watcher.start()
-        t0 = time.time()
-        try:
-            pacs.send_to_node(series_id, synchronous=True)
-            log(f"{item['id']} (JPEG Lossless SV1, stage {item['stage']}) sent by Orthanc to the node")
-            study_id = pacs.study_of(series_id)
-            rs_series = wait_for(pacs, study_id, "RTSTRUCT", args.timeout)
-        finally:
-            watcher.stop()
-        syntaxes = sorted({ts for ts, _ in watcher.seen.values()})
-        check(len(watcher.seen) == len(uploaded) and syntaxes == [JPEG_LOSSLESS_SV1],
-              f"{item['id']}: the node stored {len(watcher.seen)}/{len(uploaded)} instances, transfer syntax "
-              f"{syntaxes}")  # fmt: skip
-        same = sum(watcher.seen.get(sop, ("", b""))[1] == data for sop, data in uploaded.items())
-        check(same == len(uploaded), f"{item['id']}: {same}/{len(uploaded)} stored with the uploaded pixel data "
-              "byte for byte (not transcoded)")  # fmt: skip
-        check(len(rs_series) == 1, f"{item['id']}: one RTSTRUCT series in the study ({time.time() - t0:.1f} s)")
-        if len(rs_series) == 1:
-            (rs_instance,) = rs_series[0]["Instances"]
-            rs = pydicom.dcmread(io.BytesIO(pacs.instance_file(rs_instance)))
-            check(rs.StudyInstanceUID == info.study_instance_uid and references_only_series(rs, info),
-                  f"{item['id']}: RTSTRUCT in the CT's study, referencing this series and only its slices")  # fmt: skip
-            own = bundle_dicom_inference(series_dir, work / "bundle" / item["id"], item["stage"])
-            d = dice(rasterise_roi(rs, info, names=["CTV"]), own)
-            check(d >= 0.95, f"{item['id']}: RTSTRUCT of the .70 series vs the bundle's NIfTI of the uncompressed "
-                  f"series: Dice {d:.4f} >= 0.95")  # fmt: skip
-
-        names = [it["id"] for it in [*items, jpeg_item]]
+        check_loop(pacs, node, work, items, args.timeout)
+        check_jpeg(pacs, node, work, jpeg_item, args.timeout)
+        pacs.stop()
+        check_tls(work, node, tls_item, args.timeout)
         text = node.log_text()
-        leaked = [n for n in names if f"SYNTHETIC^{n}" in text or n in text]  # PatientName / PatientID
+        leaked = [it["id"] for it in every if f"SYNTHETIC^{it['id']}" in text or it["id"] in text]  # name / ID
         check(not leaked, "no patient name or ID in the node's log")
     finally:
         node.stop()

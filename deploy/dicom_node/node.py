@@ -132,6 +132,8 @@ class DicomNode:
             subgroups = _network_subgroups(self.inference_config_files, self.inference_overrides)
             self.subgroup_source = SubgroupSource(**dict(subgroup_source or {}), subgroups=subgroups)
         self.tls, self.health_settings = TlsSettings.parse(tls), HealthSettings(health)
+        if not self.tls.enabled and any(d.tls for d in self.destinations):
+            raise DicomNodeError('destinations: an entry has "tls": true but tls.enabled is false.')
         self.spool_dir, self.processing = self.work_dir / "spool", self.work_dir / "processing"
         self.results, self.failed = self.work_dir / "results", self.work_dir / "failed"
         self.disk = DiskGuard(self.work_dir, min_free_bytes)

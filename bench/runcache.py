@@ -8,7 +8,10 @@ A run is (variant, seed, cohort, config overrides). Its **key** is a hash of
 - the cohort's arguments (``synthetic.generate_cohort``) and the seed.
 
 So a change that leaves results equal (a faster kernel, a moved file, a reworded help text) keeps every finished
-run, and a change to one variant's overlay reruns only that variant's runs. DRO settings that a run without DRO
+run, and a change to one variant's overlay reruns only that variant's runs. A run also records the key of its
+training alone (train + variant + the overrides of training keys): when only the evaluation changed (``evaluate.json``)
+and the run's weights are still in the scratch folder, the run is evaluated again without training (``run.json``
+then keeps ``train_commit``, the commit it was trained on). DRO settings that a run without DRO
 weights never reads (ERM, the oracle: the ESS floor, the refresh, the warm-up) are left out of its key.
 
 Each run folder holds only small files, all committed: ``run.json`` (key, spec, git commit, times),
@@ -66,14 +69,18 @@ def cohort_name(cohort: dict[str, Any]) -> str:
     return f"{cohort.get('minority', 'none')}_l{cohort.get('difficulty', 'd')}_{digest}"
 
 
-def resolved_config(spec: RunSpec) -> dict[str, Any]:
-    """The merged configuration of a run (train + variant + evaluate + overrides), without neutral keys."""
+def resolved_config(spec: RunSpec, evaluation: bool = True) -> dict[str, Any]:
+    """The merged configuration of a run (train + variant + evaluate + overrides), without neutral keys.
+
+    ``evaluation=False``: the training's configuration only (train + variant, and the overrides that name one of
+    its keys)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(spec.config_files() + [str(CONFIGS / "evaluate.json")])
+    parser.read_config(spec.config_files() + ([str(CONFIGS / "evaluate.json")] if evaluation else []))
     for key, value in spec.overrides.items():
-        parser[key] = value
+        if evaluation or key in parser:
+            parser[key] = value
     config = parser.get()
     return {k: v for k, v in config.items() if k not in _NEUTRAL_KEYS}
 
@@ -93,22 +100,36 @@ def _drop_unread_dro_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "dro": {k: v for k, v in dro.items() if k in _PLAIN_DRO_KEYS}}
 
 
-def run_key(spec: RunSpec) -> str:
-    """Cache key of a run (see the module notes)."""
-    config = _drop_unread_dro_settings(resolved_config(spec))
+def run_key(spec: RunSpec, evaluation: bool = True) -> str:
+    """Cache key of a run (see the module notes); ``evaluation=False``: the key of its training alone (the weights
+    stay valid while it holds, so a change to the evaluation only re-evaluates)."""
+    config = _drop_unread_dro_settings(resolved_config(spec, evaluation))
     blob = {"bench_version": BENCH_VERSION, "config": config, "cohort": spec.cohort, "seed": spec.seed}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def is_done(run_dir: Path, key: str) -> bool:
-    """Whether ``run_dir`` holds a finished run with this key."""
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    """A finished run's ``run.json`` (``{}`` when the run is not finished or the file is unreadable)."""
     meta = run_dir / "run.json"
     if not meta.is_file() or not all((run_dir / f).is_file() for f in _SMALL_FILES):
-        return False
+        return {}
     try:
-        return json.loads(meta.read_text()).get("key") == key
+        return json.loads(meta.read_text())
     except json.JSONDecodeError:
-        return False
+        return {}
+
+
+def is_done(run_dir: Path, key: str) -> bool:
+    """Whether ``run_dir`` holds a finished run with this key."""
+    return read_meta(run_dir).get("key") == key
+
+
+def record_train_key(run_dir: Path, spec: RunSpec) -> None:
+    """Add the training key to a finished run that predates it (its full key holds, so its training's does)."""
+    meta = read_meta(run_dir)
+    if meta and "train_key" not in meta:
+        meta["train_key"] = run_key(spec, evaluation=False)
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def git_commit() -> str:
@@ -174,22 +195,35 @@ def _bundle(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"command failed ({res.returncode}), see {log}: {' '.join(cmd)}")
 
 
-def execute(spec: RunSpec, data: Path, work: Path) -> dict[str, float]:
-    """Train and evaluate one run in ``work``; returns the wall time of each phase (s)."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log = work / "run.log"
+def _commands(spec: RunSpec, data: Path, work: Path) -> tuple[list[str], list[str]]:
+    """The training and the evaluation command lines of a run."""
     common = ["--dataset_dir", str(data), "--output_dir", str(work), "--ckpt_dir", str(work / "models"),
               "--seed", str(spec.seed)]  # fmt: skip
     for key, value in spec.overrides.items():
         common += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     py = [sys.executable, "-m", "monai.bundle", "run"]
     files = spec.config_files()
+    train = py + ["training", "--config_file", json.dumps(files)] + common
+    return train, py + ["evaluating", "--config_file", json.dumps(files + [str(CONFIGS / "evaluate.json")])] + common
+
+
+def execute(spec: RunSpec, data: Path, work: Path) -> dict[str, float]:
+    """Train and evaluate one run in ``work``; returns the wall time of each phase (s)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    train, _ = _commands(spec, data, work)
     t0 = time.time()
-    _bundle(py + ["training", "--config_file", json.dumps(files)] + common, log)
-    t1 = time.time()
-    _bundle(py + ["evaluating", "--config_file", json.dumps(files + [str(CONFIGS / "evaluate.json")])] + common, log)
-    return {"train_s": round(t1 - t0, 1), "evaluate_s": round(time.time() - t1, 1)}
+    _bundle(train, work / "run.log")
+    return {"train_s": round(time.time() - t0, 1), "evaluate_s": reevaluate(spec, data, work)}
+
+
+def reevaluate(spec: RunSpec, data: Path, work: Path) -> float:
+    """Evaluate the weights in ``work/models`` on the testing split again; returns the wall time (s)."""
+    shutil.rmtree(work / "fairness", ignore_errors=True)
+    _, evaluate = _commands(spec, data, work)
+    t0 = time.time()
+    _bundle(evaluate, work / "run.log")
+    return round(time.time() - t0, 1)
 
 
 def adopt(spec: RunSpec, key: str, out_root: Path, sources: list[Path]) -> bool:
@@ -208,22 +242,55 @@ def adopt(spec: RunSpec, key: str, out_root: Path, sources: list[Path]) -> bool:
 
 def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources: list[Path] = ()) -> tuple[Path, bool]:
     """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key, or one of ``sources`` does
-    (:func:`adopt`); returns (folder, ran)."""
+    (:func:`adopt`); returns (folder, ran). When only the evaluation changed (same training key) and the run's
+    weights are still in ``work_root``, the run is evaluated again without training."""
     key = run_key(spec)
     run_dir = out_root / spec.name
-    if is_done(run_dir, key) or adopt(spec, key, out_root, list(sources)):
+    if is_done(run_dir, key):
+        record_train_key(run_dir, spec)
+        return run_dir, False
+    if adopt(spec, key, out_root, list(sources)):
         return run_dir, False
     data = ensure_cohort(spec.cohort, data_root)
     work = work_root / spec.name
-    times = execute(spec, data, work)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    old = read_meta(run_dir)
+    train_key = run_key(spec, evaluation=False)
+    if old.get("train_key") == train_key and (work / "models" / "model.pt").is_file():
+        times = {"train_s": old.get("train_s"), "evaluate_s": reevaluate(spec, data, work),
+                 "train_commit": old.get("train_commit", old.get("commit"))}  # fmt: skip
+    else:
+        times = execute(spec, data, work)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        summary = parse_train_log((work / "run.log").read_text())
+        (run_dir / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name in _SMALL_FILES:
         shutil.copyfile(work / "fairness" / name, run_dir / name)
-    summary = parse_train_log((work / "run.log").read_text())
-    (run_dir / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
-    meta = {"key": key, "bench_version": BENCH_VERSION, "commit": git_commit(), "variant": spec.variant,
-            "seed": spec.seed, "cohort": spec.cohort, "overrides": spec.overrides, **times,
+    meta = {"key": key, "train_key": train_key, "bench_version": BENCH_VERSION, "commit": git_commit(),
+            "variant": spec.variant, "seed": spec.seed, "cohort": spec.cohort, "overrides": spec.overrides, **times,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the run finished
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     return run_dir, True
+
+
+def record_train_keys(out_root: Path) -> int:
+    """:func:`record_train_key` for every finished run under ``out_root`` whose key holds; returns how many."""
+    count = 0
+    for meta_file in sorted(out_root.glob("*/run.json")):
+        meta = read_meta(meta_file.parent)
+        if not meta or "train_key" in meta:
+            continue
+        spec = RunSpec(meta["variant"], meta["seed"], meta["cohort"], meta.get("overrides", {}))
+        if spec.name == meta_file.parent.name and is_done(meta_file.parent, run_key(spec)):
+            record_train_key(meta_file.parent, spec)
+            count += 1
+    return count
+
+
+if __name__ == "__main__":
+    # python bench/runcache.py --record-train-keys DIR [DIR ...]: give finished runs from before training keys one
+    if len(sys.argv) > 2 and sys.argv[1] == "--record-train-keys":
+        for folder in sys.argv[2:]:
+            print(f"{folder}: {record_train_keys(Path(folder))} run(s) given a training key")
+    else:
+        sys.exit("usage: python bench/runcache.py --record-train-keys DIR [DIR ...]")

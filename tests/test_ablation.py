@@ -375,3 +375,46 @@ def test_parse_train_log_keeps_the_per_epoch_curves():
 def test_variants_option_runs_only_those(bench):
     assert bench("--variants", "erm", "oracle") == ["erm_necrotic_l2_s0", "oracle_necrotic_l2_s0"]
     assert bench() == ["fairdro_necrotic_l2_s0"]  # the rest of the plan, later
+
+
+def test_an_evaluation_change_reevaluates_without_training(monkeypatch, tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(runcache.CONFIGS, configs)
+    monkeypatch.setattr(runcache, "CONFIGS", configs)
+    fake, evaluated = FakeExecute(), []
+    monkeypatch.setattr(runcache, "execute", fake)
+    monkeypatch.setattr(runcache, "reevaluate", lambda spec, data, work: evaluated.append(spec.name) or 0.5)
+    monkeypatch.setattr(runcache, "ensure_cohort", lambda cohort, root: root / "c")
+    monkeypatch.setattr(runcache, "git_commit", lambda: "abc1234")
+    spec, out, work = tiny_tables()[0].specs[0], tmp_path / "out", tmp_path / "work"
+    runcache.run(spec, out, tmp_path / "data", work)
+    (work / spec.name / "models").mkdir()
+    (work / spec.name / "models" / "model.pt").write_bytes(b"weights")
+    first = json.loads((out / spec.name / "run.json").read_text())
+
+    def edit(name: str, key: str, value) -> None:
+        config = json.loads((configs / name).read_text())
+        config[key] = value
+        (configs / name).write_text(json.dumps(config))
+
+    edit("evaluate.json", "failure_threshold", 0.6)  # the evaluation only: re-evaluated, not trained
+    _, ran = runcache.run(spec, out, tmp_path / "data", work)
+    meta = json.loads((out / spec.name / "run.json").read_text())
+    assert ran and fake.calls == [spec.name] and evaluated == [spec.name]
+    assert meta["train_key"] == first["train_key"] and meta["key"] != first["key"]
+    assert meta["train_commit"] == "abc1234" and meta["train_s"] == first["train_s"]
+    edit("train.json", "learning_rate", 0.001)  # the training: trained again
+    runcache.run(spec, out, tmp_path / "data", work)
+    assert fake.calls == [spec.name, spec.name] and evaluated == [spec.name]
+
+
+def test_a_run_without_a_training_key_gets_one_while_its_key_holds(monkeypatch, tmp_path):
+    monkeypatch.setattr(runcache, "execute", FakeExecute())
+    monkeypatch.setattr(runcache, "ensure_cohort", lambda cohort, root: root / "c")
+    spec, out = tiny_tables()[0].specs[0], tmp_path / "out"
+    runcache.run(spec, out, tmp_path / "data", tmp_path / "work")
+    meta = json.loads((out / spec.name / "run.json").read_text())
+    train_key = meta.pop("train_key")
+    (out / spec.name / "run.json").write_text(json.dumps(meta))  # a run from before training keys
+    _, ran = runcache.run(spec, out, tmp_path / "data", tmp_path / "work")
+    assert not ran and json.loads((out / spec.name / "run.json").read_text())["train_key"] == train_key

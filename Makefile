@@ -209,7 +209,7 @@ deploy-stage:
 # the DICOM node (receives CT, returns RTSTRUCT/SEG): make dicom-node [NODE_CONFIG=site.json] [NODE_ARGS='--port 11113']
 NODE_CONFIG ?=
 NODE_ARGS ?=
-.PHONY: dicom-node test-pacs bench-pacs orthanc
+.PHONY: dicom-node test-pacs bench-pacs soak-pacs orthanc
 dicom-node: setup
 	PYTHONPATH=deploy $(PY) -m dicom_node --config deploy/dicom_node.json $(NODE_CONFIG) $(NODE_ARGS)
 
@@ -227,3 +227,9 @@ test-pacs: setup orthanc
 
 bench-pacs: setup orthanc
 	$(PY) bench/bench_pacs.py --series 10 --out bench/results/pacs/bench_pacs.json
+
+# the node under faults for SOAK_SECONDS (>= 900 for a reported run), loopback, TLS on: several senders, SIGKILLs,
+# a destination outage, the disk floor crossed once (a 4 GiB file for a minute); writes and checks the JSON
+SOAK_SECONDS ?= 960
+soak-pacs: setup
+	$(PY) bench/soak_pacs.py --seconds $(SOAK_SECONDS) --out bench/results/pacs/soak_pacs.json

@@ -11,6 +11,8 @@ from fairlearn.metrics import MetricFrame
 from ignite.engine import Engine
 from monai.data import MetaTensor
 from scripts.fairness_metrics import (
+    CASE_METRICS_KEY,
+    CaseMetricsHandler,
     FairnessMetric,
     FairnessMetricHandler,
     NotComputableError,
@@ -282,6 +284,70 @@ def test_metric_handler_on_fake_evaluator():
     # institution: X (1, 0) -> 0.5, Y (0.5, 1) -> 0.75; all 0.625; es = 0.625 / (1 + 0.125 + 0.125) = 0.5
     assert engine.state.metrics["es_inst"] == pytest.approx(0.5)
     np.testing.assert_allclose(engine.state.metric_details["worst_stage_dice"].numpy().ravel(), [1, 0.5, 0, 1])
+
+
+def _count_case_scoring(monkeypatch):
+    """Count the calls of compute_case_metrics made by scripts.fairness_metrics (the scorer and the metric)."""
+    import scripts.fairness_metrics as fm
+
+    calls = []
+    original = fm.compute_case_metrics
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("metrics"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "compute_case_metrics", counted)
+    return calls
+
+
+def test_case_metrics_handler_scores_each_case_once(monkeypatch):
+    calls = _count_case_scoring(monkeypatch)
+    engine = _fake_evaluator(_batches())
+    scorer = CaseMetricsHandler(metrics=["dice", "nsd"])
+    # the metrics are attached before the scorer: the first reader of an iteration scores it, the others reuse it
+    FairnessMetricHandler(attribute="stage", output="worst_group_dice", scores=scorer).attach(engine, "worst_stage")
+    FairnessMetricHandler(attribute="institution", output="es_dice", scores=scorer).attach(engine, "es_inst")
+    FairnessMetricHandler(attribute="stage", output="dice_all", scores=scorer).attach(engine, "mean_dice")
+    scorer.attach(engine)
+    engine.run(_batches(), max_epochs=1)
+    assert len(calls) == 4  # four cases, each scored once for three metrics
+    # the same hand-computed values as when each metric scores the cases itself (test above):
+    # per case dice 1, 0.5, 0, 1; stage T1 0.75, T2 0.5; institution X 0.5, Y 0.75; all 0.625
+    assert engine.state.metrics["worst_stage"] == pytest.approx(0.5)
+    assert engine.state.metrics["es_inst"] == pytest.approx(0.5)
+    assert engine.state.metrics["mean_dice"] == pytest.approx(0.625)
+    # the scores of the last iteration stay in the output for any other reader
+    last = engine.state.output
+    assert [o[CASE_METRICS_KEY]["dice"] for o in last] == pytest.approx([0.0, 1.0])
+    assert set(last[0][CASE_METRICS_KEY]) == {"dice", "nsd"}
+    assert scorer.case_scores(engine) == [o[CASE_METRICS_KEY] for o in last] and len(calls) == 4  # not rescored
+
+
+def test_case_metrics_handler_input_errors():
+    with pytest.raises(TypeError, match="metrics"):
+        CaseMetricsHandler(metrics="dice")
+    with pytest.raises(ValueError, match="metrics"):
+        CaseMetricsHandler(metrics=["dice", "iou"])
+    with pytest.raises(ValueError, match="metrics"):
+        CaseMetricsHandler(metrics=[])
+    with pytest.raises(ValueError, match="tolerance_mm"):
+        CaseMetricsHandler(tolerance_mm=-1)
+    with pytest.raises(ValueError, match="percentile"):
+        CaseMetricsHandler(percentile=0)
+    dice_only = CaseMetricsHandler(metrics=["dice"])
+    with pytest.raises(ValueError, match="nsd"):  # the metric would read a score the scorer does not compute
+        FairnessMetricHandler(attribute="stage", metric="nsd", output="worst_group_nsd", scores=dice_only)
+
+    class _State:
+        output = {"pred": torch.zeros(2, 1, 4, 4, 4), "label": torch.zeros(2, 1, 4, 4, 4)}  # not decollated
+
+    engine = type("E", (), {"state": _State()})()
+    with pytest.raises(TypeError, match="decollate"):
+        CaseMetricsHandler().case_scores(engine)
+    engine.state.output = [{"pred": torch.zeros(1, 4, 4, 4)}]
+    with pytest.raises(KeyError, match="label"):
+        CaseMetricsHandler().case_scores(engine)
 
 
 def test_case_metadata_from_batch_dict_or_lists():

@@ -12,6 +12,7 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from scripts.fairness_report import (
     FairnessReportHandler,
+    ReportSettings,
     make_thumbnail,
     routing_from_network,
     routing_summary,
@@ -209,9 +210,8 @@ def test_report_handler_on_fake_evaluator(tmp_path):
 
     engine = Engine(step)
     net = _RoutingNet()
-    handler = FairnessReportHandler(
-        tmp_path, ["stage"], attribute_keys=["institution"], network=net, routing_subgroups=["T1", "T2"], n_boot=50
-    )
+    settings = ReportSettings(["stage"], attribute_keys=["institution"], n_boot=50)
+    handler = FairnessReportHandler(tmp_path, settings, network=net, routing_subgroups=["T1", "T2"])
     handler.attach(engine)
     engine.run(_evaluator_batches(), max_epochs=1)
     fair = Path(tmp_path) / "fairness"
@@ -263,7 +263,7 @@ def test_handlers_in_a_monai_supervised_evaluator(tmp_path):
         postprocessing=AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=[2, 2]),
         key_val_metric={"worst_stage_dice": FairnessMetricHandler(attribute="stage")},
         additional_metrics={"stage_cvar": FairnessMetricHandler(attribute="stage", output="worst_group_cvar")},
-        val_handlers=[FairnessReportHandler(tmp_path, ["stage"], n_boot=20)],
+        val_handlers=[FairnessReportHandler(tmp_path, ReportSettings(["stage"], n_boot=20))],
     )
     evaluator.run()
     # T1: s0 1, s1 0.5, s2 1 -> 2.5/3; T2: s3 0.5, s4 1 -> 0.75; CVaR(0.2): T1 k=0.6 -> 0.5, T2 k=0.4 -> 0.5
@@ -276,6 +276,144 @@ def test_handlers_in_a_monai_supervised_evaluator(tmp_path):
     # the subtype strings survive collation: T1's minority is s1 (Dice 0.5), its majority s0 and s2 (Dice 1)
     t1 = metrics["groupings"]["stage"]["minority"]["groups"]["T1"]
     assert (t1["minority_dice"], t1["majority_dice"], t1["n_majority"]) == (pytest.approx(0.5), 1.0, 2)
+
+
+def _cohort(n=7, seed=0):
+    """Synthetic cases with varied overlaps on an anisotropic grid; the image is the prediction's mask."""
+    rng = np.random.default_rng(seed)
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0]))
+    data = []
+    for k in range(n):
+        label = np.zeros((1, 16, 14, 6), dtype=np.float32)
+        x, y = rng.integers(2, 6, size=2)
+        label[0, x : x + 8, y : y + 6, 1:5] = 1
+        pred = label.copy()
+        flip = rng.random(label.shape) < 0.06 + 0.04 * k  # more voxels flipped in later cases: lower Dice
+        pred[flip] = 1 - pred[flip]
+        data.append(
+            {"image": MetaTensor(torch.from_numpy(pred), affine=affine),
+             "label": MetaTensor(torch.from_numpy(label), affine=affine), "id": f"c{k}",
+             "stage": ["T1", "T2", "T3"][k % 3], "institution": ["A", "B"][k % 2], "hard": k == 4}
+        )  # fmt: skip
+    return data
+
+
+def _run_evaluator(data, out_dir, shared: bool):
+    """Evaluate ``data`` with the report, a mean-Dice key metric and a worst-group metric: scored once and shared
+    (``shared``, as evaluate.json), or the earlier layout (MONAI's MeanDice and every handler scoring itself)."""
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import MeanDice, from_engine
+    from monai.transforms import AsDiscreted
+    from scripts.fairness_metrics import CaseMetricsHandler, FairnessMetricHandler
+
+    class Net(torch.nn.Module):  # foreground where the image is 1
+        def forward(self, x):
+            return torch.cat([1 - x, x], dim=1) * 10
+
+    scorer = CaseMetricsHandler() if shared else None
+    if shared:
+        mean = FairnessMetricHandler(attribute="stage", output="dice_all", scores=scorer)
+    else:
+        mean = MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))
+    settings = ReportSettings(["stage", "institution"], n_boot=50, thumbnails=False)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(data, batch_size=2),
+        network=Net(),
+        postprocessing=AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=[2, 2]),
+        key_val_metric={"mean_dice": mean},
+        additional_metrics={"worst": FairnessMetricHandler(attribute="stage", scores=scorer)},
+        val_handlers=[*([scorer] if shared else []), FairnessReportHandler(out_dir, settings, scores=scorer)],
+    )
+    evaluator.run()
+    return evaluator, scorer
+
+
+def _assert_close_tree(a, b, where=""):
+    """Equal JSON trees, numbers to 1e-6."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_close_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+def test_evaluation_scores_each_case_once_and_shares_the_scores(tmp_path, monkeypatch):
+    import scripts.fairness_metrics as fm
+    from monai.engines.utils import IterationEvents
+
+    data = _cohort()
+    # Dice of each case by hand, from the masks themselves: 2 |P & L| / (|P| + |L|)
+    expected = {}
+    for d in data:
+        p, t = d["image"].numpy() > 0.5, d["label"].numpy() > 0.5
+        expected[d["id"]] = 2 * np.logical_and(p, t).sum() / (p.sum() + t.sum())
+    assert len({round(v, 3) for v in expected.values()}) == len(data)  # the cases differ
+    calls = []
+    original = fm.compute_case_metrics
+    monkeypatch.setattr(fm, "compute_case_metrics", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    shared, scorer = _run_evaluator(data, tmp_path / "shared", shared=True)
+    assert len(calls) == len(data)  # one scoring per case for the key metric, the fairness metric and the report
+    assert shared.has_event_handler(scorer, IterationEvents.MODEL_COMPLETED)  # after post-processing, before metrics
+    calls.clear()
+    separate, _ = _run_evaluator(data, tmp_path / "separate", shared=False)
+    assert len(calls) == 2 * len(data)  # the earlier layout: the fairness metric and the report (MeanDice: a third)
+
+    with (tmp_path / "shared" / "fairness" / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["id"]: float(r["dice"]) for r in rows} == pytest.approx(expected, abs=1e-6)
+    by_stage = {}
+    for d in data:
+        by_stage.setdefault(d["stage"], []).append(expected[d["id"]])
+    assert shared.state.metrics["mean_dice"] == pytest.approx(np.mean(list(expected.values())), abs=1e-6)
+    assert shared.state.metrics["worst"] == pytest.approx(min(np.mean(v) for v in by_stage.values()), abs=1e-6)
+    # the same numbers as the earlier layout, MONAI's own MeanDice included
+    for name in ("mean_dice", "worst"):
+        assert shared.state.metrics[name] == pytest.approx(separate.state.metrics[name], abs=1e-6), name
+    with (tmp_path / "separate" / "fairness" / "per_case.csv").open() as f:
+        before = list(csv.DictReader(f))
+    assert [r.keys() for r in rows] == [r.keys() for r in before]
+    for r, b in zip(rows, before):
+        for k in r:
+            if k in ("dice", "hd95", "nsd"):
+                assert float(r[k]) == pytest.approx(float(b[k]), abs=1e-6), (r["id"], k)
+            else:
+                assert r[k] == b[k], (r["id"], k)
+    _assert_close_tree(
+        json.loads((tmp_path / "shared" / "fairness" / "metrics.json").read_text()),
+        json.loads((tmp_path / "separate" / "fairness" / "metrics.json").read_text()),
+    )
+
+
+def test_report_settings_and_handler_errors(tmp_path):
+    from scripts.fairness_metrics import CaseMetricsHandler
+
+    with pytest.raises(TypeError, match="groupings"):
+        ReportSettings("stage")
+    with pytest.raises(ValueError, match="groupings"):
+        ReportSettings([])
+    with pytest.raises(ValueError, match="alpha"):
+        ReportSettings(["stage"], alpha=0)
+    assert ReportSettings(["stage", "institution"], attribute_keys=["age", "stage"]).columns == (
+        "age",
+        "stage",
+        "institution",
+    )
+    with pytest.raises(TypeError, match="settings"):
+        FairnessReportHandler(tmp_path, ["stage"])
+    with pytest.raises(ValueError, match="dice"):
+        FairnessReportHandler(tmp_path, ReportSettings(["stage"]), scores=CaseMetricsHandler(metrics=["nsd"]))
+    handler = FairnessReportHandler(tmp_path, {"groupings": ["stage"], "n_boot": 5})
+    assert handler.settings == ReportSettings(["stage"], n_boot=5) and handler.scores.metrics == ("dice", "hd95", "nsd")
 
 
 def _subtype_records():
@@ -403,7 +541,7 @@ def test_report_handler_copies_subtype(tmp_path):
     for case, subtype in zip([c for b in batches for c in b], ["majority", "necrotic", None, "margin"]):
         case["subtype"] = subtype  # p2: no subtype information
     engine = Engine(step)
-    FairnessReportHandler(tmp_path, ["stage"], n_boot=20, thumbnails=False).attach(engine)
+    FairnessReportHandler(tmp_path, {"groupings": ["stage"], "n_boot": 20, "thumbnails": False}).attach(engine)
     engine.run(batches, max_epochs=1)
     fair = Path(tmp_path) / "fairness"
     with (fair / "per_case.csv").open() as f:

@@ -3,7 +3,9 @@
 Three layers, each usable on its own:
 
 1. **Per case** (:func:`compute_case_metrics`): Dice, HD95 in mm and normalised surface Dice (NSD) at a
-   tolerance in mm, on the grid the masks are given on, with voxel spacing.
+   tolerance in mm, on the grid the masks are given on, with voxel spacing. In an evaluation,
+   :class:`CaseMetricsHandler` scores each case once and keeps the scores in the engine output, where the
+   metrics below and the fairness report read them.
 2. **Per subgroup** (:func:`compute_group_metrics`): a pure function over a table of per-case records
    (``id``, attribute columns such as ``stage``, ``dice`` ...) that returns the group means, worst-group
    score, gap, equity-scaled Dice (ES-Dice), and the intra-group statistics (std, CVaR of the worst
@@ -72,6 +74,8 @@ from monai.metrics import CumulativeIterationMetric, compute_hausdorff_distance,
 
 __all__ = [
     "CASE_METRICS",
+    "CASE_METRICS_KEY",
+    "CaseMetricsHandler",
     "FairnessMetric",
     "FairnessMetricHandler",
     "NotComputableError",
@@ -93,6 +97,8 @@ logger = logging.getLogger(__name__)
 
 #: Per-case metrics computed by :func:`compute_case_metrics`, in this order.
 CASE_METRICS: tuple[str, ...] = ("dice", "hd95", "nsd")
+#: Key of the per-case scores that :class:`CaseMetricsHandler` adds to each item of ``engine.state.output``.
+CASE_METRICS_KEY = "case_metrics"
 #: Per-case metrics for which higher is better and that lie in [0, 1]: the ones group statistics accept.
 BOUNDED_METRICS: tuple[str, ...] = ("dice", "nsd")
 #: Group label given to a case whose attribute value is missing.
@@ -246,6 +252,114 @@ def compute_case_metrics(
             )
             out["nsd"] = float(nsd.reshape(-1)[0])
     return {m: out[m] for m in metrics}
+
+
+class CaseMetricsHandler:
+    """Score each evaluated case once and keep its scores in the engine output, for every reader to share.
+
+    The one place where an evaluation computes per-case Dice (and HD95, NSD): each case of the decollated and
+    post-transformed ``engine.state.output`` (a list of dicts, MONAI's default) is scored with
+    :func:`compute_case_metrics` and its scores ``{"dice": ..., "hd95": ..., "nsd": ...}`` are stored in the
+    case's output item under ``output_key``. :class:`FairnessMetricHandler` and
+    :class:`scripts.fairness_report.FairnessReportHandler` given this handler as ``scores`` read them there
+    (through :meth:`case_scores`) instead of scoring the case again.
+
+    On a MONAI workflow, :meth:`attach` runs it at ``IterationEvents.MODEL_COMPLETED``: after MONAI's own
+    decollation and post-processing (registered on that event when the workflow is built) and before every
+    ``ITERATION_COMPLETED`` handler, the metrics among them. On a plain Ignite engine it runs at
+    ``ITERATION_COMPLETED``; a reader attached before it calls :meth:`case_scores` itself. Either way a case is
+    scored once: a case whose item already holds ``output_key`` is not scored again.
+
+    Args:
+        metrics: which of :data:`CASE_METRICS` to compute (HD95 and NSD cost far more than Dice).
+        tolerance_mm: NSD tolerance in mm.
+        percentile: Hausdorff percentile (95 gives HD95).
+        spacing: voxel spacing in mm; ``None``: from the prediction's (or label's) MetaTensor affine.
+        pred_key: output key of the prediction (one-hot ``C[spatial]`` or a label map, on the grid the scores
+            should be computed on: invert the prediction to the original image first).
+        label_key: output key of the label, on the same grid.
+        output_key: output key the scores are stored under.
+        spatial_dims: number of spatial dimensions.
+
+    Example::
+
+        scores = CaseMetricsHandler(tolerance_mm=2.0)
+        evaluator = SupervisedEvaluator(..., key_val_metric={"mean_dice": FairnessMetricHandler(
+            attribute="stage", output="dice_all", scores=scores)}, val_handlers=[scores])
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[str] = CASE_METRICS,
+        tolerance_mm: float = 2.0,
+        percentile: float = 95.0,
+        spacing: float | Sequence[float] | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        output_key: str = CASE_METRICS_KEY,
+        spatial_dims: int = 3,
+    ) -> None:
+        if isinstance(metrics, str):
+            raise TypeError(f"`metrics` must be a list of metric names, got the string {metrics!r}.")
+        unknown = [m for m in metrics if m not in CASE_METRICS]
+        if unknown or not metrics:
+            raise ValueError(f"`metrics` must be a non-empty list among {CASE_METRICS}, got {list(metrics)}.")
+        if not (tolerance_mm >= 0 and math.isfinite(tolerance_mm)):
+            raise ValueError(f"`tolerance_mm` must be a finite number >= 0, got {tolerance_mm}.")
+        if not 0 < percentile <= 100:
+            raise ValueError(f"`percentile` must be in (0, 100], got {percentile}.")
+        self.metrics = tuple(metrics)
+        self.tolerance_mm = tolerance_mm
+        self.percentile = percentile
+        self.spacing = spacing
+        self.pred_key, self.label_key, self.output_key = pred_key, label_key, output_key
+        self.spatial_dims = spatial_dims
+
+    def attach(self, engine: Any) -> None:
+        """Run :meth:`__call__` once per iteration, before the ``ITERATION_COMPLETED`` handlers where possible."""
+        from ignite.engine import Events
+        from monai.engines import Workflow
+        from monai.engines.utils import IterationEvents
+
+        event = IterationEvents.MODEL_COMPLETED if isinstance(engine, Workflow) else Events.ITERATION_COMPLETED
+        if not engine.has_event_handler(self, event):
+            engine.add_event_handler(event, self)
+
+    def __call__(self, engine: Any) -> None:
+        """Score the cases of this iteration that are not scored yet."""
+        self.case_scores(engine)
+
+    def case_scores(self, engine: Any) -> list[dict[str, float]]:
+        """The scores of every case of the current iteration, in output order, each case scored only once.
+
+        Raises:
+            TypeError: when ``engine.state.output`` is not a list of dicts (set the evaluator's ``decollate``).
+            KeyError: when a case has no ``pred_key`` or ``label_key``.
+        """
+        outputs = engine.state.output
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise TypeError(
+                "CaseMetricsHandler needs the decollated engine output, a list of one dict per case (MONAI's "
+                f"default decollate=True), got {type(outputs).__name__}."
+            )
+        for item in outputs:
+            if self.output_key in item:
+                continue
+            if self.pred_key not in item or self.label_key not in item:
+                raise KeyError(
+                    f"engine output has no {self.pred_key!r}/{self.label_key!r} (keys: {sorted(item)}); set "
+                    "`pred_key`/`label_key` or keep the label in the post-transforms."
+                )
+            item[self.output_key] = compute_case_metrics(
+                item[self.pred_key],
+                item[self.label_key],
+                spacing=self.spacing,
+                tolerance_mm=self.tolerance_mm,
+                percentile=self.percentile,
+                metrics=self.metrics,
+                spatial_dims=self.spatial_dims,
+            )
+        return [item[self.output_key] for item in outputs]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -730,19 +844,44 @@ class FairnessMetric(CumulativeIterationMetric):
         preds, labels = _as_case_list(y_pred), _as_case_list(y)
         if subgroups is None:
             raise ValueError(f"`subgroups` (the per-case {self.attribute!r} values) is required.")
+        if len(subgroups) != len(preds):
+            raise ValueError(f"got {len(preds)} cases but {len(subgroups)} subgroup values.")
+        return self.add_scores(self._score_cases(preds, labels), subgroups, ids=ids, hard=hard)
+
+    def add_scores(
+        self,
+        scores: Sequence[float] | torch.Tensor,
+        subgroups: Sequence[Any],
+        ids: Sequence[Any] | None = None,
+        hard: Sequence[Any] | None = None,
+    ) -> torch.Tensor:
+        """Buffer per-case scores computed elsewhere (e.g. by :class:`CaseMetricsHandler`) with their labels.
+
+        Args:
+            scores: ``B`` per-case values of ``metric``.
+            subgroups: ``B`` values of the grouping attribute (see :meth:`__call__`).
+            ids: optional ``B`` case ids.
+            hard: optional ``B`` hard-case flags.
+
+        Returns:
+            The scores as a float tensor ``(B,)``.
+
+        Raises:
+            ValueError: when the lengths differ.
+        """
+        values = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
         subgroups = list(subgroups.tolist() if torch.is_tensor(subgroups) else subgroups)
-        n = len(preds)
+        n = len(values)
         ids_l = list(ids) if ids is not None else [None] * n
         hard_l = list(hard.tolist() if torch.is_tensor(hard) else hard) if hard is not None else [None] * n
         if not len(subgroups) == len(ids_l) == len(hard_l) == n:
             raise ValueError(
                 f"got {n} cases but {len(subgroups)} subgroup values, {len(ids_l)} ids and {len(hard_l)} hard flags."
             )
-        scores = self._score_cases(preds, labels)
-        self.extend(scores)
+        self.extend(values)
         for g, i, h in zip(subgroups, ids_l, hard_l):
             self._meta.append((_group_label(g), None if _is_missing(i) else _group_label(i), _as_bool(h)))
-        return scores
+        return values
 
     def records(self) -> list[dict[str, Any]]:
         """All buffered cases of all ranks as records ``{id, <attribute>, <metric>, hard}``, duplicates dropped."""
@@ -785,12 +924,15 @@ class FairnessMetric(CumulativeIterationMetric):
 class FairnessMetricHandler(IgniteMetricHandler):
     """Ignite adapter of :class:`FairnessMetric`: a MONAI evaluator ``key_metric`` or ``additional_metrics``.
 
-    At every iteration it takes ``(y_pred, y)`` from ``engine.state.output`` through ``output_transform``
-    (default ``from_engine(["pred", "label"])``: decollated, post-transformed, channel-first, on the grid
-    the metric should be computed on), and the case metadata ``attribute``, ``id_key``, ``hard_key`` from
+    At every iteration it takes the per-case scores from ``scores`` (a :class:`CaseMetricsHandler`, the
+    evaluation's one scorer of each case) when given; otherwise it scores the cases itself from the
+    ``(y_pred, y)`` that ``output_transform`` takes from ``engine.state.output`` (default
+    ``from_engine(["pred", "label"])``: decollated, post-transformed, channel-first, on the grid the metric
+    should be computed on). The case metadata ``attribute``, ``id_key``, ``hard_key`` come from
     ``engine.state.batch`` (falling back to ``engine.state.output``). At epoch end every rank gathers all
-    cases, so attach it on **every** rank. Its value is the scalar ``output`` (e.g. worst-group Dice); note
-    that ``group_gap`` and ``hidden_failures`` are lower-is-better (set the evaluator's ``metric_cmp_fn``).
+    cases, so attach it on **every** rank. Its value is the scalar ``output`` (e.g. worst-group Dice, or
+    ``dice_all``, the mean over cases); note that ``group_gap`` and ``hidden_failures`` are lower-is-better
+    (set the evaluator's ``metric_cmp_fn``).
 
     Args:
         attribute: grouping attribute key in the batch, e.g. ``"stage"``.
@@ -806,8 +948,14 @@ class FairnessMetricHandler(IgniteMetricHandler):
         pred_key: output key of the prediction (used by the default ``output_transform``).
         label_key: output key of the label (used by the default ``output_transform``).
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``; default
-            ``from_engine([pred_key, label_key])``.
+            ``from_engine([pred_key, label_key])``. Not used with ``scores``.
         save_details: store the per-case scores in ``engine.state.metric_details[name]``.
+        scores: the evaluation's :class:`CaseMetricsHandler`, whose per-case ``metric`` this handler reads
+            instead of computing it (then ``tolerance_mm``, ``spacing``, the keys and ``output_transform`` are
+            the scorer's business); ``None``: score each case here.
+
+    Raises:
+        ValueError: when ``output`` is ``"all"``, or ``scores`` does not compute ``metric``.
     """
 
     def __init__(
@@ -826,9 +974,12 @@ class FairnessMetricHandler(IgniteMetricHandler):
         label_key: str = "label",
         output_transform: Callable | None = None,
         save_details: bool = True,
+        scores: CaseMetricsHandler | None = None,
     ) -> None:
         if output == "all":
             raise ValueError("`output` must name one scalar for an engine metric, not 'all'.")
+        if scores is not None and metric not in scores.metrics:
+            raise ValueError(f"`scores` computes {list(scores.metrics)}, not this metric's {metric!r}.")
         metric_fn = FairnessMetric(
             attribute=attribute,
             metric=metric,
@@ -840,17 +991,38 @@ class FairnessMetricHandler(IgniteMetricHandler):
             spacing=spacing,
         )
         self.attribute = attribute
+        self.metric = metric
         self.id_key = id_key
         self.hard_key = hard_key
+        self.scores = scores
         if output_transform is None:
             output_transform = from_engine([pred_key, label_key])
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 
     def iteration_completed(self, engine: Any) -> None:
-        """Read predictions, labels and case metadata of this iteration and update the metric."""
-        y_pred, y = self._output_transform(engine.state.output)
+        """Read this iteration's scores (or predictions and labels) and case metadata, and update the metric."""
         meta = case_metadata(engine.state.batch, engine.state.output, (self.attribute, self.id_key, self.hard_key))
+        if self.scores is not None:
+            self.update_scores([s[self.metric] for s in self.scores.case_scores(engine)], meta)
+            return
+        y_pred, y = self._output_transform(engine.state.output)
         self.update((y_pred, y, meta))
+
+    @reinit__is_reduced
+    def update_scores(self, scores: Sequence[float], meta: Sequence[Mapping[str, Any]]) -> None:
+        """Update with per-case scores computed elsewhere and their metadata (one dict per case).
+
+        Raises:
+            ValueError: when the numbers of scores and metadata entries differ.
+        """
+        if len(meta) != len(scores):
+            raise ValueError(f"got metadata for {len(meta)} cases but {len(scores)} scores.")
+        self.metric_fn.add_scores(
+            scores,
+            subgroups=[m.get(self.attribute) for m in meta],
+            ids=[m.get(self.id_key) for m in meta],
+            hard=[m.get(self.hard_key) for m in meta],
+        )
 
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:

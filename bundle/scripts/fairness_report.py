@@ -15,7 +15,9 @@
   hidden-minority table, the worst cases of each group with image/label/prediction thumbnails, and the
   routing heat-map.
 
-:class:`FairnessReportHandler` collects the same per-case data from a MONAI evaluator and calls
+:class:`FairnessReportHandler` (settings in one :class:`ReportSettings`) collects the same per-case data from a
+MONAI evaluator, reading each case's scores from the evaluation's
+:class:`scripts.fairness_metrics.CaseMetricsHandler` (the one place they are computed), and calls
 :func:`write_fairness_report` at the end of each evaluation epoch.
 """
 
@@ -28,6 +30,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +43,13 @@ from monai.data import MetaTensor
 from scripts.fairness_metrics import (
     CASE_METRICS,
     SUBTYPE_KEY,
+    CaseMetricsHandler,
     _all_gather_objects,
     _as_bool,
-    _as_item_list,
     _group_label,
     _is_missing,
     as_binary_mask,
     case_metadata,
-    compute_case_metrics,
     metric_output_names,
     minority_metrics,
     records_to_table,
@@ -56,6 +58,7 @@ from scripts.fairness_stats import FAIRNESS_DIR, METRICS_FILE, PER_CASE_FILE, bo
 
 __all__ = [
     "FairnessReportHandler",
+    "ReportSettings",
     "make_thumbnail",
     "routing_from_network",
     "routing_summary",
@@ -751,96 +754,121 @@ def _minority_table(attribute: str, block: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 # handler
 # --------------------------------------------------------------------------------------------------------------
-class FairnessReportHandler:
-    """Collect per-case fairness data during a MONAI evaluation and write the fairness report at its end.
+@dataclass(frozen=True)
+class ReportSettings:
+    """What :class:`FairnessReportHandler` reports and how: its settings in one object.
 
-    At every ``ITERATION_COMPLETED`` it reads, per case, ``pred_key`` and ``label_key`` from the decollated
-    and post-transformed ``engine.state.output`` (one-hot ``C[spatial]`` or label maps ``1[spatial]``, on the
-    grid the metrics should be computed on: invert the prediction to the original image first), the case
-    metadata (``id_key``, ``attribute_keys``, ``hard_key``, ``subtype_key``) from ``engine.state.batch``
-    (else the output), computes Dice, HD95 and NSD (spacing from the prediction's MetaTensor affine unless
-    ``spacing`` is set) and keeps a downsampled thumbnail. At ``EPOCH_COMPLETED`` all ranks gather the cases
-    (attach it on every rank), rank 0 writes ``<output_dir>/fairness/{per_case.csv, metrics.json, report.html}``.
+    From a bundle config: ``{"_target_": "scripts.fairness_report.ReportSettings", "groupings": ...}``.
+    How each case is scored (NSD tolerance, Hausdorff percentile, spacing, prediction and label keys) is the
+    business of the evaluation's :class:`scripts.fairness_metrics.CaseMetricsHandler`, not of the report.
 
     Args:
-        output_dir: the run's output folder (the report goes to its ``fairness`` sub-folder).
         groupings: grouping attributes to analyse, e.g. ``["stage", "institution"]``.
-        attribute_keys: attribute keys copied into ``per_case.csv`` (default: ``groupings``).
-        pred_key: output key of the prediction.
-        label_key: output key of the label.
-        image_key: key of the image for thumbnails (only used when on the label's grid).
+        alpha: CVaR tail fraction in (0, 1].
+        threshold: failure threshold (a case with Dice below it fails).
+        n_boot: bootstrap draws of the intervals.
+        seed: bootstrap seed.
+        confidence: interval level.
+        n_worst: at most this many worst cases per group in the report (``None``: the whole CVaR tail).
+        attribute_keys: attribute keys copied into ``per_case.csv`` besides ``groupings``.
         id_key: batch key of the case id (missing: the prediction's file name, else a counter).
         hard_key: batch key of the optional hard-case flag.
         subtype_key: batch key of the optional hidden subtype (``"majority"`` or a minority kind), kept as the
             ``subtype`` column when the case has one (cases of datalists without it get no column); ``None``:
             never read.
-        spacing: voxel spacing in mm; ``None``: from the prediction's affine.
-        tolerance_mm: NSD tolerance in mm.
-        percentile: Hausdorff percentile (95).
-        alpha: CVaR tail fraction.
-        threshold: failure threshold.
-        n_boot: bootstrap draws.
-        seed: bootstrap seed.
-        confidence: interval level.
+        image_key: output key of the image for thumbnails (only used when on the label's grid).
+        thumbnails: keep thumbnails of the cases.
+        thumbnail_size: longest thumbnail side in pixels.
+        slice_axis: spatial axis of the thumbnail slices.
+        extra: extra entries for ``metrics.json`` ``settings`` (e.g. ``model_selection``: which training epoch
+            the evaluated ``model.pt`` comes from, shown on the report page).
+
+    Raises:
+        TypeError: when ``groupings`` is a string.
+        ValueError: when ``groupings`` is empty or ``alpha`` is not in (0, 1].
+    """
+
+    groupings: Sequence[str]
+    alpha: float = 0.2
+    threshold: float = 0.5
+    n_boot: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+    n_worst: int | None = 5
+    attribute_keys: Sequence[str] = ()
+    id_key: str = "id"
+    hard_key: str = "hard"
+    subtype_key: str | None = SUBTYPE_KEY
+    image_key: str | None = "image"
+    thumbnails: bool = True
+    thumbnail_size: int = 160
+    slice_axis: int = -1
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.groupings, str):
+            raise TypeError(f"`groupings` must be a list of attribute names, got the string {self.groupings!r}.")
+        if not self.groupings:
+            raise ValueError("`groupings` must name at least one attribute, e.g. ['stage'].")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"`alpha` must be in (0, 1], got {self.alpha}.")
+        object.__setattr__(self, "groupings", tuple(self.groupings))
+        object.__setattr__(self, "attribute_keys", tuple(self.attribute_keys or ()))
+        object.__setattr__(self, "extra", dict(self.extra or {}))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The attribute columns of ``per_case.csv``: ``attribute_keys`` then the other ``groupings``."""
+        return tuple(dict.fromkeys([*self.attribute_keys, *self.groupings]))
+
+
+class FairnessReportHandler:
+    """Collect per-case fairness data during a MONAI evaluation and write the fairness report at its end.
+
+    At every ``ITERATION_COMPLETED`` it takes each case's Dice, HD95 and NSD from ``scores`` (the evaluation's
+    :class:`scripts.fairness_metrics.CaseMetricsHandler`, the one place they are computed), the case metadata
+    (``id_key``, ``attribute_keys``, ``groupings``, ``hard_key``, ``subtype_key`` of ``settings``) from
+    ``engine.state.batch`` (else the output) and keeps a downsampled thumbnail of the image, label and
+    prediction. At ``EPOCH_COMPLETED`` all ranks gather the cases (attach it on every rank), rank 0 writes
+    ``<output_dir>/fairness/{per_case.csv, metrics.json, report.html}`` with :func:`write_fairness_report`.
+
+    Args:
+        output_dir: the run's output folder (the report goes to its ``fairness`` sub-folder).
+        settings: a :class:`ReportSettings` (or a mapping of its arguments).
+        scores: the :class:`scripts.fairness_metrics.CaseMetricsHandler` that scores the cases (Dice at least;
+            the HD95 and NSD columns and statistics are in the report when it computes them). ``None``: a
+            private one with default settings (the cases are then scored for the report alone).
         network: optional network with ``routing_stats()`` (see :func:`routing_from_network`). At each epoch
             start its ``reset_routing_stats()`` is called (when ``reset_routing``) and ``set_routing_stats(True)``
             switches recording on; at epoch end recording is switched off again (methods used when present).
         routing_subgroups: subgroup names of the routing rows, if the network does not provide them.
         reset_routing: reset the network's routing counters at epoch start.
-        thumbnails: keep thumbnails of the cases.
-        thumbnail_size: longest thumbnail side in pixels.
-        n_worst: at most this many worst cases per group in the report.
-        slice_axis: spatial axis of the thumbnail slices.
-        settings: extra entries for ``metrics.json`` ``settings`` (e.g. ``model_selection``: which training epoch
-            the evaluated ``model.pt`` comes from, shown on the report page).
+
+    Raises:
+        TypeError: when ``settings`` is neither a :class:`ReportSettings` nor a mapping.
+        ValueError: when ``scores`` does not compute Dice.
     """
 
     def __init__(
         self,
         output_dir: str | Path,
-        groupings: Sequence[str],
-        attribute_keys: Sequence[str] | None = None,
-        pred_key: str = "pred",
-        label_key: str = "label",
-        image_key: str | None = "image",
-        id_key: str = "id",
-        hard_key: str = "hard",
-        subtype_key: str | None = SUBTYPE_KEY,
-        spacing: float | Sequence[float] | None = None,
-        tolerance_mm: float = 2.0,
-        percentile: float = 95.0,
-        alpha: float = 0.2,
-        threshold: float = 0.5,
-        n_boot: int = 1000,
-        seed: int = 0,
-        confidence: float = 0.95,
+        settings: ReportSettings | Mapping[str, Any],
+        scores: CaseMetricsHandler | None = None,
         network: Any | None = None,
         routing_subgroups: Sequence[str] | None = None,
         reset_routing: bool = True,
-        thumbnails: bool = True,
-        thumbnail_size: int = 160,
-        n_worst: int | None = 5,
-        slice_axis: int = -1,
-        settings: Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(groupings, str):
-            raise TypeError(f"`groupings` must be a list of attribute names, got the string {groupings!r}.")
-        if not groupings:
-            raise ValueError("`groupings` must name at least one attribute, e.g. ['stage'].")
-        if not 0 < alpha <= 1:
-            raise ValueError(f"`alpha` must be in (0, 1], got {alpha}.")
+        if isinstance(settings, Mapping):
+            settings = ReportSettings(**settings)
+        if not isinstance(settings, ReportSettings):
+            raise TypeError(f"`settings` must be a ReportSettings or a mapping, got {type(settings).__name__}.")
+        scores = CaseMetricsHandler() if scores is None else scores
+        if "dice" not in scores.metrics:
+            raise ValueError(f"`scores` must compute 'dice' for the report, it computes {list(scores.metrics)}.")
         self.output_dir = Path(output_dir)
-        self.groupings = list(groupings)
-        self.attribute_keys = list(dict.fromkeys([*(attribute_keys or []), *self.groupings]))
-        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
-        self.id_key, self.hard_key, self.subtype_key = id_key, hard_key, subtype_key
-        self.spacing, self.tolerance_mm, self.percentile = spacing, tolerance_mm, percentile
-        self.alpha, self.threshold = alpha, threshold
-        self.n_boot, self.seed, self.confidence = n_boot, seed, confidence
+        self.settings = settings
+        self.scores = scores
         self.network, self.routing_subgroups, self.reset_routing = network, routing_subgroups, reset_routing
-        self.keep_thumbnails, self.thumbnail_size, self.n_worst = thumbnails, thumbnail_size, n_worst
-        self.slice_axis = slice_axis
-        self.settings = dict(settings or {})
         self.records: list[dict[str, Any]] = []
         self.thumbnails: dict[str, Thumbnail] = {}
         self.last_paths: dict[str, Path] | None = None
@@ -875,40 +903,33 @@ class FairnessReportHandler:
         return f"case_{self._counter:05d}"
 
     def iteration_completed(self, engine: Any) -> None:
-        """Score every case of the iteration and keep its record (and thumbnail)."""
-        outputs = _as_item_list(engine.state.output)
-        if outputs is None:
-            raise TypeError(f"engine.state.output must be a dict or a list of dicts, got {type(engine.state.output)}.")
-        keys = (self.id_key, self.hard_key, *self.attribute_keys, *([self.subtype_key] if self.subtype_key else []))
+        """Keep every case's record (its scores from ``scores`` and its metadata) and thumbnail."""
+        s = self.settings
+        scores = self.scores.case_scores(engine)
+        outputs = engine.state.output
+        keys = (s.id_key, s.hard_key, *s.columns, *([s.subtype_key] if s.subtype_key else []))
         meta = case_metadata(engine.state.batch, outputs, keys)
-        for item, m in zip(outputs, meta):
-            if self.pred_key not in item or self.label_key not in item:
-                raise KeyError(
-                    f"engine output has no {self.pred_key!r}/{self.label_key!r} (keys: {sorted(item)}); set "
-                    "`pred_key`/`label_key` or keep the label in the post-transforms."
-                )
-            pred, label = item[self.pred_key], item[self.label_key]
-            scores = compute_case_metrics(
-                pred, label, spacing=self.spacing, tolerance_mm=self.tolerance_mm, percentile=self.percentile
-            )
-            record: dict[str, Any] = {"id": self._case_id(m.get(self.id_key), pred)}
-            for k in self.attribute_keys:
+        for item, m, case_scores in zip(outputs, meta, scores):
+            pred = item[self.scores.pred_key]
+            record: dict[str, Any] = {"id": self._case_id(m.get(s.id_key), pred)}
+            for k in s.columns:
                 record[k] = _group_label(m.get(k))
-            record.update(scores)
-            hard = _as_bool(m.get(self.hard_key))
+            record.update(case_scores)
+            hard = _as_bool(m.get(s.hard_key))
             if hard is not None:
                 record["hard"] = hard
-            if self.subtype_key and not _is_missing(m.get(self.subtype_key)):
-                record[SUBTYPE_KEY] = _group_label(m[self.subtype_key])
+            if s.subtype_key and not _is_missing(m.get(s.subtype_key)):
+                record[SUBTYPE_KEY] = _group_label(m[s.subtype_key])
             self.records.append(record)
-            if self.keep_thumbnails:
-                image = item.get(self.image_key) if self.image_key else None
+            if s.thumbnails:
+                image = item.get(s.image_key) if s.image_key else None
                 self.thumbnails[record["id"]] = make_thumbnail(
-                    image, label, pred, axis=self.slice_axis, max_size=self.thumbnail_size
+                    image, item[self.scores.label_key], pred, axis=s.slice_axis, max_size=s.thumbnail_size
                 )
 
     def __call__(self, engine: Any) -> None:
         """Gather the cases over ranks and write the report on rank 0."""
+        s = self.settings
         records = _all_gather_objects(self.records)
         unique: dict[str, dict[str, Any]] = {}
         for r in records:
@@ -918,8 +939,8 @@ class FairnessReportHandler:
             logger.warning("no case was evaluated: no fairness report written.")
             return
         listed = set()
-        for attribute in self.groupings:
-            for cases in worst_cases(records, attribute, "dice", self.alpha, self.n_worst).values():
+        for attribute in s.groupings:
+            for cases in worst_cases(records, attribute, "dice", s.alpha, s.n_worst).values():
                 listed.update(str(r["id"]) for r in cases)
         local = [(cid, t) for cid, t in self.thumbnails.items() if cid in listed]
         thumbs = dict(_all_gather_objects(local))
@@ -931,23 +952,23 @@ class FairnessReportHandler:
         if rank != 0:
             return
         settings = {
-            "nsd_tolerance_mm": float(self.tolerance_mm),
-            "hd_percentile": float(self.percentile),
+            "nsd_tolerance_mm": float(self.scores.tolerance_mm),
+            "hd_percentile": float(self.scores.percentile),
             "epoch": int(getattr(engine.state, "epoch", 0) or 0),
-            **self.settings,
+            **s.extra,
         }
         self.last_paths = write_fairness_report(
             self.output_dir,
             records,
-            self.groupings,
+            list(s.groupings),
             routing=routing,
             thumbnails=thumbs,
-            alpha=self.alpha,
-            threshold=self.threshold,
-            n_boot=self.n_boot,
-            seed=self.seed,
-            confidence=self.confidence,
-            n_worst=self.n_worst,
+            alpha=s.alpha,
+            threshold=s.threshold,
+            n_boot=s.n_boot,
+            seed=s.seed,
+            confidence=s.confidence,
+            n_worst=s.n_worst,
             settings=settings,
         )
         getattr(engine, "logger", logger).info("fairness report written to %s", self.last_paths["report"])

@@ -260,9 +260,10 @@ class DicomNode:
             try:
                 if record is None:
                     raise DicomNodeError("not a readable JSON object")
+                created = (path.parent / "result.json").stat().st_mtime  # written once, with the result
                 with self.outbox.lock:
-                    self.outbox.add(path.parent.name, record, time.monotonic(), path.stat().st_mtime)
-            except DicomNodeError as err:
+                    self.outbox.add(path.parent.name, record, time.monotonic(), created)
+            except (DicomNodeError, OSError) as err:
                 logger.error("Cannot resume the deliveries of %s: %s; fix or remove the file.", path, err)
 
     # ---------------------------------------------------------------------------------------------- state

@@ -240,10 +240,38 @@ def adopt(spec: RunSpec, key: str, out_root: Path, sources: list[Path]) -> bool:
     return False
 
 
+def prior_training(spec: RunSpec, train_key: str, folders: list[Path], work: Path) -> tuple[Path, Path] | None:
+    """A finished run of ``spec`` with the same training (in ``folders``, in order) whose weights are still on
+    disk: (its folder, its weights folder), or ``None``. The weights are where its ``run.json`` says, else in
+    ``work/models``."""
+    for folder in folders:
+        meta = read_meta(folder)
+        if meta.get("train_key") != train_key:
+            continue
+        for weights in ([Path(meta["weights"])] if meta.get("weights") else []) + [work / "models"]:
+            if (weights / "model.pt").is_file():
+                return folder, weights
+    return None
+
+
+def _reuse_training(spec: RunSpec, prior: tuple[Path, Path], run_dir: Path, data: Path, work: Path) -> dict:
+    """Evaluate a prior training's weights again into ``run_dir``; returns the times for ``run.json``."""
+    folder, weights = prior
+    if weights.resolve() != (work / "models").resolve():
+        shutil.copytree(weights, work / "models", dirs_exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() != run_dir.resolve():
+        shutil.copyfile(folder / "train_log.json", run_dir / "train_log.json")
+    meta = read_meta(folder)
+    evaluate_s = reevaluate(spec, data, work)
+    return {"train_s": meta.get("train_s"), "evaluate_s": evaluate_s,
+            "train_commit": meta.get("train_commit", meta.get("commit"))}  # fmt: skip
+
+
 def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources: list[Path] = ()) -> tuple[Path, bool]:
     """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key, or one of ``sources`` does
-    (:func:`adopt`); returns (folder, ran). When only the evaluation changed (same training key) and the run's
-    weights are still in ``work_root``, the run is evaluated again without training."""
+    (:func:`adopt`); returns (folder, ran). When only the evaluation changed (the same training key, here or in a
+    source) and that run's weights are still on disk, they are evaluated again without training."""
     key = run_key(spec)
     run_dir = out_root / spec.name
     if is_done(run_dir, key):
@@ -253,11 +281,10 @@ def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources
         return run_dir, False
     data = ensure_cohort(spec.cohort, data_root)
     work = work_root / spec.name
-    old = read_meta(run_dir)
     train_key = run_key(spec, evaluation=False)
-    if old.get("train_key") == train_key and (work / "models" / "model.pt").is_file():
-        times = {"train_s": old.get("train_s"), "evaluate_s": reevaluate(spec, data, work),
-                 "train_commit": old.get("train_commit", old.get("commit"))}  # fmt: skip
+    prior = prior_training(spec, train_key, [run_dir, *(s / spec.name for s in sources)], work)
+    if prior:
+        times = _reuse_training(spec, prior, run_dir, data, work)
     else:
         times = execute(spec, data, work)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +294,7 @@ def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources
         shutil.copyfile(work / "fairness" / name, run_dir / name)
     meta = {"key": key, "train_key": train_key, "bench_version": BENCH_VERSION, "commit": git_commit(),
             "variant": spec.variant, "seed": spec.seed, "cohort": spec.cohort, "overrides": spec.overrides, **times,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+            "weights": str((work / "models").resolve()), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the run finished
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     return run_dir, True

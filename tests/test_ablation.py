@@ -383,7 +383,15 @@ def test_an_evaluation_change_reevaluates_without_training(monkeypatch, tmp_path
     monkeypatch.setattr(runcache, "CONFIGS", configs)
     fake, evaluated = FakeExecute(), []
     monkeypatch.setattr(runcache, "execute", fake)
-    monkeypatch.setattr(runcache, "reevaluate", lambda spec, data, work: evaluated.append(spec.name) or 0.5)
+
+    def reevaluate(spec, data, work):
+        evaluated.append(spec.name)
+        (work / "fairness").mkdir(parents=True, exist_ok=True)
+        for name in ("per_case.csv", "metrics.json"):
+            (work / "fairness" / name).write_text(f"re-evaluated {len(evaluated)}\n")
+        return 0.5
+
+    monkeypatch.setattr(runcache, "reevaluate", reevaluate)
     monkeypatch.setattr(runcache, "ensure_cohort", lambda cohort, root: root / "c")
     monkeypatch.setattr(runcache, "git_commit", lambda: "abc1234")
     spec, out, work = tiny_tables()[0].specs[0], tmp_path / "out", tmp_path / "work"
@@ -403,9 +411,16 @@ def test_an_evaluation_change_reevaluates_without_training(monkeypatch, tmp_path
     assert ran and fake.calls == [spec.name] and evaluated == [spec.name]
     assert meta["train_key"] == first["train_key"] and meta["key"] != first["key"]
     assert meta["train_commit"] == "abc1234" and meta["train_s"] == first["train_s"]
+    assert (out / spec.name / "per_case.csv").read_text() == "re-evaluated 1\n"
+    other = tmp_path / "ablation"  # another benchmark with this folder as a source: the same weights, re-evaluated
+    edit("evaluate.json", "failure_threshold", 0.7)
+    _, ran = runcache.run(spec, other, tmp_path / "data", tmp_path / "work2", sources=[out])
+    assert ran and fake.calls == [spec.name] and evaluated == [spec.name] * 2
+    assert (tmp_path / "work2" / spec.name / "models" / "model.pt").read_bytes() == b"weights"
+    assert (other / spec.name / "train_log.json").read_bytes() == (out / spec.name / "train_log.json").read_bytes()
     edit("train.json", "learning_rate", 0.001)  # the training: trained again
     runcache.run(spec, out, tmp_path / "data", work)
-    assert fake.calls == [spec.name, spec.name] and evaluated == [spec.name]
+    assert fake.calls == [spec.name, spec.name] and evaluated == [spec.name] * 2
 
 
 def test_a_run_without_a_training_key_gets_one_while_its_key_holds(monkeypatch, tmp_path):

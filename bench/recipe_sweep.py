@@ -154,10 +154,10 @@ def sweep(out: Path, work: Path, report_only: bool) -> dict[str, Any]:
     measure("erm", None, "erm")
     apply_options = [{**BASE, "dro#apply": a} for a in APPLY]
     if all(measure("fairdro", o, setting_name(o)) for o in apply_options):
-        chosen, steps["apply"] = choose(results, apply_options)
+        chosen, steps["dro#apply"] = choose(results, apply_options)
         ess_options = [{**chosen, "dro#min_ess": e} for e in (0.5, *[e for e in MIN_ESS if e != 0.5])]
         if all(measure("fairdro", o, setting_name(o)) for o in ess_options):
-            _, steps["min_ess"] = choose(results, ess_options)
+            _, steps["dro#min_ess"] = choose(results, ess_options)
     long_run = f"erm_{LONG_EPOCHS}ep"
     if measure("erm", {"epochs": LONG_EPOCHS}, long_run) and "erm" in results:
         steps["schedule"] = schedule_check(results["erm"], results[long_run])
@@ -187,7 +187,7 @@ def render(report: dict[str, Any]) -> str:
             f"{r['minority_failure_rate']:.0%} | {ess} | {curve} | {picks} |"
         )
     lines.append("")
-    lines += [f"- `dro#{step}`: **{why}**" for step, why in report["choices"].items()]
+    lines += [f"- `{step}`: **{why}**" for step, why in report["choices"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -81,8 +81,8 @@ def test_sweep_chooses_apply_then_min_ess_under_it(monkeypatch, tmp_path):
     assert [c[1] for c in calls] == ["erm", "sample_ess50", "loss_ess50", "loss_ess25", "erm_12ep"]
     assert calls[2][2]["dro#apply"] == "loss" and calls[3][2]["dro#min_ess"] == 0.25
     assert all(c[2]["epochs"] == rs.fa.RECIPE["epochs"] for c in calls[:-1]) and calls[-1][2]["epochs"] == 12
-    assert report["choices"]["apply"].startswith("loss_ess50")
-    assert report["choices"]["min_ess"].startswith("loss_ess25")  # 0.67 beats 0.66 by more than the tie
+    assert report["choices"]["dro#apply"].startswith("loss_ess50")
+    assert report["choices"]["dro#min_ess"].startswith("loss_ess25")  # 0.67 beats 0.66 by more than the tie
     assert set(report["results"]) == set(numbers)
     assert "6 against 12 epochs" in report["choices"]["schedule"] and "0.600 / 0.610" in report["choices"]["schedule"]
     again = rs.sweep(tmp_path / "out", tmp_path / "work", report_only=True)  # reads the folders, runs nothing

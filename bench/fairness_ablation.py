@@ -487,17 +487,37 @@ def reusable(bench: str, out: Path) -> list[Path]:
     return [results / "calibration", *sorted(p for p in (results / "recipe").glob("*") if p.is_dir())]
 
 
-def dry_run(tables: list[Table], out: Path) -> int:
-    todo = 0
+def planned_action(spec: runcache.RunSpec, out: Path, sources: list[Path], work: Path) -> str:
+    """What a run of the plan would do: ``cached``, ``copy`` (identical run in a source), ``re-evaluate`` (same
+    training, weights on disk), ``rerun`` (finished with another configuration) or ``run``."""
+    state = run_state(spec, out)
+    if state == "done":
+        return "cached"
+    key = runcache.run_key(spec)
+    if any(runcache.is_done(src / spec.name, key) for src in sources):
+        return "copy"
+    folders = [out / spec.name, *(src / spec.name for src in sources)]
+    if runcache.prior_training(spec, runcache.run_key(spec, evaluation=False), folders, work / "runs" / spec.name):
+        return "re-evaluate"
+    return "rerun" if state == "stale" else "run"
+
+
+def dry_run(tables: list[Table], out: Path, sources: list[Path] = (), work: Path = Path(".bench_work")) -> int:
+    counts: dict[str, int] = {}
     for table in tables:
         print(f"{table.name}: {table.kind} level {table.level}")
         for spec in table.specs:
-            state = run_state(spec, out)
-            todo += state != "done"
-            word = {"done": "cached", "stale": "would rerun (configuration changed)", "missing": "would run"}[state]
+            action = planned_action(spec, out, list(sources), work)
+            counts[action] = counts.get(action, 0) + 1
+            word = {"cached": "cached", "copy": "would be copied (identical run of another benchmark)",
+                    "re-evaluate": "would be re-evaluated (same training, weights kept)",
+                    "rerun": "would rerun (configuration changed)", "run": "would run"}[action]  # fmt: skip
             print(f"  {spec.name:<40} {word}")
-    total = sum(len(t.specs) for t in tables)
-    print(f"{total - todo} of {total} runs cached, {todo} to run (about {todo * MINUTES_PER_RUN / 60:.1f} h).")
+    total = sum(counts.values())
+    todo = counts.get("run", 0) + counts.get("rerun", 0)
+    extra = "".join(f", {counts[k]} {k}" for k in ("copy", "re-evaluate") if counts.get(k))
+    cached = counts.get("cached", 0)
+    print(f"{cached} of {total} runs cached, {todo} to run (about {todo * MINUTES_PER_RUN / 60:.1f} h){extra}.")
     return 0
 
 
@@ -520,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or (work / "smoke_results" if args.bench == "smoke" else RESULTS)).resolve()
     tables = plan_tables(args.bench)
     if args.dry_run:
-        return dry_run(tables, out)
+        return dry_run(tables, out, reusable(args.bench, out), work)
     repo = git_toplevel(out) if args.commit else None
     if args.commit and repo is None:
         parser.error(f"--commit needs --out inside a git working tree, got {out}")

@@ -433,3 +433,23 @@ def test_a_run_without_a_training_key_gets_one_while_its_key_holds(monkeypatch, 
     (out / spec.name / "run.json").write_text(json.dumps(meta))  # a run from before training keys
     _, ran = runcache.run(spec, out, tmp_path / "data", tmp_path / "work")
     assert not ran and json.loads((out / spec.name / "run.json").read_text())["train_key"] == train_key
+
+
+def test_dry_run_says_which_runs_would_be_copied_or_re_evaluated(monkeypatch, tmp_path, capsys):
+    configs = tmp_path / "configs"
+    shutil.copytree(runcache.CONFIGS, configs)
+    monkeypatch.setattr(runcache, "CONFIGS", configs)
+    monkeypatch.setattr(runcache, "execute", FakeExecute())
+    monkeypatch.setattr(runcache, "ensure_cohort", lambda cohort, root: root / "c")
+    spec, calib, out, work = tiny_tables()[0].specs[0], tmp_path / "calib", tmp_path / "out", tmp_path / "work"
+    runcache.run(spec, calib, tmp_path / "data", work / "runs")
+    assert fa.planned_action(spec, out, [calib], work) == "copy"
+    assert fa.planned_action(spec, out, [], work) == "run"
+    config = json.loads((configs / "evaluate.json").read_text())
+    (configs / "evaluate.json").write_text(json.dumps({**config, "failure_threshold": 0.6}))
+    assert fa.planned_action(spec, out, [calib], work) == "run"  # same training, but no weights on disk
+    (work / "runs" / spec.name / "models").mkdir(parents=True)
+    (work / "runs" / spec.name / "models" / "model.pt").write_bytes(b"w")
+    assert fa.planned_action(spec, out, [calib], work) == "re-evaluate"
+    fa.dry_run([fa.Table("main", "main", spec.cohort, (spec,))], out, [calib], work)
+    assert "0 of 1 runs cached, 0 to run (about 0.0 h), 1 re-evaluate." in capsys.readouterr().out

@@ -478,6 +478,14 @@ def git_toplevel(path: Path) -> Path | None:
     return Path(res.stdout.strip()) if res.returncode == 0 else None
 
 
+def git_tracked(path: Path, repo: Path) -> bool:
+    """Whether git tracks files under ``path`` and none of them has uncommitted changes."""
+    rel = str(path.resolve().relative_to(repo.resolve()))
+    files = subprocess.run(["git", "ls-files", "--", rel], cwd=repo, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", rel], cwd=repo, capture_output=True, text=True)
+    return bool(files) and not dirty.stdout.strip()
+
+
 def reusable(bench: str, out: Path) -> list[Path]:
     """Folders of other benchmarks beside ``out`` whose identical runs (same key) are copied instead of trained: the
     cohort calibration (ERM and the oracle, seed 0) and the recipe sweep (FairDRO, seed 0, one folder per setting)."""
@@ -558,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(spec.name)
                 continue
             print(f"{spec.name}: {'ran' if ran else 'cached'} ({time.time() - t:.0f} s)", flush=True)
-            if ran:
+            if ran or (args.commit and not git_tracked(run_dir, repo)):  # a copy from another benchmark: new here
                 report = build_report(tables, out, args.bench)
                 report["failed_runs"] = failed
                 files = write_report(report, out)

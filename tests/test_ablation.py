@@ -453,3 +453,18 @@ def test_dry_run_says_which_runs_would_be_copied_or_re_evaluated(monkeypatch, tm
     assert fa.planned_action(spec, out, [calib], work) == "re-evaluate"
     fa.dry_run([fa.Table("main", "main", spec.cohort, (spec,))], out, [calib], work)
     assert "0 of 1 runs cached, 0 to run (about 0.0 h), 1 re-evaluate." in capsys.readouterr().out
+
+
+def test_git_tracked(tmp_path, monkeypatch):
+    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                 "GIT_COMMITTER_EMAIL": "t@t"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    run_dir = tmp_path / "res" / "erm_necrotic_l3_s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}\n")
+    assert not fa.git_tracked(run_dir, tmp_path)  # a copied run, not committed yet
+    assert fa.git_commit_paths([run_dir], "ablation: copy", repo=tmp_path)
+    assert fa.git_tracked(run_dir, tmp_path)
+    (run_dir / "run.json").write_text('{"key": 1}\n')
+    assert not fa.git_tracked(run_dir, tmp_path)  # re-evaluated in place

@@ -495,27 +495,12 @@ def reusable(bench: str, out: Path) -> list[Path]:
     return [results / "calibration", *sorted(p for p in (results / "recipe").glob("*") if p.is_dir())]
 
 
-def planned_action(spec: runcache.RunSpec, out: Path, sources: list[Path], work: Path) -> str:
-    """What a run of the plan would do: ``cached``, ``copy`` (identical run in a source), ``re-evaluate`` (same
-    training, weights on disk), ``rerun`` (finished with another configuration) or ``run``."""
-    state = run_state(spec, out)
-    if state == "done":
-        return "cached"
-    key = runcache.run_key(spec)
-    if any(runcache.is_done(src / spec.name, key) for src in sources):
-        return "copy"
-    folders = [out / spec.name, *(src / spec.name for src in sources)]
-    if runcache.prior_training(spec, runcache.run_key(spec, evaluation=False), folders, work / "runs" / spec.name):
-        return "re-evaluate"
-    return "rerun" if state == "stale" else "run"
-
-
 def dry_run(tables: list[Table], out: Path, sources: list[Path] = (), work: Path = Path(".bench_work")) -> int:
     counts: dict[str, int] = {}
     for table in tables:
         print(f"{table.name}: {table.kind} level {table.level}")
         for spec in table.specs:
-            action = planned_action(spec, out, list(sources), work)
+            action, _ = runcache.decide(spec, out, work / "runs", list(sources))
             counts[action] = counts.get(action, 0) + 1
             word = {"cached": "cached", "copy": "would be copied (identical run of another benchmark)",
                     "re-evaluate": "would be re-evaluated (same training, weights kept)",

@@ -65,15 +65,10 @@ def spec_of(variant: str, setting: dict[str, Any] | None = None) -> runcache.Run
 
 def validate(spec: runcache.RunSpec, data: Path, work: Path) -> Path:
     """Evaluate the weights a finished run selected on the validation split; returns the evaluation folder."""
-    out = work / "validation"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
-           json.dumps(spec.config_files() + [str(runcache.CONFIGS / "evaluate.json")]),
-           "--dataset_dir", str(data), "--output_dir", str(out), "--ckpt_dir", str(work / "models"),
-           "--seed", str(spec.seed), "--eval_list_key", "validation"]  # fmt: skip
-    for key, value in spec.overrides.items():
-        cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    runcache._bundle(cmd, work / "validation.log")
-    return out / "fairness"
+    validation = ("--eval_list_key", "validation")
+    runcache._bundle(runcache.bundle_command(spec, "evaluating", data, work, work / "validation", validation),
+                     work / "validation.log")  # fmt: skip
+    return work / "validation" / "fairness"
 
 
 def run_with_validation(spec: runcache.RunSpec, out: Path, work: Path, runs: Path, sources: list[Path]) -> Path:

@@ -195,49 +195,43 @@ def _bundle(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"command failed ({res.returncode}), see {log}: {' '.join(cmd)}")
 
 
-def _commands(spec: RunSpec, data: Path, work: Path) -> tuple[list[str], list[str]]:
-    """The training and the evaluation command lines of a run."""
-    common = ["--dataset_dir", str(data), "--output_dir", str(work), "--ckpt_dir", str(work / "models"),
-              "--seed", str(spec.seed)]  # fmt: skip
+def bundle_command(
+    spec: RunSpec, workflow: str, data: Path, work: Path, output_dir: Path | None = None, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """The ``monai.bundle run`` command line of a run's ``training`` or ``evaluating`` (weights in
+    ``work/models``; output in ``output_dir``, default ``work``), with the run's overrides and ``extra`` arguments."""
+    files = spec.config_files() + ([str(CONFIGS / "evaluate.json")] if workflow == "evaluating" else [])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", json.dumps(files),
+           "--dataset_dir", str(data), "--output_dir", str(output_dir or work), "--ckpt_dir", str(work / "models"),
+           "--seed", str(spec.seed), *extra]  # fmt: skip
     for key, value in spec.overrides.items():
-        common += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    py = [sys.executable, "-m", "monai.bundle", "run"]
-    files = spec.config_files()
-    train = py + ["training", "--config_file", json.dumps(files)] + common
-    return train, py + ["evaluating", "--config_file", json.dumps(files + [str(CONFIGS / "evaluate.json")])] + common
+        cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return cmd
 
 
 def execute(spec: RunSpec, data: Path, work: Path) -> dict[str, float]:
     """Train and evaluate one run in ``work``; returns the wall time of each phase (s)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    train, _ = _commands(spec, data, work)
     t0 = time.time()
-    _bundle(train, work / "run.log")
+    _bundle(bundle_command(spec, "training", data, work), work / "run.log")
     return {"train_s": round(time.time() - t0, 1), "evaluate_s": reevaluate(spec, data, work)}
 
 
 def reevaluate(spec: RunSpec, data: Path, work: Path) -> float:
     """Evaluate the weights in ``work/models`` on the testing split again; returns the wall time (s)."""
     shutil.rmtree(work / "fairness", ignore_errors=True)
-    _, evaluate = _commands(spec, data, work)
     t0 = time.time()
-    _bundle(evaluate, work / "run.log")
+    _bundle(bundle_command(spec, "evaluating", data, work), work / "run.log")
     return round(time.time() - t0, 1)
 
 
-def adopt(spec: RunSpec, key: str, out_root: Path, sources: list[Path]) -> bool:
-    """Copy the finished run of ``spec`` (same key) from the first of ``sources`` that holds it into ``out_root``
-    (its small files only); whether one was found. Another benchmark's identical run is thus never trained twice."""
-    for source in sources:
-        if source.resolve() != out_root.resolve() and is_done(source / spec.name, key):
-            dst = out_root / spec.name
-            dst.mkdir(parents=True, exist_ok=True)
-            for name in (*_SMALL_FILES, "train_log.json", "run.json"):  # run.json last: marks the copy finished
-                if (source / spec.name / name).is_file():
-                    shutil.copyfile(source / spec.name / name, dst / name)
-            return True
-    return False
+def copy_run(src: Path, dst: Path) -> None:
+    """Copy a finished run's small files (another benchmark's identical run is thus never trained twice)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (*_SMALL_FILES, "train_log.json", "run.json"):  # run.json last: marks the copy finished
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 def prior_training(spec: RunSpec, train_key: str, folders: list[Path], work: Path) -> tuple[Path, Path] | None:
@@ -268,23 +262,40 @@ def _reuse_training(spec: RunSpec, prior: tuple[Path, Path], run_dir: Path, data
             "train_commit": meta.get("train_commit", meta.get("commit"))}  # fmt: skip
 
 
-def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources: list[Path] = ()) -> tuple[Path, bool]:
-    """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key, or one of ``sources`` does
-    (:func:`adopt`); returns (folder, ran). When only the evaluation changed (the same training key, here or in a
-    source) and that run's weights are still on disk, they are evaluated again without training."""
+def decide(spec: RunSpec, out_root: Path, work_root: Path, sources: list[Path] = ()) -> tuple[str, Any]:
+    """What :func:`run` would do, without doing it: ``("cached", None)``, ``("copy", source)`` (an identical run in a
+    source, :func:`copy_run`), ``("re-evaluate", prior)`` (same training, weights on disk: :func:`prior_training`),
+    ``("rerun", None)`` (finished with another configuration) or ``("run", None)``."""
     key = run_key(spec)
     run_dir = out_root / spec.name
     if is_done(run_dir, key):
+        return "cached", None
+    for source in sources:
+        if source.resolve() != out_root.resolve() and is_done(source / spec.name, key):
+            return "copy", source
+    folders = [run_dir, *(s / spec.name for s in sources)]
+    prior = prior_training(spec, run_key(spec, evaluation=False), folders, work_root / spec.name)
+    if prior:
+        return "re-evaluate", prior
+    return ("rerun" if read_meta(run_dir) else "run"), None
+
+
+def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources: list[Path] = ()) -> tuple[Path, bool]:
+    """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key, or one of ``sources`` does
+    (copied); returns (folder, ran). When only the evaluation changed (the same training key, here or in a source)
+    and that run's weights are still on disk, they are evaluated again without training (:func:`decide`)."""
+    run_dir = out_root / spec.name
+    action, found = decide(spec, out_root, work_root, list(sources))
+    if action == "cached":
         record_train_key(run_dir, spec)
         return run_dir, False
-    if adopt(spec, key, out_root, list(sources)):
+    if action == "copy":
+        copy_run(found / spec.name, run_dir)
         return run_dir, False
     data = ensure_cohort(spec.cohort, data_root)
     work = work_root / spec.name
-    train_key = run_key(spec, evaluation=False)
-    prior = prior_training(spec, train_key, [run_dir, *(s / spec.name for s in sources)], work)
-    if prior:
-        times = _reuse_training(spec, prior, run_dir, data, work)
+    if action == "re-evaluate":
+        times = _reuse_training(spec, found, run_dir, data, work)
     else:
         times = execute(spec, data, work)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -292,9 +303,10 @@ def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources
         (run_dir / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name in _SMALL_FILES:
         shutil.copyfile(work / "fairness" / name, run_dir / name)
-    meta = {"key": key, "train_key": train_key, "bench_version": BENCH_VERSION, "commit": git_commit(),
-            "variant": spec.variant, "seed": spec.seed, "cohort": spec.cohort, "overrides": spec.overrides, **times,
-            "weights": str((work / "models").resolve()), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    meta = {"key": run_key(spec), "train_key": run_key(spec, evaluation=False), "bench_version": BENCH_VERSION,
+            "commit": git_commit(), "variant": spec.variant, "seed": spec.seed, "cohort": spec.cohort,
+            "overrides": spec.overrides, **times, "weights": str((work / "models").resolve()),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the run finished
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     return run_dir, True

@@ -443,14 +443,14 @@ def test_dry_run_says_which_runs_would_be_copied_or_re_evaluated(monkeypatch, tm
     monkeypatch.setattr(runcache, "ensure_cohort", lambda cohort, root: root / "c")
     spec, calib, out, work = tiny_tables()[0].specs[0], tmp_path / "calib", tmp_path / "out", tmp_path / "work"
     runcache.run(spec, calib, tmp_path / "data", work / "runs")
-    assert fa.planned_action(spec, out, [calib], work) == "copy"
-    assert fa.planned_action(spec, out, [], work) == "run"
+    assert runcache.decide(spec, out, work / "runs", [calib])[0] == "copy"
+    assert runcache.decide(spec, out, work / "runs", [])[0] == "run"
     config = json.loads((configs / "evaluate.json").read_text())
     (configs / "evaluate.json").write_text(json.dumps({**config, "failure_threshold": 0.6}))
-    assert fa.planned_action(spec, out, [calib], work) == "run"  # same training, but no weights on disk
+    assert runcache.decide(spec, out, work / "runs", [calib])[0] == "run"  # same training, but no weights on disk
     (work / "runs" / spec.name / "models").mkdir(parents=True)
     (work / "runs" / spec.name / "models" / "model.pt").write_bytes(b"w")
-    assert fa.planned_action(spec, out, [calib], work) == "re-evaluate"
+    assert runcache.decide(spec, out, work / "runs", [calib])[0] == "re-evaluate"
     fa.dry_run([fa.Table("main", "main", spec.cohort, (spec,))], out, [calib], work)
     assert "0 of 1 runs cached, 0 to run (about 0.0 h), 1 re-evaluate." in capsys.readouterr().out
 

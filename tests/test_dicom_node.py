@@ -337,6 +337,7 @@ def test_series_are_processed_delivered_deduplicated_and_replaced(cohort, tmp_pa
         assert result["instance_count"] == len(series_a)
         assert len(receiver.rtstructs(uid_a)) == 2 and len(receiver.received) == 6
         assert node.status()["processed"] == 3
+        assert node.status()["inference_builds"] == 1  # warm (the default): built once for all three
     finally:
         node.stop()
         receiver.stop()

@@ -1,19 +1,28 @@
-"""The DICOM node in operation: disk floor (0xA700, resume), retention, owner-only folders, health and metrics."""
+"""The DICOM node in operation: disk floor (0xA700, resume), retention, owner-only folders, health and metrics,
+warm and cold inference."""
 
 import json
 import logging
 import os
+import shutil
 import socket
 import stat
 import time
 import urllib.error
 import urllib.request
 
+import nibabel as nib
+import numpy as np
+import pydicom
 import pytest
+import torch
+from dicom_node import DicomNodeError
+from dicom_node.cli import read_settings
+from dicom_node.inference import BundleInference
 from dicom_node.sender import Outbox
 from dicom_node.storage import Retention
 from prometheus_client.parser import text_string_to_metric_families
-from test_dicom_node import FAST_RETRY, Receiver, _node, _send, _uid, _wait, build_cohort
+from test_dicom_node import CONFIGS, FAST_RETRY, NODE_CONFIG, REPO, Receiver, _node, _send, _uid, _wait, build_cohort
 
 OUT_OF_RESOURCES = 0xA700
 DAY = 86400.0
@@ -215,3 +224,86 @@ def test_health_and_metrics_endpoint_counts_what_was_sent(cohort, tmp_path):
     # latency runs from the last instance acknowledged: at least the quiet time, at most this test's run time
     assert node.quiet_seconds * len(sent) <= after["fairdro_node_series_latency_seconds_sum"] < 240 * len(sent)
     assert after["fairdro_node_queue_length"] == 0 and after["fairdro_node_undelivered_results"] == 0
+    # warm (the default): one inference workflow built for both series, no checkpoint change seen
+    assert after["fairdro_node_inference_builds"] == 1 and after["fairdro_node_checkpoint_reloads"] == 0
+
+
+# ------------------------------------------------------------------------------------------ warm inference
+
+BUNDLE_MODEL = REPO / "bundle" / "models" / "model.pt"
+INFERENCE_CONFIGS = [CONFIGS / "inference.json", CONFIGS / "inference_dicom.json"]
+
+
+@pytest.fixture(scope="module")
+def model_series(cohort, tmp_path_factory):
+    """Three of the cohort's series as spool-like folders (<series uid>/<sop uid>.dcm), for the bundle's model."""
+    root = tmp_path_factory.mktemp("warm_series")
+    folders = []
+    for datasets in cohort.series[:3]:
+        folder = root / _uid(datasets)
+        folder.mkdir()
+        for ds in datasets:
+            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm")
+        folders.append(folder)
+    return folders
+
+
+def _infer(inference, folder, out_root, subgroup=None):
+    """Run one series into ``out_root/<uid>``; returns its mask array and RTSTRUCT contour points per ROI."""
+    out = out_root / folder.name
+    out.mkdir(parents=True)
+    inference.run(folder, out, subgroup)
+    mask = np.asarray(nib.load(out / f"{folder.name}_seg.nii.gz").dataobj)
+    rtstruct = pydicom.dcmread(out / f"RS_{folder.name}.dcm")
+    contours = [
+        [[float(v) for v in c.ContourData] for c in getattr(roi, "ContourSequence", [])]
+        for roi in rtstruct.ROIContourSequence
+    ]
+    return mask, contours
+
+
+def test_warm_inference_builds_once_and_matches_cold(model_series, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(BUNDLE_MODEL, ckpt)
+    overrides = {"ckpt_path": str(ckpt)}
+    cold = BundleInference(INFERENCE_CONFIGS, overrides, cold=True)
+    warm = BundleInference(INFERENCE_CONFIGS, overrides)
+    subgroups = ["T3", None]  # the per-series subgroup reaches the kept network too
+    expected = [_infer(cold, f, tmp_path / "cold", s) for f, s in zip(model_series[:2], subgroups, strict=True)]
+    got = [_infer(warm, f, tmp_path / "warm", s) for f, s in zip(model_series[:2], subgroups, strict=True)]
+    assert (cold.builds, warm.builds, warm.reloads) == (2, 1, 0)
+    for (mask_c, contours_c), (mask_w, contours_w) in zip(expected, got, strict=True):
+        assert mask_c.any() and sum(map(len, contours_c)) > 0  # a real segmentation, not an empty one
+        assert np.array_equal(mask_w, mask_c) and contours_w == contours_c
+
+
+def test_warm_inference_reloads_a_changed_checkpoint(model_series, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(BUNDLE_MODEL, ckpt)
+    warm = BundleInference(INFERENCE_CONFIGS, {"ckpt_path": str(ckpt)})
+    before, _ = _infer(warm, model_series[0], tmp_path / "before")
+    state = torch.load(ckpt, weights_only=True)
+    state["head.conv.bias"] += torch.tensor([-1.0, 1.0])  # favours the CTV: a visibly larger mask
+    torch.save(state, ckpt)  # rewritten in place: same path, same size
+    after = _infer(warm, model_series[0], tmp_path / "after")
+    assert (warm.builds, warm.reloads) == (2, 1)
+    assert any("changed" in r.getMessage() and str(ckpt) in r.getMessage() for r in caplog.records)
+    reference = _infer(BundleInference(INFERENCE_CONFIGS, {"ckpt_path": str(ckpt)}, cold=True),
+                       model_series[0], tmp_path / "cold")  # fmt: skip
+    assert np.array_equal(after[0], reference[0]) and after[1] == reference[1]
+    assert after[0].sum() > before.sum()
+    _infer(warm, model_series[1], tmp_path / "unchanged")
+    assert (warm.builds, warm.reloads) == (2, 1)  # unchanged since the reload: kept
+
+
+def test_cold_setting_from_cli_and_config(tmp_path):
+    base = ["--config", str(NODE_CONFIG), "--work_dir", str(tmp_path / "w")]
+    assert read_settings(base)["cold"] is False  # warm by default
+    for argv, expected in ((["--cold"], True), (["--cold", "false"], False), (["--cold=true"], True)):
+        node = read_settings([*base, *argv, "--port", "11113"]).get_parsed_content("node")
+        assert node.inference.cold is expected and node.port == 11113
+    with pytest.raises(SystemExit):
+        read_settings([*base, "--cold", "yes"])
+    with pytest.raises(DicomNodeError, match="cold must be true or false, got 'yes'"):
+        _node(tmp_path, "x.pt", cold="yes")

@@ -36,22 +36,46 @@ def _parse_overrides(args: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Build the node from the config file(s) and overrides, then serve until SIGINT/SIGTERM."""
-    from monai.bundle import ConfigParser
+def _flag(value: str) -> bool:
+    """``--cold`` / ``--cold true`` / ``--cold false``."""
+    text = value.strip().lower()
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return text == "true"
 
+
+def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The named options, and the other ``--key value`` tokens (config overrides)."""
     epilog = "Other --key value pairs override config settings (JSON values), e.g. --port 11113."
     ap = argparse.ArgumentParser(prog="python -m dicom_node", description=__doc__.split("\n\n")[0], epilog=epilog)
     ap.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)], help="config file(s), merged in order")
     ap.add_argument("--log_level", default="INFO", help="logging level (default INFO)")
-    args, rest = ap.parse_known_args(argv)
+    cold_help = "build the inference workflow for every series (the config's cold setting; default: warm)"
+    ap.add_argument("--cold", nargs="?", const=True, default=None, type=_flag, help=cold_help)
+    return ap.parse_known_args(argv)
+
+
+def read_settings(argv: Sequence[str] | None = None) -> Any:
+    """The node's settings as a MONAI ``ConfigParser``: config file(s), then ``--key value`` overrides, then
+    ``--cold``. Logging is left alone."""
+    from monai.bundle import ConfigParser
+
+    args, rest = _arguments(argv)
+    parser = ConfigParser()
+    parser.read_config(args.config)
+    parser.update(_parse_overrides(rest))
+    if args.cold is not None:
+        parser.update({"cold": args.cold})
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the node from the config file(s) and overrides, then serve until SIGINT/SIGTERM."""
+    args, _ = _arguments(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
-        parser = ConfigParser()
-        parser.read_config(args.config)
-        parser.update(_parse_overrides(rest))
-        node = parser.get_parsed_content("node")
+        node = read_settings(argv).get_parsed_content("node")
     except Exception as err:  # MONAI wraps errors raised while instantiating the node in a RuntimeError
         cause = err
         while cause.__cause__ is not None and not isinstance(cause, DicomNodeError):

@@ -30,6 +30,7 @@ from typing import Any
 from scripts.safe_io import fsync_folder
 
 from .health import HealthServer, HealthSettings
+from .inference import BundleInference
 from .metrics import NodeMetrics
 from .receiver import Receiver
 from .sender import Outbox, Sender
@@ -79,6 +80,8 @@ class DicomNode:
         subgroup_source: keyword arguments of :class:`SubgroupSource` (or one).
         inference_config_files: the bundle's ``inference.json`` and ``inference_dicom.json``.
         inference_overrides: extra config overrides for inference (``ckpt_path``, ``features``, ...).
+        cold: build the inference workflow (network, checkpoint load) for every series; default False: built once
+            and kept, rebuilt when the checkpoint file changes (see :mod:`.inference`).
         retry: ``{"initial_seconds", "max_seconds", "factor"}`` of the delivery back-off.
         min_free_bytes: below this much free space every C-STORE is answered 0xA700 and no series is started.
         retention_days: delivered results are deleted after this many days (None: kept).
@@ -102,6 +105,7 @@ class DicomNode:
         subgroup_source: Mapping[str, Any] | SubgroupSource | None = None,
         inference_config_files: Sequence[str | Path] = (),
         inference_overrides: Mapping[str, Any] | None = None,
+        cold: bool = False,
         retry: Mapping[str, float] | None = None,
         min_free_bytes: int = GIB,
         retention_days: float | None = 30.0,
@@ -126,6 +130,9 @@ class DicomNode:
             raise DicomNodeError(f"inference_config_files must name existing files, got {self.inference_config_files}.")
         if clash := sorted(set(_NODE_KEYS) & set(self.inference_overrides)):
             raise DicomNodeError(f"inference_overrides must not set {clash}: the node sets them for every series.")
+        if not isinstance(cold, bool):
+            raise DicomNodeError(f"cold must be true or false, got {cold!r}.")
+        self.inference = BundleInference(self.inference_config_files, self.inference_overrides, cold=cold)
         if isinstance(subgroup_source, SubgroupSource):
             self.subgroup_source = subgroup_source
         else:
@@ -150,8 +157,7 @@ class DicomNode:
         self.receiver = Receiver(self.ae_title, self.allowed_calling_aets, self.spool, self.disk, self.metrics)
         self.worker = Worker(
             self.spool, self.results, self.failed, self.outbox, self.disk, self.metrics, self.subgroup_source,
-            self.inference_config_files, self.inference_overrides, self.destinations, self.send_seg,
-            self.quiet_seconds,
+            self.inference, self.destinations, self.send_seg, self.quiet_seconds,
         )  # fmt: skip
         self.sender = Sender(self.ae_title, self.results, self.outbox, self.send_seg, self.retry, self.tls,
                              self.destinations, self.metrics)  # fmt: skip
@@ -164,6 +170,10 @@ class DicomNode:
                 lambda: self.outbox.undelivered()[1])  # fmt: skip
         m.gauge("disk_free_bytes", "free bytes on the work_dir file system", self.disk.free_bytes)
         m.gauge("disk_below_floor", "1 while free space is below min_free_bytes", lambda: float(self.disk.below))
+        m.gauge("inference_builds", "inference workflows built since start (network constructed, weights loaded)",
+                lambda: self.inference.builds)  # fmt: skip
+        m.gauge("checkpoint_reloads", "warm rebuilds since start because the checkpoint file changed",
+                lambda: self.inference.reloads)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- lifecycle
 
@@ -290,6 +300,8 @@ class DicomNode:
             "undelivered": undelivered,
             "undelivered_oldest_age_seconds": round(oldest, 1),
             "below_disk_floor": self.disk.below,
+            "inference_builds": self.inference.builds,
+            "checkpoint_reloads": self.inference.reloads,
             **self.metrics.counts(),
         }
 

@@ -10,13 +10,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from scripts.dicom_series import DicomSeriesError, read_header
 from scripts.safe_io import atomic_write_bytes, atomic_write_json, fsync_folder
 
+from .inference import BundleInference
 from .metrics import NodeMetrics
 from .sender import Outbox
 from .settings import Destination, now_iso, read_json, series_fingerprint
@@ -54,12 +55,10 @@ class Worker:
     """
 
     def __init__(self, spool: Spool, results: Path, failed: Path, outbox: Outbox, disk: DiskGuard,
-                 metrics: NodeMetrics, subgroup_source: SubgroupSource, inference_config_files: Sequence[str],
-                 inference_overrides: Mapping[str, Any], destinations: Sequence[Destination], send_seg: bool,
-                 quiet_seconds: float):  # fmt: skip
+                 metrics: NodeMetrics, subgroup_source: SubgroupSource, inference: BundleInference,
+                 destinations: Sequence[Destination], send_seg: bool, quiet_seconds: float):  # fmt: skip
         self.spool, self.results, self.failed, self.outbox = spool, Path(results), Path(failed), outbox
-        self.disk, self.metrics, self.subgroup_source = disk, metrics, subgroup_source
-        self.inference_config_files, self.inference_overrides = list(inference_config_files), dict(inference_overrides)
+        self.disk, self.metrics, self.subgroup_source, self.inference = disk, metrics, subgroup_source, inference
         self.destinations, self.send_seg, self.quiet_seconds = list(destinations), send_seg, quiet_seconds
         self._lock = threading.Lock()
         self._queue: queue.Queue[str] = queue.Queue()
@@ -163,16 +162,7 @@ class Worker:
 
     def _infer(self, series_dir: Path, out_dir: Path, subgroup: str | None) -> dict[str, str]:
         """Run the bundle's DICOM inference on one series folder; returns the names of the files it wrote."""
-        from monai.bundle import ConfigWorkflow
-
-        workflow = ConfigWorkflow(
-            config_file=self.inference_config_files, workflow_type="infer", run_id="inference",
-            logging_file=False,  # the bundle's logging.conf would disable the node's loggers
-            **self.inference_overrides, input_dir=str(series_dir), output_dir=str(out_dir), subgroup=subgroup,
-        )  # fmt: skip
-        workflow.initialize()
-        workflow.run()
-        workflow.finalize()
+        self.inference.run(series_dir, out_dir, subgroup)
         uid = series_dir.name
         names = {"rtstruct": f"RS_{uid}.dcm", "seg": f"SEG_{uid}.dcm"}
         absent = [n for key, n in names.items() if not (out_dir / n).is_file() and (key == "rtstruct" or self.send_seg)]

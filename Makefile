@@ -207,6 +207,7 @@ deploy-stage:
 	@echo "staged in $(DP_STAGE); package with: monai-deploy package $(DP_STAGE) -c $(DP_STAGE)/app.yaml -m bundle/models/model.ts -t fairdro-ctv:0.4.0 --platform x64-workstation"
 
 # the DICOM node (receives CT, returns RTSTRUCT/SEG): make dicom-node [NODE_CONFIG=site.json] [NODE_ARGS='--port 11113']
+# (NODE_ARGS=--cold builds the inference workflow for every series instead of once per process)
 NODE_CONFIG ?=
 NODE_ARGS ?=
 .PHONY: dicom-node test-pacs bench-pacs soak-pacs orthanc
@@ -225,6 +226,7 @@ orthanc:
 test-pacs: setup orthanc
 	nice -n 5 $(PY) tools/pacs_check.py
 
+# per-series latency with the node started --cold, then warm (the default), and SIGKILL recovery, against Orthanc
 bench-pacs: setup orthanc
 	$(PY) bench/bench_pacs.py --series 10 --out bench/results/pacs/bench_pacs.json
 

@@ -1,15 +1,19 @@
-"""Dictionary transforms that carry the patient subgroup and the case id to the network and the loss."""
+"""Dictionary transforms of the bundle's pipelines: the patient subgroup and the case id for the network and the loss,
+label-centred crops for the bank refresh, and the prediction's foreground mask back on the grid the image was loaded
+on."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import Invertd, InvertibleTransform, MapTransform, SpatialResample
 
 from scripts.inferers import SUBGROUP_META_KEY
 
@@ -189,3 +193,195 @@ class LabelCentredCropd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key][(slice(None), *window)]
         return d
+
+
+def loaded_grid(image: MetaTensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The ``(affine (4, 4) float64, spatial shape)`` of the grid ``image`` was loaded on, from the metadata that
+    MONAI's readers (and :class:`scripts.dicom_series.LoadDicomSeriesd`, and MONAI Deploy) write at load time.
+
+    Raises:
+        ValueError: when ``original_affine`` or ``spatial_shape`` is missing from the metadata.
+    """
+    meta = getattr(image, "meta", None) or {}
+    missing = [k for k in ("original_affine", "spatial_shape") if meta.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"the image's metadata lacks {missing}: load it with a MONAI reader (LoadImaged) so that the original "
+            "grid is known, or invert with Invertd."
+        )
+    affine = torch.as_tensor(np.asarray(meta["original_affine"], dtype=np.float64))
+    return affine, tuple(int(s) for s in np.asarray(meta["spatial_shape"]).reshape(-1)[:3])
+
+
+def _is_resampling(op: Mapping[str, Any]) -> bool:
+    """A record of MONAI's ``SpatialResample`` family (``Spacing``, ``ResampleToMatch``): it holds ``src_affine``."""
+    return "src_affine" in (op.get("extra_info") or {})
+
+
+def single_resampling(image: MetaTensor) -> dict[str, Any] | None:
+    """The settings (``extra_info``: mode, padding_mode, align_corners, dtype) of the one resampling among the
+    operations applied to ``image``, when every operation before it is an ``Orientation`` and its interpolation
+    reaches one voxel at most (linear or nearest); else ``None``."""
+    ops = list(getattr(image, "applied_operations", []))
+    at = [i for i, op in enumerate(ops) if _is_resampling(op)]
+    if len(at) != 1 or any(op.get("class") != "Orientation" for op in ops[: at[0]]):
+        return None
+    settings = ops[at[0]]["extra_info"]
+    return settings if str(settings.get("mode")) in ("bilinear", "nearest", "0", "1") else None
+
+
+def undo_crops(values: torch.Tensor, image: MetaTensor, transform: Any, key: Hashable) -> MetaTensor | None:
+    """``values`` (``(C, X, Y, Z)`` on ``image``'s grid) on the grid before the crops and pads that followed the
+    resampling, by MONAI's own inverses of those transforms (exact: they only pad and crop); ``None`` when a
+    transform after the resampling cannot be matched to its record."""
+    x = MetaTensor(values, meta=copy.deepcopy(image.meta))  # copies: MONAI's inverses edit the records they read
+    x.applied_operations = copy.deepcopy(image.applied_operations)
+    data: dict[Hashable, Any] = {key: x}
+    for t in reversed(list(getattr(transform, "transforms", []))):
+        if not data[key].applied_operations or _is_resampling(data[key].applied_operations[-1]):
+            return data[key]
+        if isinstance(t, InvertibleTransform) and key in getattr(t, "keys", ()):
+            try:
+                data = t.inverse(data)
+            except RuntimeError:  # records and transforms do not line up
+                return None
+    return None
+
+
+def foreground_window(foreground: torch.Tensor, margin: int) -> tuple[list[int], list[int]] | None:
+    """Bounding box of ``foreground`` (``X, Y, Z`` bool) grown by ``margin`` voxels: ``(first, last)`` indices,
+    inclusive, clipped to the volume; ``None`` when there is no foreground."""
+    lo, hi = [], []
+    for axis, size in enumerate(foreground.shape):
+        hit = torch.nonzero(foreground.any(dim=[a for a in range(3) if a != axis]))
+        if hit.numel() == 0:
+            return None
+        lo.append(max(int(hit[0]) - margin, 0))
+        hi.append(min(int(hit[-1]) + margin, size - 1))
+    return lo, hi
+
+
+def _translate(start: Sequence[int]) -> torch.Tensor:
+    t = torch.eye(4, dtype=torch.float64)
+    t[:3, 3] = torch.as_tensor([float(v) for v in start], dtype=torch.float64)
+    return t
+
+
+def target_box(
+    window: tuple[list[int], list[int]], src_affine: torch.Tensor, dst_affine: torch.Tensor, dst_shape: Sequence[int]
+) -> tuple[list[int], list[int]] | None:
+    """The voxels of the destination grid that can see the source ``window`` (``(first, last)`` inclusive): the
+    bounding box of the window's corners mapped into destination voxels, clipped; ``None`` when none remain."""
+    lo, hi = window
+    corners = torch.cartesian_prod(*[torch.tensor([a, b], dtype=torch.float64) for a, b in zip(lo, hi)])
+    corners = torch.cat([corners, torch.ones(len(corners), 1, dtype=torch.float64)], 1)
+    mapped = (torch.linalg.solve(dst_affine, src_affine) @ corners.T)[:3]
+    first = [max(int(np.floor(float(v))), 0) for v in mapped.min(1).values]
+    last = [min(int(np.ceil(float(v))), s - 1) for v, s in zip(mapped.max(1).values, dst_shape)]
+    return None if any(a > b for a, b in zip(first, last)) else (first, last)
+
+
+def resample_window(
+    values: MetaTensor, window, dst_affine: torch.Tensor, box, settings: Mapping[str, Any]
+) -> torch.Tensor:
+    """``values`` (``(1, X, Y, Z)``) cut to ``window`` and resampled onto the destination voxels ``box`` as the
+    recorded resampling interpolates (its mode, padding_mode, align_corners and computation dtype)."""
+    (lo, hi), (first, last) = window, box
+    src_affine = torch.as_tensor(values.affine, dtype=torch.float64)
+    src = MetaTensor(values.as_tensor()[(slice(None), *(slice(a, b + 1) for a, b in zip(lo, hi)))])
+    src.affine = src_affine @ _translate(lo)
+    align = settings.get("align_corners", False)
+    resample = SpatialResample(
+        mode=settings.get("mode", "bilinear"),
+        padding_mode=settings.get("padding_mode", "border"),
+        align_corners=False if align in (None, "none") else bool(align),
+        dtype=getattr(torch, str(settings.get("dtype", "float64"))),
+    )
+    size = [b - a + 1 for a, b in zip(first, last)]
+    with resample.trace_transform(False):
+        out = resample(src, dst_affine=dst_affine @ _translate(first), spatial_size=size)
+    return torch.as_tensor(out)[0]
+
+
+class InvertForegroundd(MapTransform):
+    """Foreground mask of a two-class softmax on the grid the image was loaded on, computed only near the foreground.
+
+    The result equals MONAI's ``Invertd`` of both softmax channels (the preprocessing's own interpolation, e.g.
+    ``Spacingd`` bilinear) followed by ``argmax``, at a fraction of its cost:
+
+    - interpolation is linear and the padding of crops is zero in both channels, so ``argmax(interp(p0),
+      interp(p1))`` is foreground exactly where ``interp(p1 - p0) > 0``: one channel is resampled, not two;
+    - a linear (or nearest) interpolation is positive only where a voxel of its stencil (one voxel either way) is, so
+      only the destination voxels that see the foreground's bounding box (grown by ``margin``) are resampled, from
+      that box (with the recorded padding rule, so the scan's edges behave alike), and the rest is background;
+    - orientation changes are index permutations, so the one resampling goes straight from the network's grid to the
+      loaded grid; crops and pads after it are undone first by MONAI's own inverses (exact).
+
+    Ties go to background, as with ``argmax``. The whole-volume ``Invertd`` (then ``p1 > p0``) is used instead when
+    these conditions do not hold: more than one resampling, an operation other than ``Orientation`` before it, an
+    interpolation wider than one voxel, or records that do not match ``transform``.
+
+    Args:
+        keys: prediction keys: ``(2, X, Y, Z)`` softmax probabilities on the network's grid (``Activationsd``).
+        transform: the preprocessing (``Compose``) the prediction's grid came from.
+        orig_keys: the preprocessed image whose grid, applied operations and load-time metadata
+            (``original_affine``, ``spatial_shape``) the prediction shares.
+        margin: voxels kept around the foreground's bounding box (at least 2).
+
+    Returns the mask as ``(1, X, Y, Z)`` float32 (0/1) ``MetaTensor`` with the loaded image's affine, as ``Invertd``
+    + ``AsDiscreted(argmax=True)`` did.
+    """
+
+    def __init__(
+        self,
+        keys: Any,
+        transform: InvertibleTransform,
+        orig_keys: Any = "image",
+        margin: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(margin) < 2:
+            raise ValueError(f"margin must be at least 2 voxels (the interpolation stencil), got {margin}.")
+        self.margin = int(margin)
+        self.orig_keys = [orig_keys] * len(self.keys) if isinstance(orig_keys, str) else list(orig_keys)
+        if len(self.orig_keys) != len(self.keys):
+            raise ValueError(f"orig_keys {self.orig_keys} must name one image per key of {list(self.keys)}.")
+        self.transform = transform
+        self.invert = Invertd(self.keys, transform, orig_keys=self.orig_keys, nearest_interp=False)
+        #: how the last call was computed per key: "empty", "window" or "whole volume" (read by tests and benchmarks)
+        self.last_path: dict[Hashable, str] = {}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, orig_key in self.key_iterator(d, self.orig_keys):
+            probs, image = d[key], d[orig_key]
+            if probs.shape[0] != 2:
+                raise ValueError(f"'{key}' must hold 2 softmax channels (background, target), got {probs.shape[0]}.")
+            affine, shape = loaded_grid(image)
+            mask = self._window_mask(probs, image, orig_key, affine, shape)
+            if mask is None:
+                self.last_path[key] = "whole volume"
+                inverted = self.invert({**d, key: probs})[key]
+                mask = torch.as_tensor(inverted[1] > inverted[0])
+            else:
+                self.last_path[key] = "window" if mask.any() else "empty"
+            d[key] = MetaTensor(mask[None].float(), meta={**image.meta, "affine": affine})
+        return d
+
+    def _window_mask(self, probs, image, orig_key, affine, shape) -> torch.Tensor | None:
+        """The mask by the shortcut, or ``None`` where the shortcut is not exact."""
+        settings = single_resampling(image)
+        if settings is None:
+            return None
+        diff = torch.as_tensor(probs[1:2] - probs[0:1])
+        diff = undo_crops(diff.as_tensor() if isinstance(diff, MetaTensor) else diff, image, self.transform, orig_key)
+        if diff is None:
+            return None
+        mask = torch.zeros(shape, dtype=torch.bool)
+        window = foreground_window(diff[0] > 0, self.margin)
+        box = None if window is None else target_box(window, diff.affine.double(), affine, shape)
+        if box is not None:
+            where = tuple(slice(a, b + 1) for a, b in zip(*box))
+            mask[where] = resample_window(diff, window, affine, box, settings) > 0
+        return mask

@@ -315,6 +315,9 @@ def test_series_are_processed_delivered_deduplicated_and_replaced(cohort, tmp_pa
             assert [d["done"] for d in delivery["destinations"].values()] == [True]
             assert len(receiver.rtstructs(uid)) == 1
         assert sorted(ds.Modality for ds in receiver.received) == ["RTSTRUCT", "RTSTRUCT", "SEG", "SEG"]
+        built = [json.loads((work / "results" / u / "result.json").read_text())["timings"]["workflow_built"]
+                 for u in (uid_a, uid_b)]  # fmt: skip
+        assert sorted(built) == [False, True]  # warm: the first series built the workflow, the second reused it
         assert not any((work / "spool").iterdir()) and not any((work / "processing").iterdir())
         assert not [p for p in (work / "results").iterdir() if p.name.startswith(".")]
 
@@ -334,7 +337,7 @@ def test_series_are_processed_delivered_deduplicated_and_replaced(cohort, tmp_pa
         assert _send(node.port, series_a) == [0] * len(series_a)
         assert node.wait_idle(120)
         result = json.loads((work / "results" / uid_a / "result.json").read_text())
-        assert result["instance_count"] == len(series_a)
+        assert result["instance_count"] == len(series_a) and result["timings"]["workflow_built"] is False
         assert len(receiver.rtstructs(uid_a)) == 2 and len(receiver.received) == 6
         assert node.status()["processed"] == 3
         assert node.status()["inference_builds"] == 1  # warm (the default): built once for all three

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -269,9 +270,11 @@ def test_warm_inference_builds_once_and_matches_cold(model_series, tmp_path):
     cold = BundleInference(INFERENCE_CONFIGS, overrides, cold=True)
     warm = BundleInference(INFERENCE_CONFIGS, overrides)
     subgroups = ["T3", None]  # the per-series subgroup reaches the kept network too
+    path_entries = len(sys.path)
     expected = [_infer(cold, f, tmp_path / "cold", s) for f, s in zip(model_series[:2], subgroups, strict=True)]
     got = [_infer(warm, f, tmp_path / "warm", s) for f, s in zip(model_series[:2], subgroups, strict=True)]
     assert (cold.builds, warm.builds, warm.reloads) == (2, 1, 0)
+    assert len(sys.path) == path_entries  # ConfigWorkflow.run's sys.path entry is not repeated per series
     for (mask_c, contours_c), (mask_w, contours_w) in zip(expected, got, strict=True):
         assert mask_c.any() and sum(map(len, contours_c)) > 0  # a real segmentation, not an empty one
         assert np.array_equal(mask_w, mask_c) and contours_w == contours_c

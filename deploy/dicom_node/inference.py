@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,12 @@ class BundleInference:
 
     @staticmethod
     def _run(workflow: Any) -> None:
-        workflow.run()
+        path = list(sys.path)
+        try:
+            workflow.run()  # puts the bundle root on sys.path (again) for every workflow
+        finally:
+            if len(sys.path) == len(path) + 1 and sys.path.count(sys.path[1]) > 1:
+                del sys.path[1]  # a long-running node would otherwise grow sys.path by one entry per series
         workflow.finalize()
 
     def _build_and_run(self, series: Mapping[str, Any]) -> None:

@@ -132,7 +132,7 @@ class Worker:
             shutil.rmtree(folder)
             self.metrics.inc("duplicates")
             return
-        started = time.monotonic()
+        started, builds = time.monotonic(), self.inference.builds
         last_instance_at = max(p.stat().st_mtime for p in files)  # written just before its acknowledgement
         tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", suffix=".tmp", dir=self.results))
         try:
@@ -149,7 +149,11 @@ class Worker:
             "sop_instance_uids": sop_uids,
             "subgroup": subgroup,
             "files": names,
-            "timings": {"inference_seconds": round(time.monotonic() - started, 3), "finished_at": now_iso()},
+            "timings": {
+                "inference_seconds": round(time.monotonic() - started, 3),
+                "workflow_built": self.inference.builds > builds,  # False: the kept (warm) workflow was reused
+                "finished_at": now_iso(),
+            },
             "last_instance_at": last_instance_at,
         }
         self._publish(uid, tmp, result)

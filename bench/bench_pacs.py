@@ -1,16 +1,20 @@
 """Load and fault benchmark of the DICOM node against a real PACS (Orthanc), printed as tables.
 
-1. **Load**: N synthetic CT series (default 10) are uploaded to Orthanc, then Orthanc sends all of them to the
-   node at once (N store jobs, ``ConcurrentJobs`` = N). Per series: time from the last instance acknowledged
-   (the store job done) to the RTSTRUCT stored in Orthanc (first seen by polling every 0.2 s); every RTSTRUCT
-   must arrive and reference its own series and only its slices (none mixed).
+1. **Load, cold and warm**: N synthetic CT series (default 10) are uploaded to Orthanc, then Orthanc sends all of
+   them to the node at once (N store jobs, ``ConcurrentJobs`` = N); done twice on the same machine with N other
+   series, first with the node started with ``--cold`` (inference workflow built for every series), then warm
+   (the default: built once per process). Per series: time from the last instance acknowledged (the store job
+   done) to the RTSTRUCT stored in Orthanc (first seen by polling every 0.2 s), and the node's own inference time
+   (``timings.inference_seconds`` of its ``result.json``: workflow build or reuse, inference, writing); every
+   RTSTRUCT must arrive and reference its own series and only its slices (none mixed).
 2. **Kill while queued**: 3 series sent (every instance acknowledged), the node killed with SIGKILL during the
    quiet time (nothing processed yet), restarted: all 3 RTSTRUCTs must arrive.
 3. **Kill while processing**: the same, killed one second after the first series' inference started.
 
-The latency includes the node's ``quiet_seconds`` (the series-complete timer), which is printed with the table.
-Run: ``make bench-pacs`` (or ``python bench/bench_pacs.py --series 10 --quiet 2``). Exit status 1 if any
-result is missing or mixed.
+The latency includes the node's ``quiet_seconds`` (the series-complete timer) and the wait behind the series
+queued before it, which is printed with the table. Run: ``make bench-pacs`` (or ``python bench/bench_pacs.py
+--series 10 --quiet 2``). JSON: ``load`` is the warm run (the node's default), ``load_cold`` the cold one. Exit
+status 1 if any result is missing or mixed, or the workflow was not built N times cold and once warm.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import shutil
 import sys
@@ -69,6 +74,87 @@ def run_load(pacs: Orthanc, uploaded: list, timeout: float) -> list[dict]:
     return rows
 
 
+def seconds_stats(values: list[float]) -> dict[str, float] | None:
+    """Median, 90th percentile and maximum of per-series seconds (None when there are none)."""
+    if not values:
+        return None
+    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)), "max": float(max(values))}
+
+
+def node_timings(node: NodeProcess, uploaded: list) -> list[dict]:
+    """The node's ``timings`` of each series it finished (its result.json), in the order it finished them."""
+    results = Path(node.overrides["work_dir"]) / "results"
+    paths = [results / info.series_instance_uid / "result.json" for *_, info in uploaded]
+    timings = [json.loads(p.read_text())["timings"] for p in paths if p.is_file()]
+    return sorted(timings, key=lambda t: t["finished_at"])
+
+
+def inference_stats(timings: list[dict]) -> dict | None:
+    """Per-series inference seconds: all series, the first (process warm-up, and the warm build), the others; and
+    how many series built the inference workflow."""
+    seconds = [t["inference_seconds"] for t in timings]
+    if not seconds:
+        return None
+    return {
+        **seconds_stats(seconds),
+        "first": seconds[0],
+        "after_first": seconds_stats(seconds[1:]),
+        "workflow_builds": sum(bool(t.get("workflow_built")) for t in timings),
+    }
+
+
+def load_mode(pacs: Orthanc, node: NodeProcess, uploaded: list, cold: bool, timeout: float) -> dict:
+    """One load run with a freshly started node, ``--cold`` or warm; the node is stopped afterwards."""
+    node.args = ["--cold"] if cold else []
+    node.start()
+    try:
+        rows = run_load(pacs, uploaded, timeout)
+    finally:
+        node.stop()
+    lat = [r["stored"] - r["acked"] for r in rows if r["stored"] and r["acked"]]
+    return {
+        "mode": "cold" if cold else "warm",
+        "series": len(uploaded),
+        "arrived": sum(r["stored"] is not None for r in rows),
+        "mixed": sum(r["ok"] is False for r in rows),
+        "latency_s": seconds_stats(lat),
+        "inference_s": inference_stats(node_timings(node, uploaded)),
+    }
+
+
+def _cell(stats: dict | None, key: str) -> str:
+    return f"{stats[key]:.3f} s" if stats and key in stats else "n/a"
+
+
+def print_load(cold: dict, warm: dict, quiet: float) -> None:
+    print(f"\n| load: {warm['series']} series sent at once | cold (--cold) | warm (default) |\n|---|---|---|")
+    print(f"| RTSTRUCTs arrived | {cold['arrived']} / {cold['series']} | {warm['arrived']} / {warm['series']} |")
+    print(f"| mixed (wrong series or slices) | {cold['mixed']} | {warm['mixed']} |")
+    for key in ("median", "p90", "max"):
+        print(f"| last instance acked -> RTSTRUCT stored, {key} | {_cell(cold['latency_s'], key)} "
+              f"| {_cell(warm['latency_s'], key)} |")  # fmt: skip
+    c_inf, w_inf = cold["inference_s"] or {}, warm["inference_s"] or {}
+    for key in ("median", "p90", "max", "first"):
+        print(f"| node inference per series, {key} | {_cell(c_inf, key)} | {_cell(w_inf, key)} |")
+    for key in ("median", "p90"):
+        print(f"| node inference per series after the first, {key} | {_cell(c_inf.get('after_first'), key)} "
+              f"| {_cell(w_inf.get('after_first'), key)} |")  # fmt: skip
+    print(f"| series that built the inference workflow | {c_inf.get('workflow_builds')} "
+          f"| {w_inf.get('workflow_builds')} |")  # fmt: skip
+    print(f"| quiet_seconds (in the latency) | {quiet:.0f} s | {quiet:.0f} s |\n")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def run_kill(pacs: Orthanc, node: NodeProcess, uploaded: list, while_processing: bool, timeout: float) -> dict:
     for _, series_id, _, _ in uploaded:
         pacs.send_to_node(series_id, synchronous=True)  # returns when every instance is acknowledged
@@ -96,49 +182,52 @@ def run_kill(pacs: Orthanc, node: NodeProcess, uploaded: list, while_processing:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--series", type=int, default=10, help="series sent at once in the load test")
+    ap.add_argument("--series", type=int, default=10, help="series sent at once in each load run (cold, warm)")
     ap.add_argument("--quiet", type=float, default=2.0, help="the node's quiet_seconds")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args()
+    if args.series < 1:
+        ap.error(f"--series must be at least 1, got {args.series}")
     work = Path(tempfile.mkdtemp(prefix="fairdro_bench_pacs_"))
-    n_total = args.series + 6
-    datalist = synthetic.generate_cohort(work / "cohort", n_cases=n_total, seed=9, shape=(64, 64, 32), dicom=True)
+    n = args.series
+    datalist = synthetic.generate_cohort(work / "cohort", n_cases=2 * n + 6, seed=9, shape=(64, 64, 32), dicom=True)
     items = [it for part in ("training", "validation", "testing") for it in datalist[part]]
     table = work / "subgroups.json"
     table.write_text(json.dumps({it["id"]: it["stage"] for it in items}))
     node_port = free_port()
     node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, args.quiet))
-    results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "quiet_s": args.quiet}
+    results: dict = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": f"python bench/bench_pacs.py --series {n} --quiet {args.quiet:g}",
+        "quiet_s": args.quiet,
+    }
     failed = False
-    with Orthanc(work / "orthanc", node_port, concurrent_jobs=args.series) as pacs:
+    with Orthanc(work / "orthanc", node_port, concurrent_jobs=n) as pacs:
         node.overrides["destinations"] = [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": pacs.dicom_port}]
-        node.start()
         uploaded = []
         for item in items:
             series_dir = work / "cohort" / item["dicom_dir"]
             series_id = pacs.upload(ct_files(series_dir))
             uploaded.append((item, series_id, pacs.study_of(series_id), read_series_info(series_dir)))
-        log(f"{len(uploaded)} series in Orthanc; load test with {args.series} at once")
-        rows = run_load(pacs, uploaded[: args.series], args.timeout)
-        lat = [r["stored"] - r["acked"] for r in rows if r["stored"] and r["acked"]]
-        arrived = sum(r["stored"] is not None for r in rows)
-        mixed = sum(r["ok"] is False for r in rows)
-        stats = {"median": float(np.median(lat)), "max": float(max(lat))} if lat else None
-        results["load"] = {"series": args.series, "arrived": arrived, "mixed": mixed, "latency_s": stats}
-        failed |= arrived != args.series or mixed > 0
-        print(f"\n| load: {args.series} series sent at once | value |\n|---|---|")
-        print(f"| RTSTRUCTs arrived | {arrived} / {args.series} |\n| mixed (wrong series or slices) | {mixed} |")
-        if lat:
-            print(f"| last instance acked -> RTSTRUCT stored, median | {np.median(lat):.1f} s |")
-            print(f"| last instance acked -> RTSTRUCT stored, max | {max(lat):.1f} s |")
-        print(f"| quiet_seconds (included above) | {args.quiet:.0f} s |\n")
+        log(f"{len(uploaded)} series in Orthanc; load test with {n} at once, cold then warm")
+        cold = load_mode(pacs, node, uploaded[:n], True, args.timeout)
+        warm = load_mode(pacs, node, uploaded[n : 2 * n], False, args.timeout)
+        results["load"], results["load_cold"] = warm, cold
+        failed |= any(r["arrived"] != n or r["mixed"] > 0 for r in (cold, warm))
+        builds = [(r["inference_s"] or {}).get("workflow_builds") for r in (cold, warm)]
+        if builds != [n, 1]:
+            print(f"FAILED: expected {n} workflow builds cold and 1 warm, got {builds}")
+            failed = True
+        print_load(cold, warm, args.quiet)
 
-        print("| SIGKILL test | sent | arrived | correct | restart (s) | all delivered after restart (s) |")
+        print("| SIGKILL test (warm) | sent | arrived | correct | restart (s) | all delivered after restart (s) |")
         print("|---|---|---|---|---|---|")
         for name, while_processing, batch in (
-            ("while 3 series queued", False, uploaded[args.series : args.series + 3]),
-            ("1 s into processing", True, uploaded[args.series + 3 : args.series + 6]),
+            ("while 3 series queued", False, uploaded[2 * n : 2 * n + 3]),
+            ("1 s into processing", True, uploaded[2 * n + 3 : 2 * n + 6]),
         ):
             node.overrides["quiet_seconds"] = max(args.quiet, 10.0) if not while_processing else args.quiet
             node.stop()
@@ -149,7 +238,7 @@ def main() -> int:
             print(f"| killed {name} | {res['sent']} | {res['arrived']} | {res['correct']} | {res['restart_s']:.1f} "
                   f"| {res['all_after_restart_s']:.1f} |")  # fmt: skip
         node.stop()
-    print(f"\nmachine: {results['machine']}")
+    print(f"\nmachine: {results['machine']}; {results['cpu']}; {results['date']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

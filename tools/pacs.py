@@ -221,11 +221,13 @@ class NodeProcess:
     Args:
         work: folder for the override config and the node's log.
         overrides: config settings over ``deploy/dicom_node.json`` (port, work_dir, destinations, ...).
+        args: further command-line options, e.g. ``["--cold"]`` (also settable between runs).
     """
 
-    def __init__(self, work: Path, overrides: dict[str, Any]):
+    def __init__(self, work: Path, overrides: dict[str, Any], args: list[str] | None = None):
         self.work = Path(work)
         self.overrides = overrides
+        self.args = list(args or [])
         self.proc: subprocess.Popen | None = None
         self.runs = 0
         self.echo_tls_args: tuple | None = None  # pynetdicom tls_args of the readiness C-ECHO when TLS is on
@@ -244,7 +246,8 @@ class NodeProcess:
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop/kill)
         path = os.pathsep.join([str(BUNDLE), str(REPO / "deploy")])
         env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-        cmd = [sys.executable, "-m", "dicom_node", "--config", str(REPO / "deploy" / "dicom_node.json"), str(cfg)]
+        cmd = [sys.executable, "-m", "dicom_node", "--config", str(REPO / "deploy" / "dicom_node.json"), str(cfg),
+               *self.args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         ae = AE(ae_title=self.overrides.get("allowed_calling_aets", [ORTHANC_AET])[0])
         ae.add_requested_context(Verification)

@@ -17,6 +17,8 @@ SHARED = ["spacing", "hu_window", "patch_size", "subgroup_key", "subgroups", "fe
           "use_dmoe", "network_def", "bundle_root", "network", "device", "amp", "amp_kwargs", "channels_last",
           "compile", "compile_kwargs", "sw_batch_size", "sw_overlap", "num_workers"]  # fmt: skip
 REF = re.compile(r"@([A-Za-z_][\w#:]*)")
+#: hardware overlays, stacked on train.json or inference.json
+PROFILES = sorted((CONFIGS / "profiles").glob("*.json"))
 
 
 def _load(name):
@@ -45,6 +47,8 @@ def _config_stacks():
         stacks.append(["inference.json", "inference_dicom.json"])
     for variant in sorted((CONFIGS / "variants").glob("*.json")):
         stacks.append(["train.json", f"variants/{variant.name}"])
+    for profile in PROFILES:
+        stacks += [["train.json", f"profiles/{profile.name}"], ["inference.json", f"profiles/{profile.name}"]]
     return stacks
 
 
@@ -126,7 +130,7 @@ POSITIONAL = re.compile(r"#(transforms|handlers)#\d+")
 
 
 def _config_files():
-    return sorted(CONFIGS.glob("*.json")) + sorted((CONFIGS / "variants").glob("*.json"))
+    return sorted(CONFIGS.glob("*.json")) + sorted((CONFIGS / "variants").glob("*.json")) + PROFILES
 
 
 def test_overlays_override_by_id_not_by_list_position():
@@ -150,3 +154,51 @@ def test_multi_gpu_positions_hold_the_handlers_they_disable(overlay):
             item = parser.get(item[1:].replace("#", "::"))
         got = item.get("_target_") if isinstance(item, dict) else item
         assert got == target, f"{overlay} disables {position} meaning {target}, but {'+'.join(base)} has {got} there"
+
+
+# ------------------------------------------------------------------------------------------- hardware profiles
+GPU_PROFILE = CONFIGS / "profiles" / "gpu.json"
+
+
+@pytest.mark.parametrize("base", ["train.json", "inference.json"])
+def test_gpu_profile_resolves_to_the_clinical_capacity_settings(base):
+    import torch
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / base), str(GPU_PROFILE)])
+    assert parser["features"] == 32
+    patch = parser["patch_size"]
+    assert all(p >= q for p, q in zip(patch, (128, 128, 64))) and all(p % 32 == 0 for p in patch), patch
+    assert parser["amp"] is True and parser.get_parsed_content("amp_kwargs") == {"dtype": torch.bfloat16}
+    assert 1 <= parser["sw_batch_size"] <= 8
+    inferer = parser.get_parsed_content("validate#inferer" if base == "train.json" else "inferer")
+    assert list(inferer.roi_size) == patch and inferer.sw_batch_size == parser["sw_batch_size"]
+
+
+def test_gpu_profile_states_its_parameter_count():
+    """The profile's help text gives the network's size; count it (the dMoE network at features 32)."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(GPU_PROFILE)])
+    net = parser.get_parsed_content("network_def")
+    count = sum(p.numel() for p in net.parameters())
+    stated = re.search(r"([\d.]+) M parameters", json.loads(GPU_PROFILE.read_text())["settings_help#profile"])
+    assert stated and round(count / 1e6, 1) == float(stated.group(1)), count
+    assert 5 * 8 * 32**2 < count < 31e6  # wider than the default (f=8: 0.73 M), smaller than nnU-Net's 3d_fullres
+
+
+@pytest.mark.parametrize("base,kind", [("train.json", "train"), ("inference.json", "infer")])
+def test_gpu_profile_passes_check_properties(base, kind, tmp_path):
+    from monai.bundle import ConfigWorkflow
+    from scripts import synthetic
+
+    cohort = tmp_path / "cohort"
+    synthetic.generate_cohort(cohort, n_cases=6, seed=1, shape=(48, 48, 24))
+    override = {"dataset_dir": str(cohort), "output_dir": str(tmp_path / "out"), "num_workers": 0}
+    if kind == "train":
+        override.update(ckpt_dir=str(tmp_path / "out" / "models"), cache_rate=0.0, epochs=1)
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / base), str(GPU_PROFILE)], workflow_type=kind, **override)
+    wf.initialize()
+    assert wf.check_properties() == []
+    engine = wf.parser.get_parsed_content("train#trainer" if kind == "train" else "evaluator")
+    assert engine.amp is True and engine.network.head.conv.in_channels == 32  # the profile's settings reach it
+    wf.finalize()

@@ -176,6 +176,11 @@ def _stacks(bundle_dir: Path) -> list[tuple[str, list[str], str | None, dict]]:
         ("inference", ["inference.json"], "infer", {}),
         ("inference+inference_dicom", ["inference.json", "inference_dicom.json"], "infer", {"dicom": True}),
     ]
+    for profile in sorted((cfg / "profiles").glob("*.json")):  # overlays for other hardware, on both configs
+        stacks.append((f"train+profiles/{profile.name}", ["train.json", f"profiles/{profile.name}"], "train", {}))
+        stacks.append(
+            (f"inference+profiles/{profile.name}", ["inference.json", f"profiles/{profile.name}"], "infer", {})
+        )
     if (cfg / "multi_gpu_train.json").is_file():
         stacks.append(("train+multi_gpu_train (parse only)", ["train.json", "multi_gpu_train.json"], None, {}))
     if (cfg / "multi_gpu_evaluate.json").is_file():

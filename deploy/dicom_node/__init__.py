@@ -1,10 +1,11 @@
 """The FairDRO DICOM node: CT series in over DICOM (optionally TLS), the bundle's RTSTRUCT (and SEG) out.
 
 Parts, one job each: :mod:`.receiver` (storage SCP into the spool), :mod:`.worker` (quiet series -> the bundle's
-DICOM inference -> ``results/``), :mod:`.sender` (outbox and delivery with back-off), :mod:`.storage` (disk floor,
-retention, owner-only folders), :mod:`.health` and :mod:`.metrics` (HTTP probes, Prometheus), :mod:`.tls`, and
-:mod:`.node`, which puts them together. Documentation: ``deploy/dicom_node.md``. The bundle's ``scripts`` package
-must be importable (``PYTHONPATH=bundle``), as for every bundle command.
+DICOM inference -> ``results/``), :mod:`.inference` (that inference workflow, built once per process or, with
+``cold``, per series), :mod:`.sender` (outbox and delivery with back-off), :mod:`.storage` (disk floor, retention,
+owner-only folders), :mod:`.health` and :mod:`.metrics` (HTTP probes, Prometheus), :mod:`.tls`, and :mod:`.node`,
+which puts them together. Documentation: ``deploy/dicom_node.md``. The bundle's ``scripts`` package must be
+importable (``PYTHONPATH=bundle``), as for every bundle command.
 """
 
 from .node import DicomNode

@@ -11,9 +11,13 @@ of a table see the same machine load; ratios are taken within the run):
   at ``--raw-spacing`` mm after resampling to the configs' ``spacing``: 512x512x160 at 0.98x0.98x2.5 mm becomes the
   502x502x133 volume the preprocessing hands to the network (worst case: no foreground crop), dMoE and backbone.
 - ``e2e``: the ``inference.json`` pipeline end to end on that CT written as NIfTI: load, orientation, ``Spacingd``,
-  intensity window and foreground crop; sliding window (dMoE); softmax, ``Invertd`` back to the raw grid, argmax and
-  ``SaveImaged``. The network has random weights whose head bias favours background (mostly empty mask, as a trained
-  model gives), so that writing the mask costs what it costs in practice.
+  intensity window and foreground crop; sliding window (dMoE); ``postprocessing`` (softmax, ``InvertForegroundd``
+  back to the raw grid, ``SaveImaged``), timed as ``invert`` and ``save``. The network has random weights whose head
+  bias favours background, and the phantom's target sphere gets a logit offset, so the mask holds a target as a
+  trained model's does and inverting and writing it costs what it costs in practice. In the first mode the previous
+  post-processing (``postprocessing_whole_volume``: ``Invertd`` of both channels on the whole grid, argmax) runs on
+  the same prediction: its times, and how many voxels of the two masks differ. The last line checks the goals
+  (invert + save <= 20% of the total; total <= 2x the sliding window).
 - ``data``: items/s of ``train.json``'s ``train#preprocessing`` (the deterministic load chain and the random crops) on
   synthetic volumes through ``Dataset``, ``CacheDataset`` and ``PersistentDataset``, against the volumes/s a training
   step of the dMoE network consumes.
@@ -29,6 +33,10 @@ as the bundle's ``amp``: CUDA only) and ``--compile`` (``torch.compile`` of the 
 compiling the dMoE network takes minutes per network and shape and was not faster than eager: leave ``--compile`` to
 GPU runs.
 
+Profiles: ``--profile gpu`` stacks ``configs/profiles/gpu.json`` on both configs (network features, patch, window
+batch, and its ``amp``: the bf16 autocast mode on CUDA). With ``--short`` only its training step runs, dMoE only, one
+untimed and one timed step: a CPU check of the profile (its GPU numbers need a GPU run without ``--short``).
+
 Usage::
 
     python bench/bench_speed.py                          # CPU, all sections, 2 threads
@@ -36,6 +44,8 @@ Usage::
     python bench/bench_speed.py --quick                  # tiny sizes, one round: a smoke test (< 1 minute)
     python bench/bench_speed.py --device cuda --amp --channels-last --compile
     python bench/bench_speed.py --sections train,data --repeats 9
+    python bench/bench_speed.py --profile gpu --short     # the GPU profile's training step, measured on the CPU
+    python bench/bench_speed.py --profile gpu --device cuda --channels-last   # the profile on a GPU, bf16 autocast
 """
 
 from __future__ import annotations
@@ -76,6 +86,10 @@ from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
 from scripts.losses import PerSampleDiceCELoss  # noqa: E402
 
 SECTIONS = ("train", "infer", "e2e", "data")
+#: overlays in configs/profiles/ that --profile stacks on train.json and inference.json
+PROFILES = tuple(sorted(p.stem for p in (CONFIGS / "profiles").glob("*.json")))
+#: the profile keys the benchmark reads (network size, patch, window batch, autocast)
+PROFILE_KEYS = ("features", "patch_size", "sw_batch_size", "amp")
 DMOE, BACKBONE, MONAI_UNET = "dMoE (bundle default)", "backbone", "MONAI UNet 8..128"
 #: torch.compile arguments of the bundle (train.json ``compile_kwargs``)
 COMPILE_KWARGS: dict = json.loads((CONFIGS / "train.json").read_text())["compile_kwargs"]
@@ -314,7 +328,7 @@ def bench_train(args, cfg: dict, modes: List[Mode], device: torch.device) -> Dic
     y = (torch.rand(b, 1, *patch, device=device) > 0.7).float()
     # the collated batch: each volume's subgroup repeated for its num_samples patches
     g = torch.arange(cfg["batch_size"], device=device).repeat_interleave(cfg["num_samples"]) % len(cfg["subgroups"])
-    nets = (DMOE, BACKBONE, MONAI_UNET)
+    nets = (DMOE,) if args.short else (DMOE, BACKBONE, MONAI_UNET)
     fns: Dict[str, Callable[[], None]] = {}
     params: Dict[str, int] = {}
     for mode in modes:
@@ -323,7 +337,10 @@ def bench_train(args, cfg: dict, modes: List[Mode], device: torch.device) -> Dic
             params[name] = n_params(module)
             fns[f"{mode.name}|{name}"] = make_train_step(call, list(module.parameters()), x, y, g, mode, cfg)
     warmup = args.warmup if args.warmup is not None else (2 if any(m.compile for m in modes) else 1)
-    print(f"## Training step ({b} patches of {'x'.join(map(str, patch))} per step, {args.repeats} rounds)\n")
+    print(
+        f"## Training step ({b} patches of {'x'.join(map(str, patch))} per step, features {cfg['features']}, "
+        f"{args.repeats} rounds after {warmup} untimed)\n"
+    )
     times, mems = interleaved(fns, args.repeats, warmup, device)
     print("| mode | network | params | train step (s) | voxels/s | x backbone | x fp32 eager | peak mem (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -444,9 +461,141 @@ def bench_infer(args, cfg: dict, modes: List[Mode], device: torch.device) -> Non
 
 
 # --------------------------------------------------------------------------------------------------------------- e2e
-def bench_e2e(args, cfg: dict, modes: List[Mode], device: torch.device, workdir: Path) -> None:
+def target_logits(image: Tensor, args) -> Tensor:
+    """``(1, 2, X, Y, Z)`` logit offset that makes the phantom's target sphere (:func:`ct_phantom`) foreground on the
+    network grid of ``image`` (a collated MetaTensor): a trained model's mask, not an empty one, so that inverting it
+    costs what it costs in practice."""
+    nx, ny, nz = args.raw_shape
+    sp = args.raw_spacing
+    centre = [(nx - 1) / 2 * sp[0] + 0.3 * 0.42 * nx * sp[0], (ny - 1) / 2 * sp[1], (nz - 1) / 2 * sp[2]]
+    radius = 0.15 * 0.30 * ny * sp[1]
+    affine = torch.as_tensor(image.affine).reshape(-1, 4, 4)[0].float()
+    axes = [torch.arange(n, dtype=torch.float32) for n in image.shape[2:]]
+    dist2 = torch.zeros(image.shape[2:])
+    for d in range(3):  # world coordinate d of every voxel, by broadcasting over the three voxel axes
+        w = affine[d, 3] - centre[d]
+        w = w + affine[d, 0] * axes[0][:, None, None] + affine[d, 1] * axes[1][None, :, None]
+        dist2 += (w + affine[d, 2] * axes[2][None, None, :]) ** 2
+    offset = torch.zeros(1, 2, *image.shape[2:])
+    offset[0, 1] = torch.where(dist2 <= radius**2, 16.0, 0.0)
+    return offset
+
+
+def e2e_parser(args, data_dir: Path, device: torch.device, mode: Mode) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json")] + ([str(args.profile_file)] if args.profile_file else []))
+    parser.update(
+        {
+            "dataset_dir": str(data_dir),
+            "output_dir": str(data_dir / "out"),
+            "device": f"$torch.device('{device}')",
+            "channels_last": mode.channels_last,
+            "sw_batch_size": args.sw_batch_size,
+            "sw_overlap": args.sw_overlap,
+            "patch_size": list(args.patch),
+        }
+    )
+    return parser
+
+
+def quiet_saver(post) -> None:
+    for t in post.transforms:
+        if hasattr(t, "saver"):  # SaveImaged: no "writing ..." log line in the table
+            t.saver.write_kwargs["verbose"] = False
+
+
+def run_post(post, d: dict) -> Tuple[dict, float, float]:
+    """Post-processing of one case, timed in two parts: ``(output, invert s, save s)``; the saver is the last
+    transform, everything before it (softmax, inversion, discretisation) is "invert"."""
+    t0 = time.perf_counter()
+    for t in post.transforms[:-1]:
+        d = t(d)
+    t1 = time.perf_counter()
+    post.transforms[-1](d)
+    return d, t1 - t0, time.perf_counter() - t1
+
+
+def mask_agreement(a: Tensor, b: Tensor) -> str:
+    a, b = torch.as_tensor(a) > 0, torch.as_tensor(b) > 0
+    both = int(a.sum() + b.sum())
+    dice = 1.0 if both == 0 else 2 * int((a & b).sum()) / both
+    return f"{int((a != b).sum())} voxels differ, Dice {dice:.6f} ({int(b.sum())} foreground voxels)"
+
+
+def e2e_row(name: str, shape: str, med: Sequence[float], mem: str) -> str:
+    total = sum(med)
+    post = med[2] + med[3]
+    return (
+        f"| {name} | {shape} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.2f} | {med[3]:.2f} | {post:.2f} | {total:.2f} "
+        f"| {100 * post / total:.0f}% | {total / med[1]:.2f} | {mem} |"
+    )
+
+
+def e2e_goals(med: Sequence[float]) -> str:
+    total, post = sum(med), med[2] + med[3]
+    share, times_sw = post / total, total / med[1]
+    return (
+        f"Goals ({BASE.name}, new path): invert + save {post:.2f} s = {100 * share:.0f}% of the total {total:.2f} s "
+        f"(goal <= 20%: {'met' if share <= 0.2 else 'NOT met'}); total = {times_sw:.2f}x the sliding window's "
+        f"{med[1]:.2f} s (goal <= 2.0x: {'met' if times_sw <= 2.0 else 'NOT met'})."
+    )
+
+
+def e2e_round(parts: dict, item: dict, mode: Mode, device: torch.device, args) -> Tuple[List[float], dict, dict]:
+    """One case through ``parts`` (preprocessing, inferer, network call, postprocessing): ``(seconds of load +
+    preprocess, sliding window, invert, save; the case before post-processing; after it)``."""
     from monai.data import decollate_batch, list_data_collate
 
+    t0 = time.perf_counter()
+    batch = list_data_collate([parts["pre"](dict(item))])
+    t1 = time.perf_counter()
+    offset = target_logits(batch["image"], args).to(device)  # not timed: it stands in for training
+    image = batch["image"].to(device)
+    t2 = time.perf_counter()
+    with torch.no_grad(), mode.autocast(device):
+        batch["pred"] = parts["inferer"](image, parts["call"], subgroup=batch["subgroup"].to(device)) + offset
+    sync(device)
+    t3 = time.perf_counter()
+    (case,) = decollate_batch(batch)
+    out, inv_s, save_s = run_post(parts["post"], dict(case))
+    return [t1 - t0, t3 - t2, inv_s, save_s], case, out
+
+
+def e2e_parts(args, data_dir: Path, device: torch.device, mode: Mode) -> Tuple[dict, ConfigParser]:
+    parser = e2e_parser(args, data_dir, device, mode)
+    parts = {k: parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing")}
+    parts["pre"], parts["post"] = parts.pop("preprocessing"), parts.pop("postprocessing")
+    quiet_saver(parts["post"])
+    net = parser.get_parsed_content("network").eval()
+    with torch.no_grad():
+        net.head.conv.bias.copy_(torch.tensor([4.0, -4.0]))  # mostly background, like a trained model
+    parts["call"] = torch.compile(net, **COMPILE_KWARGS) if mode.compile else net
+    return parts, parser
+
+
+def previous_path(parser: ConfigParser, case: dict, out: dict, med: Sequence[float], name: str, shape: str):
+    """The previous post-processing on the same prediction: its table row and how its mask compares."""
+    old = parser.get_parsed_content("postprocessing_whole_volume")
+    quiet_saver(old)
+    old_out, old_inv, old_save = run_post(old, dict(case))
+    row = e2e_row(f"{name}, previous path", shape, [*med[:2], old_inv, old_save], "-")
+    return row, f"New vs previous path on the same prediction: {mask_agreement(out['pred'], old_out['pred'])}."
+
+
+E2E_HEADER = (
+    "| mode | network input | load + preprocess (s) | sliding window (s) | invert (s) | save (s) | invert + save (s) "
+    "| total (s) | invert + save share | total / sliding window | peak mem (MiB) |\n" + "|---" * 11 + "|"
+)
+E2E_NOTE = (
+    "The network has random weights; its head bias favours background and the phantom's target sphere gets a logit "
+    "offset, so the mask holds a target as a trained model's does. `invert` is softmax and the inversion to the CT's "
+    "grid (`postprocessing`: `InvertForegroundd`), `save` the `SaveImaged` of the uint8 mask. The previous path "
+    "(`postprocessing_whole_volume`: `Invertd` of both softmax channels on the whole grid, then `AsDiscreted` argmax) "
+    "runs on the same prediction in the first mode.\n"
+)
+
+
+def bench_e2e(args, cfg: dict, modes: List[Mode], device: torch.device, workdir: Path) -> None:
     data_dir = workdir / "e2e"
     (data_dir / "out").mkdir(parents=True, exist_ok=True)
     path = data_dir / "ct.nii.gz"
@@ -454,57 +603,30 @@ def bench_e2e(args, cfg: dict, modes: List[Mode], device: torch.device, workdir:
     item = {"image": str(path), "id": "ct", cfg["subgroup_key"]: cfg["subgroups"][1]}
     print(
         f"## End-to-end inference (`inference.json` pipeline, dMoE, {'x'.join(map(str, args.raw_shape))} CT at "
-        f"{'x'.join(f'{s:g}' for s in args.raw_spacing)} mm as .nii.gz; sw_batch_size {args.sw_batch_size}, "
-        f"overlap {args.sw_overlap}; {args.e2e_repeats} round(s))\n"
+        f"{'x'.join(f'{s:g}' for s in args.raw_spacing)} mm as .nii.gz; roi {'x'.join(map(str, args.patch))}, "
+        f"sw_batch_size {args.sw_batch_size}, overlap {args.sw_overlap}; {args.e2e_repeats} round(s))\n"
     )
-    print("| mode | network input | load + preprocess (s) | sliding window (s) | invert + save (s) | total (s) "
-          "| peak mem (MiB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print(E2E_NOTE)
+    lines, notes, first = [E2E_HEADER], [], None
     for mode in modes:
-        parser = ConfigParser()
-        parser.read_config(str(CONFIGS / "inference.json"))
-        parser.update(
-            {
-                "dataset_dir": str(data_dir),
-                "output_dir": str(data_dir / "out"),
-                "device": f"$torch.device('{device}')",
-                "channels_last": mode.channels_last,
-                "sw_batch_size": args.sw_batch_size,
-                "sw_overlap": args.sw_overlap,
-                "patch_size": list(args.patch),
-            }
-        )
-        pre = parser.get_parsed_content("preprocessing")
-        post = parser.get_parsed_content("postprocessing")
-        for t in post.transforms:
-            if hasattr(t, "saver"):  # SaveImaged: no "writing ..." log line in the table
-                t.saver.write_kwargs["verbose"] = False
-        inferer = parser.get_parsed_content("inferer")
-        net = parser.get_parsed_content("network").eval()
-        with torch.no_grad():
-            net.head.conv.bias.copy_(torch.tensor([4.0, -4.0]))  # mostly background, like a trained model
-        call = torch.compile(net, **COMPILE_KWARGS) if mode.compile else net
-        rounds: List[Tuple[float, float, float]] = []
-        mem = PeakMemory(device)
+        parts, parser = e2e_parts(args, data_dir, device, mode)
+        rounds, mem = [], PeakMemory(device)
         for r in range(args.e2e_repeats):
             with mem if r == 0 else contextlib.nullcontext():
-                t0 = time.perf_counter()
-                batch = list_data_collate([pre(dict(item))])
-                t1 = time.perf_counter()
-                image = batch["image"].to(device)
-                with torch.no_grad(), mode.autocast(device):
-                    batch["pred"] = inferer(image, call, subgroup=batch["subgroup"].to(device))
-                sync(device)
-                t2 = time.perf_counter()
-                for d in decollate_batch(batch):
-                    post(d)
-                t3 = time.perf_counter()
-            rounds.append((t1 - t0, t2 - t1, t3 - t2))
-            print(f"  [e2e {r + 1}/{args.e2e_repeats}] {mode.name}: {t3 - t0:.2f} s", file=sys.stderr, flush=True)
+                times, case, out = e2e_round(parts, item, mode, device, args)
+            rounds.append(times)
+            print(f"  [e2e {r + 1}/{args.e2e_repeats}] {mode.name}: {sum(times):.2f} s", file=sys.stderr, flush=True)
         med = [statistics.median(c) for c in zip(*rounds)]
-        shape = "x".join(map(str, image.shape[2:]))
-        print(f"| {mode.name} | {shape} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.2f} | {sum(med):.2f} | {mem.text()} |")
-    print(flush=True)
+        shape = "x".join(map(str, case["image"].shape[1:]))
+        lines.append(e2e_row(mode.name, shape, med, mem.text()))
+        if first is None:
+            first = med
+            notes.append(f"New path: {parts['post'].transforms[-2].last_path['pred']} inversion.")
+            row, note = previous_path(parser, case, out, med, mode.name, shape)
+            lines.append(row)
+            notes.append(note)
+    print("\n".join(lines + [""] + notes) + "\n")
+    print(e2e_goals(first) + "\n", flush=True)
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -600,13 +722,17 @@ def _floats(text: str) -> List[float]:
     return [float(v) for v in text.replace("x", ",").split(",")]
 
 
-def load_cfg() -> dict:
-    train = json.loads((CONFIGS / "train.json").read_text())
-    infer = json.loads((CONFIGS / "inference.json").read_text())
+def load_cfg(profile: Optional[str] = None) -> dict:
+    """The settings the benchmark uses, from train.json and inference.json, with ``configs/profiles/<profile>.json``
+    stacked on both."""
+    overlay = json.loads((CONFIGS / "profiles" / f"{profile}.json").read_text()) if profile else {}
+    train = {**json.loads((CONFIGS / "train.json").read_text()), **overlay}
+    infer = {**json.loads((CONFIGS / "inference.json").read_text()), **overlay}
     cfg = {k: train[k] for k in ("patch_size", "batch_size", "num_samples", "features", "num_experts", "top_k")}
     cfg.update({k: train[k] for k in ("subgroups", "subgroup_key", "spacing", "hu_window", "learning_rate")})
     cfg["optimizer"] = train["optimizer"]
     cfg["sw_batch_size"], cfg["sw_overlap"] = infer["sw_batch_size"], infer["sw_overlap"]
+    cfg["amp"] = bool(train["amp"])
     return cfg
 
 
@@ -632,7 +758,16 @@ def parse_args(argv: Optional[Sequence[str]], cfg: dict) -> argparse.Namespace:
     p.add_argument("--data-shape", type=_ints, default=None, help="their shape (default 96x96x48, quick 64x64x32)")
     p.add_argument("--epochs", type=int, default=None, help="timed data epochs (default 3, quick 1)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers in the data section (default 0)")
+    p.add_argument(
+        "--profile", choices=PROFILES, default=None, help="stack configs/profiles/<name>.json on the configs"
+    )
+    p.add_argument("--short", action="store_true", help="with --profile: only its training step, 2 steps (CPU check)")
     args = p.parse_args(argv)
+    if args.short and not args.profile:
+        p.error("--short measures a profile: give --profile too")
+    args.profile_file = CONFIGS / "profiles" / f"{args.profile}.json" if args.profile else None
+    if args.short:
+        args.sections, args.repeats, args.warmup = "train", args.repeats or 1, 1 if args.warmup is None else args.warmup
     q = args.quick
     args.repeats = args.repeats or (1 if q else 7)
     args.infer_repeats = args.infer_repeats or (1 if q else 3)
@@ -651,9 +786,17 @@ def parse_args(argv: Optional[Sequence[str]], cfg: dict) -> argparse.Namespace:
     return args
 
 
+def profile_arg(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """The value of ``--profile`` (read before the full parse: the profile sets the other options' defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--profile", choices=PROFILES, default=None)
+    return pre.parse_known_args(argv)[0].profile
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = load_cfg()
+    cfg = load_cfg(profile_arg(argv))
     args = parse_args(argv, cfg)
+    args.amp = args.amp or cfg["amp"]  # a profile with amp adds the bf16 mode (CUDA only)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("note: --device cuda requested but CUDA is not available; running on the CPU.\n")
@@ -664,7 +807,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("# FairDRO bundle speed benchmark\n")
     print("\n".join(machine_lines(device)))
     print(f"- command: `python bench/bench_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
-    print(f"- modes: {', '.join(m.name for m in modes)}\n", flush=True)
+    print(f"- modes: {', '.join(m.name for m in modes)}")
+    if args.profile:
+        print(f"- profile: `configs/profiles/{args.profile}.json` ({', '.join(f'{k} {cfg[k]}' for k in PROFILE_KEYS)})")
+    print(flush=True)
     t_start = time.perf_counter()
     results: Dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:

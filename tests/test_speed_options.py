@@ -3,6 +3,7 @@ and the speed benchmark script."""
 
 import copy
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,38 @@ def test_bench_speed_quick_runs():
     assert "| mode | network | params | train step (s) | voxels/s |" in out
     assert "| channels-last | dMoE (bundle default) |" in out
     assert "torch " + torch.__version__ in out
+    # the end-to-end section runs the new and the previous post-processing on one prediction: same mask
+    assert "| fp32 eager, previous path |" in out and "New vs previous path on the same prediction: 0 voxels" in out
+    assert "Goals (fp32 eager, new path): invert + save" in out
+
+
+def test_bench_profile_overlays_the_configs():
+    bench = _bench_module()
+    cfg = bench.load_cfg("gpu")
+    assert (cfg["features"], cfg["patch_size"], cfg["amp"]) == (32, [128, 128, 64], True)
+    assert bench.load_cfg()["features"] == 8 and bench.load_cfg()["amp"] is False
+    args = bench.parse_args(["--profile", "gpu", "--short"], cfg)
+    assert args.sections == ["train"] and args.patch == [128, 128, 64] and (args.repeats, args.warmup) == (1, 1)
+    with pytest.raises(SystemExit):  # --short measures a profile
+        bench.parse_args(["--short"], bench.load_cfg())
+
+
+def test_bench_target_logits_mark_the_phantom_target():
+    """The e2e section's stand-in for a trained model marks the phantom's target sphere: as many voxels as the
+    sphere's volume over the voxel volume, centred where ct_phantom draws it."""
+    from monai.data import MetaTensor
+
+    bench = _bench_module()
+    args = bench.parse_args(["--quick"], bench.load_cfg())  # 96x96x40 CT at 0.98x0.98x2.5 mm
+    spacing = [1.0, 1.0, 3.0]
+    affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    shape = [int(n * s / t) for n, s, t in zip(args.raw_shape, args.raw_spacing, spacing)]
+    offset = bench.target_logits(MetaTensor(torch.zeros(1, 1, *shape), affine=affine), args)
+    marked = offset[0, 1] > 0
+    assert not offset[0, 0].any() and set(offset[0, 1].unique().tolist()) == {0.0, 16.0}
+    radius = 0.15 * 0.30 * 96 * 0.98  # mm, as in ct_phantom
+    expected = 4 / 3 * math.pi * radius**3 / math.prod(spacing)
+    assert abs(int(marked.sum()) - expected) < 0.25 * expected, (int(marked.sum()), expected)
+    centre_mm = [float(i.float().mean()) * s for i, s in zip(torch.nonzero(marked).T, spacing)]
+    expected_centre = [95 / 2 * 0.98 + 0.3 * 0.42 * 96 * 0.98, 95 / 2 * 0.98, 39 / 2 * 2.5]
+    assert all(abs(a - b) < 1.5 for a, b in zip(centre_mm, expected_centre)), (centre_mm, expected_centre)

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
 from scripts.dicom_series import read_ct_series
 from scripts.synthetic_dicom import VARIANTS, phantom_case, write_ct_series
-from scripts.transforms import InvertForegroundd, foreground_window, target_box
+from scripts.transforms import InvertForegroundd, foreground_window, foreground_windows, grid_within, target_box
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 NIFTI, DICOM = ["inference.json"], ["inference.json", "inference_dicom.json"]
@@ -127,6 +127,47 @@ def test_foreground_window_and_target_box_by_hand():
     assert target_box(([1, 0, 0], [3, 2, 1]), src, dst, (40, 40, 40)) == ([12, 10, 10], [16, 14, 12])
     assert target_box(([1, 0, 0], [3, 2, 1]), src, dst, (15, 40, 40)) == ([12, 10, 10], [14, 14, 12])  # clipped
     assert target_box(([1, 0, 0], [3, 2, 1]), src, dst, (5, 40, 40)) is None  # entirely outside
+
+
+def test_foreground_windows_split_clusters_by_hand():
+    fg = torch.zeros(64, 48, 40, dtype=torch.bool)
+    fg[5:9, 6:8, 3:5] = True  # block (0, 0, 0)
+    fg[50, 40, 30] = True  # block (3, 2, 1): not touching the first
+    assert sorted(foreground_windows(fg, 2)) == [([3, 4, 1], [10, 9, 6]), ([48, 38, 28], [52, 42, 32])]
+    fg[16:34, 7, 4] = True  # a bar through blocks (1, 0, 0) and (2, 0, 0) joins the first cluster only
+    assert len(foreground_windows(fg, 2)) == 2 and ([3, 4, 1], [35, 9, 6]) in foreground_windows(fg, 2)
+    assert foreground_windows(fg, 2, most=1) == [([3, 4, 1], [52, 42, 32])]  # too many clusters: one window
+    assert foreground_windows(torch.zeros(8, 8, 8, dtype=torch.bool), 2) == []
+
+
+def test_grid_within_by_hand():
+    src = torch.eye(4, dtype=torch.float64)  # 10 voxels of 1 mm from 0
+    dst = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))  # voxels 2 mm apart from 0
+    assert grid_within(src, (10, 10, 10), dst, (5, 5, 5))  # last centre at 8 mm <= 9
+    assert not grid_within(src, (10, 10, 10), dst, (6, 5, 5))  # 10 mm > 9
+
+
+def test_scattered_foreground_gives_the_previous_mask(stored):
+    """Specks far from the target (a network's false positives) and the target: several windows, same mask."""
+    nifti, _ = stored["oblique"]
+    parser = _parser(NIFTI)
+    data = parser.get_parsed_content("preprocessing")({"image": str(nifti), "id": "x"})
+    image = data["image"]
+    with torch.no_grad():
+        logits = IntensityNet(TARGET_ONLY)(image.as_tensor()[None])
+    shape = image.shape[1:]
+    for corner in [(0, 0, 0), (shape[0] - 1, shape[1] - 1, shape[2] - 1), (0, shape[1] - 1, 3), (20, 1, 1)]:
+        logits[(0, 1, *corner)] = 50.0  # foreground specks, at the grid's corners and edges too
+    probs = torch.softmax(logits, 1)[0]
+    masks, paths = [], []
+    for name in ("postprocessing", "postprocessing_whole_volume"):
+        d = {**data, "pred": MetaTensor(probs.clone(), meta=dict(image.meta))}
+        for t in parser.get_parsed_content(name).transforms[1:-1]:
+            d = t(d)
+            paths.append(getattr(t, "last_path", {}).get("pred"))
+        masks.append(d["pred"])
+    assert paths[0] == "window"
+    _assert_same_mask(*masks)
 
 
 def test_invalid_arguments_and_inputs_are_refused(stored):

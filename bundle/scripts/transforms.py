@@ -213,6 +213,10 @@ def loaded_grid(image: MetaTensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return affine, tuple(int(s) for s in np.asarray(meta["spatial_shape"]).reshape(-1)[:3])
 
 
+#: how ``torch.nn.functional.pad`` reproduces what a resampling's padding mode reads outside its source grid
+PAD_AS = {"border": {"mode": "replicate"}, "zeros": {"mode": "constant", "value": 0.0}}
+
+
 def _is_resampling(op: Mapping[str, Any]) -> bool:
     """A record of MONAI's ``SpatialResample`` family (``Spacing``, ``ResampleToMatch``): it holds ``src_affine``."""
     return "src_affine" in (op.get("extra_info") or {})
@@ -227,7 +231,8 @@ def single_resampling(image: MetaTensor) -> dict[str, Any] | None:
     if len(at) != 1 or any(op.get("class") != "Orientation" for op in ops[: at[0]]):
         return None
     settings = ops[at[0]]["extra_info"]
-    return settings if str(settings.get("mode")) in ("bilinear", "nearest", "0", "1") else None
+    local = str(settings.get("mode")) in ("bilinear", "nearest", "0", "1")
+    return settings if local and settings.get("padding_mode", "border") in PAD_AS else None
 
 
 def undo_crops(values: torch.Tensor, image: MetaTensor, transform: Any, key: Hashable) -> MetaTensor | None:
@@ -261,6 +266,34 @@ def foreground_window(foreground: torch.Tensor, margin: int) -> tuple[list[int],
     return lo, hi
 
 
+def foreground_windows(
+    foreground: torch.Tensor, margin: int, block: int = 16, most: int = 64
+) -> list[tuple[list[int], list[int]]]:
+    """One window per cluster of the foreground (``X, Y, Z`` bool): the foreground is split into ``block``-sized
+    blocks, touching occupied blocks form a cluster, and each cluster's window is the bounding box of its foreground
+    grown by ``margin`` (as :func:`foreground_window`). Every foreground voxel lies ``margin`` deep in some window.
+    More than ``most`` clusters give one window around everything (scattered specks are not worth a call each)."""
+    from scipy import ndimage  # a dependency of MONAI's transforms already
+
+    occupied = torch.nn.functional.max_pool3d(foreground[None, None].float(), block, ceil_mode=True)[0, 0] > 0
+    labels, n = ndimage.label(occupied.numpy(), structure=np.ones((3, 3, 3)))
+    if n == 0 or n > most:
+        window = foreground_window(foreground, margin)
+        return [] if window is None else [window]
+    windows = []
+    for region in ndimage.find_objects(labels):
+        start = [r.start * block for r in region]
+        part = foreground[tuple(slice(r.start * block, r.stop * block) for r in region)]
+        lo, hi = foreground_window(part, 0)  # the cluster's blocks hold foreground by construction
+        windows.append(
+            (
+                [max(a + o - margin, 0) for a, o in zip(lo, start)],
+                [min(b + o + margin, size - 1) for b, o, size in zip(hi, start, foreground.shape)],
+            )
+        )
+    return windows
+
+
 def _translate(start: Sequence[int]) -> torch.Tensor:
     t = torch.eye(4, dtype=torch.float64)
     t[:3, 3] = torch.as_tensor([float(v) for v in start], dtype=torch.float64)
@@ -281,26 +314,50 @@ def target_box(
     return None if any(a > b for a, b in zip(first, last)) else (first, last)
 
 
-def resample_window(
-    values: MetaTensor, window, dst_affine: torch.Tensor, box, settings: Mapping[str, Any]
+def positive_in_box(
+    values: MetaTensor, window, dst_affine: torch.Tensor, box, settings: Mapping[str, Any], floor: float = -1.0
 ) -> torch.Tensor:
-    """``values`` (``(1, X, Y, Z)``) cut to ``window`` and resampled onto the destination voxels ``box`` as the
-    recorded resampling interpolates (its mode, padding_mode, align_corners and computation dtype)."""
+    """Where the interpolation of ``values`` (``(1, X, Y, Z)``, all ``>= floor``) is positive on the destination
+    voxels ``box``, computed from ``window`` only, as the recorded resampling interpolates (its mode, align_corners
+    and computation dtype).
+
+    Outside the window the values count as ``floor`` (the values are shifted by ``-floor`` and padded with zeros), so
+    the result is never positive where the whole-volume interpolation is not, and it is exact wherever the stencil
+    lies inside the window.
+    """
     (lo, hi), (first, last) = window, box
-    src_affine = torch.as_tensor(values.affine, dtype=torch.float64)
-    src = MetaTensor(values.as_tensor()[(slice(None), *(slice(a, b + 1) for a, b in zip(lo, hi)))])
-    src.affine = src_affine @ _translate(lo)
+    dtype = getattr(torch, str(settings.get("dtype", "float64")))
+    src = MetaTensor(values.as_tensor()[(slice(None), *(slice(a, b + 1) for a, b in zip(lo, hi)))].to(dtype) - floor)
+    src.affine = torch.as_tensor(values.affine, dtype=torch.float64) @ _translate(lo)
     align = settings.get("align_corners", False)
     resample = SpatialResample(
         mode=settings.get("mode", "bilinear"),
-        padding_mode=settings.get("padding_mode", "border"),
+        padding_mode="zeros",
         align_corners=False if align in (None, "none") else bool(align),
-        dtype=getattr(torch, str(settings.get("dtype", "float64"))),
+        dtype=dtype,
     )
     size = [b - a + 1 for a, b in zip(first, last)]
     with resample.trace_transform(False):
         out = resample(src, dst_affine=dst_affine @ _translate(first), spatial_size=size)
-    return torch.as_tensor(out)[0]
+    return torch.as_tensor(out)[0] > -floor
+
+
+def pad_as_resampling(values: MetaTensor, width: int, padding_mode: str) -> MetaTensor:
+    """``values`` (``(C, X, Y, Z)``) grown by ``width`` voxels on every side with what the resampling's
+    ``padding_mode`` (``border`` or ``zeros``) reads there, with the affine moved to match."""
+    padded = torch.nn.functional.pad(values.as_tensor()[None], [width] * 6, **PAD_AS[padding_mode])[0]
+    out = MetaTensor(padded, meta=dict(values.meta))
+    out.affine = torch.as_tensor(values.affine, dtype=torch.float64) @ _translate([-width] * 3)
+    return out
+
+
+def grid_within(src_affine: torch.Tensor, src_shape: Sequence[int], dst_affine: torch.Tensor, dst_shape) -> bool:
+    """Every destination voxel maps inside the source grid (voxel centres, corners of the destination checked)."""
+    box = ([0, 0, 0], [int(s) - 1 for s in dst_shape])
+    corners = torch.cartesian_prod(*[torch.tensor([a, b], dtype=torch.float64) for a, b in zip(*box)])
+    corners = torch.cat([corners, torch.ones(len(corners), 1, dtype=torch.float64)], 1)
+    mapped = (torch.linalg.solve(src_affine, dst_affine) @ corners.T)[:3]
+    return bool(((mapped >= 0) & (mapped <= torch.tensor(src_shape, dtype=torch.float64)[:, None] - 1)).all())
 
 
 class InvertForegroundd(MapTransform):
@@ -312,8 +369,10 @@ class InvertForegroundd(MapTransform):
     - interpolation is linear and the padding of crops is zero in both channels, so ``argmax(interp(p0),
       interp(p1))`` is foreground exactly where ``interp(p1 - p0) > 0``: one channel is resampled, not two;
     - a linear (or nearest) interpolation is positive only where a voxel of its stencil (one voxel either way) is, so
-      only the destination voxels that see the foreground's bounding box (grown by ``margin``) are resampled, from
-      that box (with the recorded padding rule, so the scan's edges behave alike), and the rest is background;
+      only the destination voxels that see a cluster of the foreground (its bounding box grown by ``margin``) are
+      resampled, from that box, and the rest is background; outside the box the values count as -1 (their lower
+      bound), so a box never adds foreground, and every destination voxel whose stencil meets foreground has its
+      whole stencil in some box; the scan's edges are padded as the recorded resampling pads them;
     - orientation changes are index permutations, so the one resampling goes straight from the network's grid to the
       loaded grid; crops and pads after it are undone first by MONAI's own inverses (exact).
 
@@ -378,10 +437,13 @@ class InvertForegroundd(MapTransform):
         diff = undo_crops(diff.as_tensor() if isinstance(diff, MetaTensor) else diff, image, self.transform, orig_key)
         if diff is None:
             return None
+        diff = pad_as_resampling(diff, self.margin, settings.get("padding_mode", "border"))  # the scan's edges
+        if not grid_within(diff.affine.double(), diff.shape[1:], affine, shape):
+            return None  # the loaded grid reaches beyond the network's: its padding rule would matter
         mask = torch.zeros(shape, dtype=torch.bool)
-        window = foreground_window(diff[0] > 0, self.margin)
-        box = None if window is None else target_box(window, diff.affine.double(), affine, shape)
-        if box is not None:
-            where = tuple(slice(a, b + 1) for a, b in zip(*box))
-            mask[where] = resample_window(diff, window, affine, box, settings) > 0
+        for window in foreground_windows(diff[0] > 0, self.margin):
+            box = target_box(window, diff.affine.double(), affine, shape)
+            if box is not None:
+                where = tuple(slice(a, b + 1) for a, b in zip(*box))
+                mask[where] |= positive_in_box(diff, window, affine, box, settings)
         return mask

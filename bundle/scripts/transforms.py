@@ -209,7 +209,7 @@ def loaded_grid(image: MetaTensor) -> tuple[torch.Tensor, tuple[int, ...]]:
             f"the image's metadata lacks {missing}: load it with a MONAI reader (LoadImaged) so that the original "
             "grid is known, or invert with Invertd."
         )
-    affine = torch.as_tensor(np.asarray(meta["original_affine"], dtype=np.float64))
+    affine = torch.as_tensor(meta["original_affine"]).detach().to("cpu", torch.float64)
     return affine, tuple(int(s) for s in np.asarray(meta["spatial_shape"]).reshape(-1)[:3])
 
 
@@ -276,7 +276,7 @@ def foreground_windows(
     from scipy import ndimage  # a dependency of MONAI's transforms already
 
     occupied = torch.nn.functional.max_pool3d(foreground[None, None].float(), block, ceil_mode=True)[0, 0] > 0
-    labels, n = ndimage.label(occupied.numpy(), structure=np.ones((3, 3, 3)))
+    labels, n = ndimage.label(occupied.cpu().numpy(), structure=np.ones((3, 3, 3)))
     if n == 0 or n > most:
         window = foreground_window(foreground, margin)
         return [] if window is None else [window]
@@ -292,6 +292,11 @@ def foreground_windows(
             )
         )
     return windows
+
+
+def _affine(values: MetaTensor) -> torch.Tensor:
+    """The ``(4, 4)`` affine of ``values`` as float64 on the CPU (where the geometry is computed)."""
+    return torch.as_tensor(values.affine).detach().to("cpu", torch.float64)
 
 
 def _translate(start: Sequence[int]) -> torch.Tensor:
@@ -328,7 +333,7 @@ def positive_in_box(
     (lo, hi), (first, last) = window, box
     dtype = getattr(torch, str(settings.get("dtype", "float64")))
     src = MetaTensor(values.as_tensor()[(slice(None), *(slice(a, b + 1) for a, b in zip(lo, hi)))].to(dtype) - floor)
-    src.affine = torch.as_tensor(values.affine, dtype=torch.float64) @ _translate(lo)
+    src.affine = _affine(values) @ _translate(lo)
     align = settings.get("align_corners", False)
     resample = SpatialResample(
         mode=settings.get("mode", "bilinear"),
@@ -347,7 +352,7 @@ def pad_as_resampling(values: MetaTensor, width: int, padding_mode: str) -> Meta
     ``padding_mode`` (``border`` or ``zeros``) reads there, with the affine moved to match."""
     padded = torch.nn.functional.pad(values.as_tensor()[None], [width] * 6, **PAD_AS[padding_mode])[0]
     out = MetaTensor(padded, meta=dict(values.meta))
-    out.affine = torch.as_tensor(values.affine, dtype=torch.float64) @ _translate([-width] * 3)
+    out.affine = _affine(values) @ _translate([-width] * 3)
     return out
 
 
@@ -438,11 +443,11 @@ class InvertForegroundd(MapTransform):
         if diff is None:
             return None
         diff = pad_as_resampling(diff, self.margin, settings.get("padding_mode", "border"))  # the scan's edges
-        if not grid_within(diff.affine.double(), diff.shape[1:], affine, shape):
+        if not grid_within(_affine(diff), diff.shape[1:], affine, shape):
             return None  # the loaded grid reaches beyond the network's: its padding rule would matter
-        mask = torch.zeros(shape, dtype=torch.bool)
+        mask = torch.zeros(shape, dtype=torch.bool, device=diff.device)  # on the prediction's device, as Invertd
         for window in foreground_windows(diff[0] > 0, self.margin):
-            box = target_box(window, diff.affine.double(), affine, shape)
+            box = target_box(window, _affine(diff), affine, shape)
             if box is not None:
                 where = tuple(slice(a, b + 1) for a, b in zip(*box))
                 mask[where] |= positive_in_box(diff, window, affine, box, settings)

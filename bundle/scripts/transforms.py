@@ -273,7 +273,7 @@ def foreground_windows(
     blocks, touching occupied blocks form a cluster, and each cluster's window is the bounding box of its foreground
     grown by ``margin`` (as :func:`foreground_window`). Every foreground voxel lies ``margin`` deep in some window.
     More than ``most`` clusters give one window around everything (scattered specks are not worth a call each)."""
-    from scipy import ndimage  # a dependency of MONAI's transforms already
+    from scipy import ndimage  # in the bundle's optional packages (metadata.json) and every environment that runs it
 
     occupied = torch.nn.functional.max_pool3d(foreground[None, None].float(), block, ceil_mode=True)[0, 0] > 0
     labels, n = ndimage.label(occupied.cpu().numpy(), structure=np.ones((3, 3, 3)))

@@ -305,15 +305,20 @@ def _translate(start: Sequence[int]) -> torch.Tensor:
     return t
 
 
+def map_corners(box: tuple[Sequence[int], Sequence[int]], from_affine: torch.Tensor, to_affine: torch.Tensor):
+    """The 8 corners of the voxel ``box`` (``(first, last)`` inclusive) of the grid ``from_affine``, in voxel
+    coordinates of the grid ``to_affine``: a ``(3, 8)`` float64 tensor."""
+    corners = torch.cartesian_prod(*[torch.tensor([a, b], dtype=torch.float64) for a, b in zip(*box)])
+    corners = torch.cat([corners, torch.ones(len(corners), 1, dtype=torch.float64)], 1)
+    return (torch.linalg.solve(to_affine, from_affine) @ corners.T)[:3]
+
+
 def target_box(
     window: tuple[list[int], list[int]], src_affine: torch.Tensor, dst_affine: torch.Tensor, dst_shape: Sequence[int]
 ) -> tuple[list[int], list[int]] | None:
     """The voxels of the destination grid that can see the source ``window`` (``(first, last)`` inclusive): the
     bounding box of the window's corners mapped into destination voxels, clipped; ``None`` when none remain."""
-    lo, hi = window
-    corners = torch.cartesian_prod(*[torch.tensor([a, b], dtype=torch.float64) for a, b in zip(lo, hi)])
-    corners = torch.cat([corners, torch.ones(len(corners), 1, dtype=torch.float64)], 1)
-    mapped = (torch.linalg.solve(dst_affine, src_affine) @ corners.T)[:3]
+    mapped = map_corners(window, src_affine, dst_affine)
     first = [max(int(np.floor(float(v))), 0) for v in mapped.min(1).values]
     last = [min(int(np.ceil(float(v))), s - 1) for v, s in zip(mapped.max(1).values, dst_shape)]
     return None if any(a > b for a, b in zip(first, last)) else (first, last)
@@ -358,10 +363,7 @@ def pad_as_resampling(values: MetaTensor, width: int, padding_mode: str) -> Meta
 
 def grid_within(src_affine: torch.Tensor, src_shape: Sequence[int], dst_affine: torch.Tensor, dst_shape) -> bool:
     """Every destination voxel maps inside the source grid (voxel centres, corners of the destination checked)."""
-    box = ([0, 0, 0], [int(s) - 1 for s in dst_shape])
-    corners = torch.cartesian_prod(*[torch.tensor([a, b], dtype=torch.float64) for a, b in zip(*box)])
-    corners = torch.cat([corners, torch.ones(len(corners), 1, dtype=torch.float64)], 1)
-    mapped = (torch.linalg.solve(src_affine, dst_affine) @ corners.T)[:3]
+    mapped = map_corners(([0, 0, 0], [int(s) - 1 for s in dst_shape]), dst_affine, src_affine)
     return bool(((mapped >= 0) & (mapped <= torch.tensor(src_shape, dtype=torch.float64)[:, None] - 1)).all())
 
 

@@ -18,6 +18,24 @@ if str(BUNDLE_ROOT) not in sys.path:
 if str(REPO_ROOT / "deploy") not in sys.path:
     sys.path.insert(1, str(REPO_ROOT / "deploy"))
 
+CONFIGS = BUNDLE_ROOT / "configs"
+
+
+def run_bundle_workflow(config_files, workflow_type, run_id, **override):
+    """Run a bundle workflow from ``config_files`` (names under ``bundle/configs``) as ``monai.bundle run`` does:
+    initialise, check that no required property is missing, run, finalise; returns the workflow."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in config_files], workflow_type=workflow_type, run_id=run_id, **override
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    wf.run()
+    wf.finalize()
+    return wf
+
+
 #: a local schema file chosen by the user; it wins over every other source
 SCHEMA_ENV = "BUNDLE_META_SCHEMA"
 #: the copy beside the repository on the development machines (no internet there)

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import run_bundle_workflow as _run
 from monai.bundle import ConfigWorkflow
 from scripts import synthetic
 
@@ -36,17 +37,6 @@ def tiny_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_cohort")
     synthetic.generate_cohort(out, n_cases=10, seed=7, shape=(48, 48, 24))
     return out
-
-
-def _run(config_files, workflow_type, run_id, **override):
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in config_files], workflow_type=workflow_type, run_id=run_id, **override
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import run_bundle_workflow
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts import synthetic
 from scripts.dicom_seg import read_seg
@@ -47,15 +48,8 @@ def test_dicom_inference_outputs_agree_and_reference_the_series(dicom_case, case
     # the synthetic export keeps CT and RTSTRUCT in one folder, as planning systems export them
     before = _tree_digest(series_dir)
     out = tmp_path / "out"
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "inference.json"), str(CONFIGS / "inference_dicom.json")],
-        workflow_type="infer", run_id="inference", input_dir=str(series_dir), subgroup=item["stage"],
-        output_dir=str(out), ckpt_path=str(ckpt), **NET,
-    )  # fmt: skip
-    wf.initialize()
-    assert wf.check_properties() == []
-    wf.run()
-    wf.finalize()
+    run_bundle_workflow(["inference.json", "inference_dicom.json"], "infer", "inference", input_dir=str(series_dir),
+                        subgroup=item["stage"], output_dir=str(out), ckpt_path=str(ckpt), **NET)  # fmt: skip
     assert _tree_digest(series_dir) == before, "inference must never write into the input series folder"
 
     info = read_series_info(series_dir)

@@ -10,7 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from conftest import run_bundle_workflow
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scripts.dicom_series import read_ct_series
 from scripts.synthetic_dicom import VARIANTS, phantom_case, write_ct_series
@@ -189,15 +190,8 @@ def test_invalid_arguments_and_inputs_are_refused(stored):
 def _infer(files, tmp_path, ckpt, postprocessing=None, **override):
     out = tmp_path / ("previous" if postprocessing else "new")
     extra = {"postprocessing": postprocessing} if postprocessing else {}
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files], workflow_type="infer", run_id="inference",
-        output_dir=str(out), ckpt_path=str(ckpt), network_def={"_target_": f"{__name__}.IntensityNet"},
-        **extra, **override,
-    )  # fmt: skip
-    wf.initialize()
-    assert wf.check_properties() == []
-    wf.run()
-    wf.finalize()
+    run_bundle_workflow(files, "infer", "inference", output_dir=str(out), ckpt_path=str(ckpt),
+                        network_def={"_target_": f"{__name__}.IntensityNet"}, **extra, **override)  # fmt: skip
     return out
 
 

@@ -80,7 +80,9 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
 sys.path.insert(0, str(BUNDLE))
+sys.path.insert(0, str(REPO / "tools"))
 
+from checklib import dice  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
 from scripts.losses import PerSampleDiceCELoss  # noqa: E402
@@ -516,10 +518,8 @@ def run_post(post, d: dict) -> Tuple[dict, float, float]:
 
 
 def mask_agreement(a: Tensor, b: Tensor) -> str:
-    a, b = torch.as_tensor(a) > 0, torch.as_tensor(b) > 0
-    both = int(a.sum() + b.sum())
-    dice = 1.0 if both == 0 else 2 * int((a & b).sum()) / both
-    return f"{int((a != b).sum())} voxels differ, Dice {dice:.6f} ({int(b.sum())} foreground voxels)"
+    a, b = torch.as_tensor(a).cpu().numpy() > 0, torch.as_tensor(b).cpu().numpy() > 0
+    return f"{int((a != b).sum())} voxels differ, Dice {dice(a, b):.6f} ({int(b.sum())} foreground voxels)"
 
 
 def e2e_row(name: str, shape: str, med: Sequence[float], mem: str) -> str:

@@ -16,7 +16,7 @@ BUNDLE_RUN := $(PY) -m monai.bundle run
 DEMO_RUN = $(abspath $(DEMO_DIR))/run
 DEMO_ARGS = --dataset_dir $(DEMO_DIR)/data --output_dir $(DEMO_RUN) --ckpt_dir $(DEMO_RUN)/models --seed $(DEMO_SEED)
 
-.PHONY: help setup demo demo-weights verify test lint format clean-demo check-data benchmark-fairness calibrate-cohort recipe-sweep bench-dmoe bench-speed
+.PHONY: help setup demo demo-weights verify test lint format clean-demo check-data benchmark-fairness calibrate-cohort recipe-sweep bench-dmoe bench-speed bench-gpu
 
 help:
 	@echo "make demo   - set up .venv, generate the synthetic cohort, train FairDRO, evaluate, infer"
@@ -30,6 +30,7 @@ help:
 	@echo "make calibrate-cohort - the hidden minority's levels with ERM and the oracle (16 cached runs, about 2.5 h)"
 	@echo "make bench-dmoe - dMoE dispatch / overhead benchmark table"
 	@echo "make bench-speed - training step, sliding-window inference, data loading, memory tables"
+	@echo "make bench-gpu - the GPU checks (bf16 dMoE step, CT end to end, clinical profile) into bench/results/gpu"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -121,6 +122,10 @@ bench-dmoe: setup
 
 bench-speed: setup
 	$(PY) bench/bench_speed.py --channels-last
+
+# the GPU checks of the speed goals, on a machine with a CUDA GPU (no setup: it uses that machine's python3 and torch)
+bench-gpu:
+	bash bench/gpu_check.sh
 
 # -rs: the summary lists every skipped test with its reason (no plastimatch, dciodvfy, dcmtk or metadata schema)
 test: setup lint

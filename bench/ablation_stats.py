@@ -9,6 +9,9 @@
   over cases (``scripts.fairness_stats.wilcoxon_signed_rank``) and a paired bootstrap, cases resampled *within
   stage groups* with the same indices for both variants, of the difference A - B in worst-group Dice (the lowest
   stage mean) and in minority Dice (the mean over minority cases), with percentile intervals.
+- :func:`seed_case_bootstrap`: the same two intervals from a two-level bootstrap that resamples each variant's seeds
+  as well as the cases, so that seed-to-seed variation (which the seed-averaged case bootstrap does not see) widens
+  them.
 - :func:`verdict`: one plain paragraph on FairDRO against the strongest baseline, from a report dict.
 """
 
@@ -135,7 +138,8 @@ def seed_average(runs: Sequence[Sequence[Mapping[str, Any]]], group_key: str = "
         runs: per run, its per-case rows (``per_case.csv``: ``id``, ``group_key``, ``subtype``, ``dice``).
 
     Returns:
-        ``{"ids", "group", "minority", "dice", "n_runs"}``: lists sorted by case id (``dice`` the seed average).
+        ``{"ids", "group", "minority", "dice", "n_runs", "per_run"}``: lists sorted by case id (``dice`` the seed
+        average, ``per_run`` each run's Dice in the same order).
 
     Raises:
         ValueError: no run, or runs evaluated on different cases.
@@ -144,18 +148,19 @@ def seed_average(runs: Sequence[Sequence[Mapping[str, Any]]], group_key: str = "
         raise ValueError("no run to average.")
     first = {str(r["id"]): r for r in runs[0]}
     ids = sorted(first)
-    dice = np.zeros(len(ids))
+    per_run = []
     for k, rows in enumerate(runs):
         by_id = {str(r["id"]): float(r["dice"]) for r in rows}
         if set(by_id) != set(ids):
             raise ValueError(f"run {k} was evaluated on other cases than run 0: the runs do not pair.")
-        dice += np.array([by_id[i] for i in ids])
+        per_run.append([by_id[i] for i in ids])
     return {
         "ids": ids,
         "group": [str(first[i].get(group_key, "unknown")) for i in ids],
         "minority": [is_minority(first[i].get("subtype")) for i in ids],
-        "dice": (dice / len(runs)).tolist(),
+        "dice": np.mean(np.asarray(per_run), axis=0).tolist(),
         "n_runs": len(runs),
+        "per_run": per_run,
     }
 
 
@@ -195,6 +200,73 @@ def _interval(draws: np.ndarray, confidence: float) -> list[float] | None:
     return [float(low), float(high)]
 
 
+def _check_pairing(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
+    if a["ids"] != b["ids"]:
+        raise ValueError("the variants were evaluated on different cases: they do not pair.")
+    if a["group"] != b["group"] or a["minority"] != b["minority"]:
+        raise ValueError("the variants disagree on the cases' groups or subtypes.")
+
+
+def _draw_differences(
+    xa: np.ndarray, xb: np.ndarray, idx: np.ndarray, groups: Sequence[str], minority: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per bootstrap draw, A - B in worst-group Dice and in minority Dice (NaN for a draw without a minority case).
+
+    ``xa``, ``xb``: [n_boot, n_cases] Dice of the case drawn into each slot; ``idx``: the drawn case indices (slot i
+    holds a case of slot i's group, so the slots of a group are the group's members).
+    """
+    g_arr = np.asarray(groups, dtype=object)
+    slots = [np.flatnonzero(g_arr == name) for name in sorted(set(g_arr.tolist()))]
+
+    def worst(x: np.ndarray) -> np.ndarray:  # [n_boot] lowest stage mean of each draw
+        return np.min(np.stack([x[:, s].mean(axis=1) for s in slots], axis=1), axis=1)
+
+    m = minority[idx].astype(float)
+    n_min = m.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        min_diff = ((xa - xb) * m).sum(axis=1) / np.where(n_min > 0, n_min, np.nan)
+    return worst(xa) - worst(xb), min_diff
+
+
+def _seed_weights(rng: np.random.Generator, n_runs: int, n_boot: int) -> np.ndarray:
+    """[n_boot, n_runs] weights of a resample of the runs with replacement (counts / n_runs; rows sum to 1)."""
+    picks = rng.integers(0, n_runs, size=(n_boot, n_runs))
+    return np.stack([np.bincount(row, minlength=n_runs) for row in picks]).astype(float) / n_runs
+
+
+def seed_case_bootstrap(
+    a: Mapping[str, Any], b: Mapping[str, Any], n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, Any]:
+    """Two-level paired bootstrap of A - B (both from :func:`seed_average`): seeds, then cases.
+
+    Each draw resamples each variant's runs with replacement (``default_rng([seed, 1])``, A's then B's), averages
+    the drawn runs case by case, then takes the same within-stage case draw as :func:`paired_comparison` (identical
+    indices for the same ``seed``). With one run per variant the intervals equal :func:`paired_comparison`'s; with
+    more, seed-to-seed variation widens them.
+
+    Returns:
+        ``{"worst_group_dice": {"ci"}, "minority_dice": {"ci"}, "bootstrap": settings}``.
+    """
+    _check_pairing(a, b)
+    ra, rb = np.asarray(a["per_run"], dtype=float), np.asarray(b["per_run"], dtype=float)
+    rng = np.random.default_rng([seed, 1])
+    wa, wb = _seed_weights(rng, ra.shape[0], n_boot), _seed_weights(rng, rb.shape[0], n_boot)
+    idx = stratified_indices(list(a["group"]), n_boot, seed)
+    xa = np.take_along_axis(wa @ ra, idx, axis=1)
+    xb = np.take_along_axis(wb @ rb, idx, axis=1)
+    worst_diff, min_diff = _draw_differences(xa, xb, idx, list(a["group"]), np.asarray(a["minority"], dtype=bool))
+    return {
+        "worst_group_dice": {"ci": _interval(worst_diff, confidence)},
+        "minority_dice": {"ci": _interval(min_diff, confidence)},
+        "bootstrap": {
+            "n_boot": int(n_boot),
+            "seed": int(seed),
+            "confidence": float(confidence),
+            "method": "percentile; each variant's seeds resampled with replacement, then cases within stage groups",
+        },
+    }
+
+
 def paired_comparison(
     a: Mapping[str, Any], b: Mapping[str, Any], n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
 ) -> dict[str, Any]:
@@ -206,24 +278,11 @@ def paired_comparison(
         "bootstrap": settings}``; ``ci`` is the percentile interval over the draws (``[low, high]``); draws
         without a minority case are left out of the minority interval (``None`` when no draw has one).
     """
-    if a["ids"] != b["ids"]:
-        raise ValueError("the variants were evaluated on different cases: they do not pair.")
-    if a["group"] != b["group"] or a["minority"] != b["minority"]:
-        raise ValueError("the variants disagree on the cases' groups or subtypes.")
+    _check_pairing(a, b)
     da, db = np.asarray(a["dice"], dtype=float), np.asarray(b["dice"], dtype=float)
     groups, minority = list(a["group"]), np.asarray(a["minority"], dtype=bool)
     idx = stratified_indices(groups, n_boot, seed)
-    g_arr = np.asarray(groups, dtype=object)
-
-    slots = [np.flatnonzero(g_arr == name) for name in sorted(set(groups))]
-
-    def worst(d: np.ndarray) -> np.ndarray:  # [n_boot] lowest stage mean of each draw
-        return np.min(np.stack([d[idx[:, s]].mean(axis=1) for s in slots], axis=1), axis=1)
-
-    m = minority[idx].astype(float)
-    n_min = m.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        min_diff = ((da[idx] - db[idx]) * m).sum(axis=1) / np.where(n_min > 0, n_min, np.nan)
+    worst_diff, min_diff = _draw_differences(da[idx], db[idx], idx, groups, minority)
     est_min_a, est_min_b = minority_dice(da, minority), minority_dice(db, minority)
     return {
         "n_cases": int(da.size),
@@ -234,7 +293,7 @@ def paired_comparison(
         "wilcoxon": wilcoxon_signed_rank(db, da),
         "worst_group_dice": {
             "estimate": worst_group_dice(da, groups) - worst_group_dice(db, groups),
-            "ci": _interval(worst(da) - worst(db), confidence),
+            "ci": _interval(worst_diff, confidence),
         },
         "minority_dice": {
             "estimate": None if est_min_a is None else est_min_a - est_min_b,
@@ -312,4 +371,22 @@ def verdict(report: Mapping[str, Any], table: str = "main") -> str:
         return head + " The paired comparison is not yet measured."
     n = f" Paired over {comp['n_cases']} testing cases ({comp['n_minority']} minority), seed-averaged Dice."
     first = _beats("worst-group Dice", comp.get("worst_group_dice"))
-    return f"{head} {first[0].upper()}{first[1:]}; {_beats('minority Dice', comp.get('minority_dice'))}.{n}"
+    text = f"{head} {first[0].upper()}{first[1:]}; {_beats('minority Dice', comp.get('minority_dice'))}.{n}"
+    seeds = comp.get("seed_and_case")
+    return text + (" " + _seed_sentence(seeds) if seeds else "")
+
+
+def _ci_words(entry: Mapping[str, Any] | None) -> str:
+    ci = (entry or {}).get("ci")
+    if not ci:
+        return "no interval"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}], {'excludes 0' if ci[0] > 0 or ci[1] < 0 else 'includes 0'}"
+
+
+def _seed_sentence(seeds: Mapping[str, Any]) -> str:
+    """The two-level (seeds, then cases) intervals of :func:`seed_case_bootstrap`, as one sentence."""
+    return (
+        "Resampling the seeds as well as the cases (two-level bootstrap), the 95% intervals are "
+        f"{_ci_words(seeds.get('worst_group_dice'))} on worst-group Dice and "
+        f"{_ci_words(seeds.get('minority_dice'))} on minority Dice."
+    )

@@ -299,6 +299,28 @@ def test_paired_comparison_by_hand():
     assert same["worst_group_dice"] == {"estimate": 0.0, "ci": [0.0, 0.0]} and same["wilcoxon"]["p_value"] == 1.0
 
 
+def test_seed_case_bootstrap_with_one_seed_equals_the_case_bootstrap():
+    ours = st.seed_average([_rows({"a": 0.6, "b": 0.8, "c": 0.7})])
+    other = st.seed_average([_rows({"a": 0.2, "b": 0.9, "c": 0.8})])
+    two = st.seed_case_bootstrap(ours, other, n_boot=2000, seed=0)
+    assert two["worst_group_dice"]["ci"] == pytest.approx([-0.1, 0.4])  # the hand values of the test above
+    assert two["minority_dice"]["ci"] == pytest.approx([-0.1, 0.7 / 3])
+
+
+def test_seed_case_bootstrap_sees_the_seed_spread():
+    # every case of a seed has the same Dice: FairDRO seeds 0.6 and 0.8, the other variant one seed at 0.7. The
+    # seed averages tie (case bootstrap [0, 0]); resampling FairDRO's two seeds gives 0.6, 0.7 (twice) or 0.8, a
+    # difference of -0.1, 0 or +0.1 with probabilities 1/4, 1/2, 1/4, so the 95% interval is [-0.1, +0.1]
+    ours = st.seed_average([_rows({"a": 0.6, "b": 0.6, "c": 0.6}), _rows({"a": 0.8, "b": 0.8, "c": 0.8})])
+    other = st.seed_average([_rows({"a": 0.7, "b": 0.7, "c": 0.7})])
+    assert st.paired_comparison(ours, other)["worst_group_dice"]["ci"] == pytest.approx([0.0, 0.0])
+    two = st.seed_case_bootstrap(ours, other, n_boot=2000, seed=0)
+    assert two["worst_group_dice"]["ci"] == pytest.approx([-0.1, 0.1])
+    assert two["minority_dice"]["ci"] == pytest.approx([-0.1, 0.1])
+    with pytest.raises(ValueError, match="do not pair"):
+        st.seed_case_bootstrap(ours, st.seed_average([[{"id": "z", "stage": "T1", "subtype": "x", "dice": 1.0}]]))
+
+
 def _report(wgd: dict[str, float], done: dict[str, int] | None = None, comparisons: dict | None = None) -> dict:
     done = done or {}
     cells = {
@@ -330,6 +352,12 @@ def test_verdict():
     assert "not yet measured" in st.verdict(_report(wgd, done={"erm": 0, "groupdro": 0}))
     assert "not yet measured" in st.verdict({"tables": {}})
     assert "paired comparison is not yet measured" in st.verdict(_report(wgd))
+    seeds = {"worst_group_dice": {"ci": [-0.01, 0.2]}, "minority_dice": {"ci": [-0.09, -0.01]}}
+    text = st.verdict(_report(wgd, comparisons={"groupdro": {**comps["groupdro"], "seed_and_case": seeds}}))
+    assert text.endswith(
+        "Resampling the seeds as well as the cases (two-level bootstrap), the 95% intervals are [-0.010, +0.200], "
+        "includes 0 on worst-group Dice and [-0.090, -0.010], excludes 0 on minority Dice."
+    )
 
 
 @pytest.mark.parametrize("default, expected", [(1, [0, 2]), (2, [0, 3]), (3, [0, 2])])

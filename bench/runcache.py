@@ -14,7 +14,9 @@ and the run's weights are still in the scratch folder, the run is evaluated agai
 then keeps ``train_commit``, the commit it was trained on). DRO settings that a run without DRO
 weights never reads (ERM, the oracle: the ESS floor, the refresh, the warm-up) are left out of its key.
 
-Each run folder holds only small files, all committed: ``run.json`` (key, spec, git commit, times),
+Each run folder holds only small files, all committed: ``run.json`` (key, spec, git commit, times, and the
+``OMP_NUM_THREADS`` of the invocation that wrote it: the thread count changes the summation order, so a retrain with
+another count is not bit-identical),
 ``per_case.csv`` and ``metrics.json`` (the evaluation on the testing split) and ``train_log.json`` (the
 validation curve and the DRO summary of the last epoch, parsed from the training log). Weights, checkpoints and
 logs stay in a scratch folder (``--work``), never in the repository.
@@ -306,7 +308,8 @@ def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources
     meta = {"key": run_key(spec), "train_key": run_key(spec, evaluation=False), "bench_version": BENCH_VERSION,
             "commit": git_commit(), "variant": spec.variant, "seed": spec.seed, "cohort": spec.cohort,
             "overrides": spec.overrides, **times, "weights": str((work / "models").resolve()),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the run finished
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     return run_dir, True

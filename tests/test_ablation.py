@@ -24,6 +24,7 @@ if str(BENCH) not in sys.path:
 
 import ablation_stats as st  # noqa: E402
 import fairness_ablation as fa  # noqa: E402
+import retrain_check  # noqa: E402
 import runcache  # noqa: E402
 from scripts.fairness_metrics import compute_group_metrics, minority_metrics  # noqa: E402
 from scripts.fairness_stats import wilcoxon_signed_rank  # noqa: E402
@@ -108,11 +109,13 @@ ALL = ["erm_necrotic_l2_s0", "fairdro_necrotic_l2_s0", "oracle_necrotic_l2_s0"]
 
 
 def test_cache_first_run_then_none_then_bench_version(bench, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert bench() == ALL  # (a) a first run executes all three
     for name in ALL:
         assert sorted(p.name for p in (bench.out / name).iterdir()) == [
             "metrics.json", "per_case.csv", "run.json", "train_log.json"
         ]  # fmt: skip
+        assert json.loads((bench.out / name / "run.json").read_text())["omp_num_threads"] == "1"
     assert bench() == []  # (b) nothing changed: nothing runs
     monkeypatch.setattr(runcache, "BENCH_VERSION", runcache.BENCH_VERSION + 1)
     assert bench() == ALL  # (c) a new bench version reruns every run
@@ -496,3 +499,27 @@ def test_git_tracked(tmp_path, monkeypatch):
     assert fa.git_tracked(run_dir, tmp_path)
     (run_dir / "run.json").write_text('{"key": 1}\n')
     assert not fa.git_tracked(run_dir, tmp_path)  # re-evaluated in place
+
+
+def _write_rows(path: Path, dice: dict[str, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "stage", "subtype", "dice"])
+        writer.writeheader()
+        writer.writerows(_rows(dice))
+
+
+def test_retrain_check_compares_a_retrain_with_the_committed_run(tmp_path, capsys):
+    name = "fairdro_necrotic_l3_s1"
+    assert retrain_check.find_spec(name).seed == 1
+    with pytest.raises(SystemExit, match="no run called"):
+        retrain_check.find_spec("fairdro_necrotic_l9_s1")
+    _write_rows(tmp_path / "results" / name / "per_case.csv", {"a": 0.6, "b": 0.8, "c": 0.7})
+    _write_rows(tmp_path / "work" / name / "fairness" / "per_case.csv", {"a": 0.5, "b": 0.8, "c": 0.9})
+    args = [name, "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--no-train"]
+    assert retrain_check.main(args) == 0
+    out = capsys.readouterr().out
+    # |diff| 0.1, 0, 0.2; worst group: committed min(0.7, 0.7), retrain min(0.65, 0.9); minority (a, c)
+    assert "3 testing cases, 1 identical, per-case |Δ Dice| mean 0.1000, max 0.2000" in out
+    assert "| committed | 0.700 | 0.650 | 0.700 |" in out
+    assert "| retrain | 0.650 | 0.700 | 0.733 |" in out

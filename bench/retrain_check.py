@@ -16,7 +16,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from pathlib import Path
@@ -39,8 +38,7 @@ def find_spec(name: str) -> runcache.RunSpec:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SystemExit(f"{path} not found")
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    return fa.read_per_case(path)
 
 
 def compare(new: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, Any]:

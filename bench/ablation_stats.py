@@ -231,7 +231,7 @@ def _draw_differences(
 def _seed_weights(rng: np.random.Generator, n_runs: int, n_boot: int) -> np.ndarray:
     """[n_boot, n_runs] weights of a resample of the runs with replacement (counts / n_runs; rows sum to 1)."""
     picks = rng.integers(0, n_runs, size=(n_boot, n_runs))
-    return np.stack([np.bincount(row, minlength=n_runs) for row in picks]).astype(float) / n_runs
+    return (picks[:, :, None] == np.arange(n_runs)).sum(axis=1) / n_runs  # count of each run in each draw
 
 
 def seed_case_bootstrap(
@@ -311,12 +311,22 @@ def paired_comparison(
 # ---------------------------------------------------------------------------------------------------------------
 # verdict
 # ---------------------------------------------------------------------------------------------------------------
-def _fmt_ci(entry: Mapping[str, Any]) -> str:
-    ci = entry.get("ci")
+def format_interval(ci: Sequence[float]) -> str:
+    """An interval as ``[+0.012, +0.034]`` (the form of every interval in the report)."""
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _ci_words(entry: Mapping[str, Any] | None) -> str:
+    """``[low, high], excludes 0`` (or ``includes 0``) for an entry's ``ci``; ``no interval`` without one."""
+    ci = (entry or {}).get("ci")
     if not ci:
-        return f"{entry['estimate']:+.3f} (no interval)"
-    sig = "excludes 0" if ci[0] > 0 or ci[1] < 0 else "includes 0"
-    return f"{entry['estimate']:+.3f} (95% bootstrap interval [{ci[0]:+.3f}, {ci[1]:+.3f}], {sig})"
+        return "no interval"
+    return f"{format_interval(ci)}, {'excludes 0' if ci[0] > 0 or ci[1] < 0 else 'includes 0'}"
+
+
+def _fmt_ci(entry: Mapping[str, Any]) -> str:
+    lead = "95% bootstrap interval " if entry.get("ci") else ""
+    return f"{entry['estimate']:+.3f} ({lead}{_ci_words(entry)})"
 
 
 def _beats(name: str, entry: Mapping[str, Any] | None) -> str:
@@ -374,13 +384,6 @@ def verdict(report: Mapping[str, Any], table: str = "main") -> str:
     text = f"{head} {first[0].upper()}{first[1:]}; {_beats('minority Dice', comp.get('minority_dice'))}.{n}"
     seeds = comp.get("seed_and_case")
     return text + (" " + _seed_sentence(seeds) if seeds else "")
-
-
-def _ci_words(entry: Mapping[str, Any] | None) -> str:
-    ci = (entry or {}).get("ci")
-    if not ci:
-        return "no interval"
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}], {'excludes 0' if ci[0] > 0 or ci[1] < 0 else 'includes 0'}"
 
 
 def _seed_sentence(seeds: Mapping[str, Any]) -> str:

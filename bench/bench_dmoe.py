@@ -34,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
 from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import sync  # noqa: E402  (waits for queued CUDA work; a no-op on the CPU)
+
 VARIANTS: Dict[str, dict] = {
     "backbone": {"use_dmoe": False},
     "dmoe dense": {"use_dmoe": True, "dispatch": "dense"},
@@ -45,12 +48,6 @@ VARIANTS: Dict[str, dict] = {
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` when ``amp``, else nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA kernels run asynchronously; a CPU returns at once)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_train_step(
@@ -67,7 +64,7 @@ def make_train_step(
             loss = loss_fn(net(x, g).float(), y)
         loss.backward()
         opt.step()
-        synchronize(x.device)
+        sync(x.device)
         return loss.item()
 
     return step
@@ -80,7 +77,7 @@ def make_infer(net: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, amp: bool
         net.eval()
         with torch.inference_mode(), autocast(x.device, amp):
             net(x, g)
-        synchronize(x.device)
+        sync(x.device)
 
     return infer
 

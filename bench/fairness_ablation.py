@@ -240,7 +240,7 @@ def _ci(entry: dict[str, Any]) -> str:
     if entry.get("estimate") is None:
         return "-"
     ci = entry.get("ci")
-    return f"{entry['estimate']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+    return f"{entry['estimate']:+.3f}" + (f" {stats.format_interval(ci)}" if ci else "")
 
 
 _MAIN_COLUMNS = [
@@ -282,7 +282,7 @@ def _stage_table(tab: dict[str, Any]) -> list[str]:
 def _ci_only(comparison: dict[str, Any], metric: str) -> str:
     """The two-level (seeds and cases) interval of ``metric``, or "-" for a report without it."""
     ci = comparison.get("seed_and_case", {}).get(metric, {}).get("ci")
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
+    return stats.format_interval(ci) if ci else "-"
 
 
 def _comparison_rows(name: str, tab: dict[str, Any]) -> list[str]:

@@ -35,9 +35,10 @@ def find_spec(name: str) -> runcache.RunSpec:
     return specs[name]
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path, hint: str) -> list[dict[str, Any]]:
+    """The per-case rows of ``path``; a missing file stops with ``hint`` (what to do about it)."""
     if not path.is_file():
-        raise SystemExit(f"{path} not found")
+        raise SystemExit(f"{path} not found: {hint}")
     return fa.read_per_case(path)
 
 
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         data = runcache.ensure_cohort(spec.cohort, (args.data or args.work / "data").resolve())
         times = runcache.execute(spec, data, work)
         print(f"trained and evaluated in {times['train_s'] + times['evaluate_s']:.0f} s", flush=True)
-    new = read_rows(work / "fairness" / "per_case.csv")
-    ref = read_rows(args.results / spec.name / "per_case.csv")
+    new = read_rows(work / "fairness" / "per_case.csv", "retrain first (without --no-train) or give the --work used")
+    ref = read_rows(args.results / spec.name / "per_case.csv", "no finished run there; check --results")
     print(render(spec.name, compare(new, ref)))
     return 0
 

@@ -517,6 +517,8 @@ def test_retrain_check_compares_a_retrain_with_the_committed_run(tmp_path, capsy
     _write_rows(tmp_path / "results" / name / "per_case.csv", {"a": 0.6, "b": 0.8, "c": 0.7})
     _write_rows(tmp_path / "work" / name / "fairness" / "per_case.csv", {"a": 0.5, "b": 0.8, "c": 0.9})
     args = [name, "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"), "--no-train"]
+    with pytest.raises(SystemExit, match="not found: retrain first"):
+        retrain_check.main([*args[:2], str(tmp_path / "elsewhere"), *args[3:]])
     assert retrain_check.main(args) == 0
     out = capsys.readouterr().out
     # |diff| 0.1, 0, 0.2; worst group: committed min(0.7, 0.7), retrain min(0.65, 0.9); minority (a, c)

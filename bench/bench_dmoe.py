@@ -1,4 +1,5 @@
-"""Benchmark the dMoE overhead: plain backbone vs dMoE with dense, sparse and auto (default) expert dispatch.
+"""Benchmark the dMoE overhead: plain backbone vs dMoE with dense, sparse and auto (default) expert dispatch, and the
+sparse dispatch without the fused expert node (``scripts/dmoe_kernels.py``) for comparison.
 
 For each setting it times a training step (forward + backward + AdamW step, batch 2, MONAI DiceCELoss, subgroups
 [0, 2]) and an eval-mode forward (batch 2, inference mode) of each network, interleaving the repeats (round-robin)
@@ -32,6 +33,7 @@ from monai.losses import DiceCELoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
+from scripts.dmoe import ExpertBank  # noqa: E402
 from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,8 +43,30 @@ VARIANTS: Dict[str, dict] = {
     "backbone": {"use_dmoe": False},
     "dmoe dense": {"use_dmoe": True, "dispatch": "dense"},
     "dmoe sparse": {"use_dmoe": True, "dispatch": "sparse"},
+    "dmoe sparse, unfused": {"use_dmoe": True, "dispatch": "sparse", "unfused": True},
     "dmoe auto (default)": {"use_dmoe": True, "dispatch": "auto"},
 }
+
+
+def build(features: int, kw: dict) -> DMoEResUNet:
+    """The network of a variant; ``unfused`` swaps the fused sparse experts for the per-expert autograd path (the
+    eager path before ``scripts/dmoe_kernels.py``; TorchScript still uses it), to measure the fusion in the same run."""
+    kw = dict(kw)
+    unfused = kw.pop("unfused", False)
+    net = DMoEResUNet(features=features, num_subgroups=4, **kw)
+    if unfused:
+        for layer in net.moe_layers().values():
+            layer.experts.forward_fused = _unfused(layer.experts)
+    return net
+
+
+def _unfused(bank: ExpertBank) -> Callable[..., torch.Tensor]:
+    def forward(h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, drop_zero: bool = False):
+        b, c = h.shape[0], h.shape[1]
+        tokens = h.transpose(1, 2).reshape(-1, c)
+        return bank.forward_sparse(tokens, weights, experts, drop_zero).view(b, -1, c).transpose(1, 2)
+
+    return forward
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -156,7 +180,7 @@ def main() -> None:
         nets = {}
         for name, kw in VARIANTS.items():
             torch.manual_seed(0)
-            nets[name] = DMoEResUNet(features=f, num_subgroups=4, **kw).to(device)
+            nets[name] = build(f, kw).to(device)
         steps = {k: make_train_step(n, x, y, g, args.amp) for k, n in nets.items()}
         train = summarize(interleaved(steps, repeats, warmup=1, clock=clock))
         infers = {k: make_infer(n, x, g, args.amp) for k, n in nets.items()}

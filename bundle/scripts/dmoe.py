@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dmoe_kernels import expert_routing, sparse_experts
+
 __all__ = [
     "DISPATCH_MODES",
     "DMoE",
@@ -149,17 +151,16 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if torch.jit.is_scripting():
         return F.dropout(x, p, True)
-    return x * _lane_mask(x, p)
+    return x * _lane_mask(x.numel(), p, x.dtype, x.device).view(x.shape)
 
 
 @torch.jit.unused
-def _lane_mask(x: Tensor, p: float) -> Tensor:
-    """The scaled keep mask of :func:`fast_dropout`, shaped and typed like x (no grad: built from integers)."""
-    n = x.numel()
-    draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=x.device).random_()  # 63 random bits each
+def _lane_mask(n: int, p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The scaled keep mask of :func:`fast_dropout` for n elements, 1-D of ``dtype`` (no grad: built from integers)."""
+    draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()  # 63 random bits each
     lanes = draws.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # uniform over [-2^15, 2^15)
     threshold = int(round(p * 65536.0)) - 32768
-    return (lanes >= threshold).to(x.dtype).view(x.shape).mul_(1.0 / (1.0 - p))
+    return (lanes >= threshold).to(dtype).mul_(1.0 / (1.0 - p))
 
 
 class SubgroupNoisyTopKRouter(nn.Module):
@@ -397,8 +398,36 @@ class ExpertBank(nn.Module):
         z = (z.view(t, e, hid) * gates.unsqueeze(-1)).view(t, e * hid)
         return torch.addmm(gates @ self.b2.to(dt), z, self.w2.reshape(e * hid, c).to(dt))  # (T, C)
 
+    @torch.jit.unused
+    def forward_fused(self, h: Tensor, weights: Tensor, experts: Tensor, drop_zero: bool = False) -> Tensor:
+        """Sparse dispatch in eager mode: :func:`scripts.dmoe_kernels.sparse_experts` on channel-first tokens.
+
+        The same function as :meth:`forward_sparse` (to float rounding), computed by one autograd node that keeps
+        the (B, C, N) layout, takes every matrix product in its fast orientation and runs the two halves of the
+        experts on two threads (see :mod:`scripts.dmoe_kernels`).
+
+        Args:
+            h: channel-first feature map, (B, C, N).
+            weights: gate weights, (B, K, N).
+            experts: expert index of each gate, (B, K, N) int64.
+            drop_zero: skip pairs whose weight is exactly zero (the dense fallback gates of unknown cases).
+
+        Returns:
+            (B, C, N), a transposed view of a (C, B, N) tensor.
+        """
+        b, k, n = experts.shape
+        c, e, t = self.in_channels, self.num_experts, b * n
+        key = experts.transpose(0, 1).reshape(-1)  # (P,), pair p = j * T + t: the j-th expert of token t
+        w_pairs = weights.transpose(0, 1).reshape(k, t)
+        if drop_zero:
+            key = torch.where(w_pairs.reshape(-1) == 0, torch.full_like(key, e), key)  # bucket e is skipped
+        ht = h.transpose(0, 1).reshape(c, t)  # (C, T), token t = b * N + n
+        params = (self.w1, self.b1, self.w2, self.b2)
+        y = sparse_experts(ht, w_pairs, params, expert_routing(key, e, t))
+        return y.view(c, b, n).transpose(0, 1)
+
     def forward_sparse(self, h: Tensor, weights: Tensor, experts: Tensor, drop_zero: bool = False) -> Tensor:
-        """Sparse dispatch: each expert only sees the voxels routed to it.
+        """Sparse dispatch: each expert only sees the voxels routed to it (the TorchScript path of ``"sparse"``).
 
         The P = K*T (voxel, expert) pairs are sorted by expert (stable radix sort on a small integer key), their
         tokens gathered in that order (P, C), each expert's contiguous segment goes through its MLP (two ``addmm``),
@@ -558,20 +587,38 @@ class DMoE(nn.Module):
         weights, experts, probs = self.router(h, idx, need_aux)
         # with unknown cases (and always under torch.jit.trace) weights/experts are (B, E, N) full gate vectors
         fallback = torch.jit.is_tracing() or bool((idx == self.num_subgroups).any())
-        tokens = h.transpose(1, 2).reshape(-1, c)  # (B*N, C), channel-last
-        if torch.jit.is_tracing() or self.resolve_dispatch(x.device, tokens.shape[0]) == "dense":
-            y = self.experts.forward_dense(tokens, weights, experts)
+        dense = torch.jit.is_tracing() or self.resolve_dispatch(x.device, b * h.shape[2]) == "dense"
+        if dense or torch.jit.is_scripting():
+            tokens = h.transpose(1, 2).reshape(-1, c)  # (B*N, C), channel-last
+            if dense:
+                y = self.experts.forward_dense(tokens, weights, experts)
+            else:
+                y = self.experts.forward_sparse(tokens, weights, experts, fallback)
+            y = y.view(b, -1, c).transpose(1, 2)  # (B, C, N), a view: channels-last strides
         else:
-            y = self.experts.forward_sparse(tokens, weights, experts, fallback)
-        y = fast_dropout(y, self.dropout, self.training)  # (T, C)
+            y = self.experts.forward_fused(h, weights, experts, fallback)  # (B, C, N), a view
         if self.record_stats or need_aux:
             top = top_k_along(weights.detach(), self.top_k, 1)[1] if fallback else experts  # (B, k, N)
             if self.record_stats:
                 self._record(idx, top)
             if need_aux and not torch.jit.is_scripting():
                 self._store_aux_loss(self.aux_loss_weight * self._load_balance(top, probs))
-        y = y.view(b, -1, c).transpose(1, 2).reshape(x.shape)  # (B, C, *spatial), a view: channels-last strides
-        return x + y.to(x.dtype)
+        return self._add_dropped(x, y.reshape(x.shape))
+
+    def _add_dropped(self, x: Tensor, y: Tensor) -> Tensor:
+        """``x + dropout(y)``: one mask entry per voxel and channel, drawn in token order (voxel-major, then channel).
+
+        The mask is :func:`fast_dropout`'s, drawn for the channel-last (B, N, C) token layout whatever the layout of
+        y, so every dispatch uses the same random numbers for the same element; eager mode adds and multiplies in one
+        ``addcmul``.
+        """
+        if not self.training or self.dropout == 0.0:
+            return x + y.to(x.dtype)
+        if torch.jit.is_scripting():
+            return x + F.dropout(y, self.dropout, True).to(x.dtype)
+        b, c = x.shape[0], x.shape[1]
+        mask = _lane_mask(y.numel(), self.dropout, x.dtype, x.device).view(b, -1, c).transpose(1, 2)
+        return torch.addcmul(x, y.to(x.dtype), mask.reshape(x.shape))
 
     def _record(self, idx: Tensor, top: Tensor) -> None:
         """Add the k selected experts per voxel (top (B, k, N)) to ``routing_counts`` (G+1, E), row = subgroup."""

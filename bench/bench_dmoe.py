@@ -1,5 +1,5 @@
 """Benchmark the dMoE overhead: plain backbone vs dMoE with dense, sparse and auto (default) expert dispatch, and the
-sparse dispatch without the fused expert node (``scripts/dmoe_kernels.py``) for comparison.
+default without the fused sparse expert node (``scripts/dmoe_kernels.py``): the previous eager path, to compare.
 
 For each setting it times a training step (forward + backward + AdamW step, batch 2, MONAI DiceCELoss, subgroups
 [0, 2]) and an eval-mode forward (batch 2, inference mode) of each network, interleaving the repeats (round-robin)
@@ -43,8 +43,8 @@ VARIANTS: Dict[str, dict] = {
     "backbone": {"use_dmoe": False},
     "dmoe dense": {"use_dmoe": True, "dispatch": "dense"},
     "dmoe sparse": {"use_dmoe": True, "dispatch": "sparse"},
-    "dmoe sparse, unfused": {"use_dmoe": True, "dispatch": "sparse", "unfused": True},
     "dmoe auto (default)": {"use_dmoe": True, "dispatch": "auto"},
+    "dmoe auto, unfused (previous)": {"use_dmoe": True, "dispatch": "auto", "unfused": True},
 }
 
 

@@ -10,7 +10,7 @@ shaped by three measurements on the project's 2-core CPU (``bench/bench_dmoe.py`
   with an 8-column output (``z @ W2``, ``gz @ W1^T``, ``z^T @ go``) runs 3-4x slower in MKL than its transpose.
 - **Gathers only.** Forward gathers the pairs' tokens in expert order and gathers the expert outputs back to pair
   order; backward does the same with the gradients (no scatter-add, single-threaded on CPU).
-- **The experts in two halves at once.** At these sizes MKL runs each product on one thread, so with two or more
+- **The experts in two halves at once.** At these sizes MKL runs each product on one thread, so with two to four
   torch threads the experts are split in two groups of about equal pair count and the second group runs on a helper
   thread (:func:`_run_split`). The split changes no arithmetic: each expert's products are the same either way.
 
@@ -29,10 +29,13 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "SPLIT_MIN_PAIRS", "expert_routing", "sparse_experts"]
+__all__ = ["Routing", "SPLIT_MAX_THREADS", "SPLIT_MIN_PAIRS", "expert_routing", "sparse_experts"]
 
 #: run the two expert halves on two threads only from this many (token, expert) pairs on (smaller: not worth it)
 SPLIT_MIN_PAIRS = 4096
+#: ... and only with 2 to this many torch threads: measured with 2; with more, the intra-op thread teams of the two
+#: halves would oversubscribe the cores, so larger machines keep the plain loop
+SPLIT_MAX_THREADS = 4
 
 Segment = Tuple[int, int, int]  # (expert, first sorted position, number of pairs)
 Work = Callable[[List[Segment]], List[Tensor]]
@@ -96,7 +99,7 @@ def _segments(counts: List[int]) -> List[Segment]:
 def _run_split(work: Work, segs: List[Segment]) -> List[Tensor]:
     """``work(segs)``, with the segments after the pair-count midpoint on the helper thread when that pays off."""
     total = sum(n for _, _, n in segs)
-    if torch.get_num_threads() < 2 or total < SPLIT_MIN_PAIRS or len(segs) < 2:
+    if not 2 <= torch.get_num_threads() <= SPLIT_MAX_THREADS or total < SPLIT_MIN_PAIRS or len(segs) < 2:
         return work(segs)
     cut, acc = 1, segs[0][2]
     while cut < len(segs) - 1 and acc + segs[cut][2] <= total // 2:

@@ -14,7 +14,9 @@ The module is split the way the MoE literature splits it:
   indices (B, K, N)); it owns the subgroups, the noise and the unknown-subgroup fallback.
 - :class:`ExpertBank` holds the E experts and the two dispatch *mechanisms*: ``dense`` (every expert on every token,
   weighted by the mostly-zero gates, as two large matmuls) and ``sparse`` (token/expert pairs sorted by expert,
-  gathered, one matmul pair per expert, permuted back). Both compute the same function.
+  gathered, one matmul pair per expert, permuted back). Both compute the same function. In eager mode ``sparse``
+  runs as one fused autograd node on channel-first tokens (:mod:`scripts.dmoe_kernels`); TorchScript keeps the
+  per-expert path.
 - :class:`DMoE` glues them: layouts, residual add, dropout, routing statistics and the optional auxiliary
   load-balancing loss.
 

@@ -201,13 +201,23 @@ def test_helper_thread_is_made_again_in_a_new_process(monkeypatch):
     assert second.submit(lambda: 6 * 7).result(timeout=10) == 42
 
 
-@pytest.mark.parametrize("threads,pairs,expect", [(2, 8192, True), (1, 8192, False), (8, 8192, False), (2, 100, False)])
-def test_split_only_where_measured(monkeypatch, threads, pairs, expect):
-    """The helper thread is used with 2..SPLIT_MAX_THREADS torch threads and enough pairs, never otherwise."""
+@pytest.mark.parametrize(
+    "threads,pairs,on_cpu,expect",
+    [
+        (2, 8192, True, True),
+        (1, 8192, True, False),
+        (8, 8192, True, False),
+        (2, 100, True, False),
+        (2, 8192, False, False),
+    ],
+)
+def test_split_only_where_measured(monkeypatch, threads, pairs, on_cpu, expect):
+    """The helper thread is used for CPU tensors with 2..SPLIT_MAX_THREADS torch threads and enough pairs, never
+    otherwise."""
     used = []
     monkeypatch.setattr(dmoe_kernels, "_helper", lambda: used.append(1) or dmoe_kernels.ThreadPoolExecutor(1))
     torch.set_num_threads(threads)
     segs = [(0, 0, pairs // 2), (1, pairs // 2, pairs - pairs // 2)]
-    out = dmoe_kernels._run_split(lambda part: [torch.tensor([float(i)]) for i, _, _ in part], segs)
+    out = dmoe_kernels._run_split(lambda part: [torch.tensor([float(i)]) for i, _, _ in part], segs, on_cpu)
     assert [float(t) for t in out] == [0.0, 1.0]  # expert order kept either way
     assert bool(used) == expect

@@ -96,10 +96,12 @@ def _segments(counts: List[int]) -> List[Segment]:
     return out
 
 
-def _run_split(work: Work, segs: List[Segment]) -> List[Tensor]:
-    """``work(segs)``, with the segments after the pair-count midpoint on the helper thread when that pays off."""
+def _run_split(work: Work, segs: List[Segment], on_cpu: bool = True) -> List[Tensor]:
+    """``work(segs)``, with the segments after the pair-count midpoint on the helper thread when that pays off (CPU
+    tensors only: a GPU queues its kernels asynchronously, and a helper thread would use another current stream)."""
     total = sum(n for _, _, n in segs)
-    if not 2 <= torch.get_num_threads() <= SPLIT_MAX_THREADS or total < SPLIT_MIN_PAIRS or len(segs) < 2:
+    threads_ok = 2 <= torch.get_num_threads() <= SPLIT_MAX_THREADS
+    if not on_cpu or not threads_ok or total < SPLIT_MIN_PAIRS or len(segs) < 2:
         return work(segs)
     cut, acc = 1, segs[0][2]
     while cut < len(segs) - 1 and acc + segs[cut][2] <= total // 2:
@@ -144,7 +146,7 @@ class _SparseExperts(torch.autograd.Function):
                     out += [z, torch.addmm(b2[i].view(c, 1), w2t[i], z.t())]  # and its output (C, n)
                 return out
 
-            done = _run_split(mlp, _segments(r.counts))
+            done = _run_split(mlp, _segments(r.counts), ht.device.type == "cpu")
             zs, outs = done[0::2], done[1::2]
             if r.counts[-1]:
                 outs.append(ht.new_zeros(c, r.counts[-1]))
@@ -184,7 +186,7 @@ class _SparseExperts(torch.autograd.Function):
                 out.append(w1[i] @ gz.t())  # (C, n): gradient of the pairs' tokens
             return out
 
-        gx = _run_split(grads, segs)
+        gx = _run_split(grads, segs, gy.device.type == "cpu")
         if r.counts[-1]:
             gx.append(gy.new_zeros(c, r.counts[-1]))
         gh = torch.cat(gx, 1).index_select(1, r.inv).view(c, k, t).sum(1)  # (C, T): each token's k pairs summed

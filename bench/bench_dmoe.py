@@ -61,12 +61,7 @@ def build(features: int, kw: dict) -> DMoEResUNet:
 
 
 def _unfused(bank: ExpertBank) -> Callable[..., torch.Tensor]:
-    def forward(h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, drop_zero: bool = False):
-        b, c = h.shape[0], h.shape[1]
-        tokens = h.transpose(1, 2).reshape(-1, c)
-        return bank.forward_sparse(tokens, weights, experts, drop_zero).view(b, -1, c).transpose(1, 2)
-
-    return forward
+    return lambda h, weights, experts, drop_zero=False: bank.forward_tokens(h, weights, experts, False, drop_zero)
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:

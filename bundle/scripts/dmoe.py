@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dmoe_kernels import expert_routing, sparse_experts
+from .dmoe_kernels import expert_routing, pair_keys, sparse_experts
 
 __all__ = [
     "DISPATCH_MODES",
@@ -400,6 +400,17 @@ class ExpertBank(nn.Module):
         z = (z.view(t, e, hid) * gates.unsqueeze(-1)).view(t, e * hid)
         return torch.addmm(gates @ self.b2.to(dt), z, self.w2.reshape(e * hid, c).to(dt))  # (T, C)
 
+    def forward_tokens(self, h: Tensor, weights: Tensor, experts: Tensor, dense: bool, drop_zero: bool) -> Tensor:
+        """:meth:`forward_dense` or :meth:`forward_sparse` on the channel-first map h (B, C, N), through channel-last
+        tokens (B*N, C): the TorchScript, trace and dense path. Returns (B, C, N), a view with channels-last strides."""
+        b, c = h.shape[0], h.shape[1]
+        tokens = h.transpose(1, 2).reshape(-1, c)
+        if dense:
+            y = self.forward_dense(tokens, weights, experts)
+        else:
+            y = self.forward_sparse(tokens, weights, experts, drop_zero)
+        return y.view(b, -1, c).transpose(1, 2)
+
     @torch.jit.unused
     def forward_fused(self, h: Tensor, weights: Tensor, experts: Tensor, drop_zero: bool = False) -> Tensor:
         """Sparse dispatch in eager mode: :func:`scripts.dmoe_kernels.sparse_experts` on channel-first tokens.
@@ -417,12 +428,9 @@ class ExpertBank(nn.Module):
         Returns:
             (B, C, N), a transposed view of a (C, B, N) tensor.
         """
-        b, k, n = experts.shape
+        b, _, n = experts.shape
         c, e, t = self.in_channels, self.num_experts, b * n
-        key = experts.transpose(0, 1).reshape(-1)  # (P,), pair p = j * T + t: the j-th expert of token t
-        w_pairs = weights.transpose(0, 1).reshape(k, t)
-        if drop_zero:
-            key = torch.where(w_pairs.reshape(-1) == 0, torch.full_like(key, e), key)  # bucket e is skipped
+        key, w_pairs = pair_keys(weights, experts, e, drop_zero)  # pair p = j * T + t: the j-th expert of token t
         ht = h.transpose(0, 1).reshape(c, t)  # (C, T), token t = b * N + n
         params = (self.w1, self.b1, self.w2, self.b2)
         y = sparse_experts(ht, w_pairs, params, expert_routing(key, e, t))
@@ -445,20 +453,14 @@ class ExpertBank(nn.Module):
         Returns:
             (T, C), channel-last like ``h``.
         """
-        b, k, n = experts.shape
+        k = experts.shape[1]
         t, c = h.shape
         e = self.num_experts
         dt = h.dtype
-        key = experts.transpose(0, 1).reshape(-1)  # (P,), pair p = j * T + t: the j-th expert of token t
-        w_pairs = weights.transpose(0, 1).reshape(k, t, 1).to(dt)
-        if drop_zero:
-            key = torch.where(w_pairs.reshape(-1) == 0, torch.full_like(key, e), key)  # bucket e is skipped
-        order = torch.sort(key.to(torch.uint8 if e < 255 else torch.int32), stable=True)[1]  # (P,)
-        p = order.shape[0]
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(p, device=h.device)
-        counts: List[int] = torch.bincount(key, minlength=e + 1).tolist()
-        xs = gather_pairs(h, torch.remainder(order, t), inv, k)  # (P, C), grouped by expert
+        key, w_pairs = pair_keys(weights, experts, e, drop_zero)  # pair p = j * T + t: the j-th expert of token t
+        r = expert_routing(key, e, t)
+        order, inv, counts = r.order, r.inv, r.counts
+        xs = gather_pairs(h, r.src, inv, k)  # (P, C), grouped by expert
         segments = torch.split(xs, counts)  # views; their backward is one cat
         w1, b1 = self.w1.to(dt).unbind(0), self.b1.to(dt).unbind(0)
         w2, b2 = self.w2.to(dt).unbind(0), self.b2.to(dt).unbind(0)
@@ -470,7 +472,7 @@ class ExpertBank(nn.Module):
         if counts[e] > 0:
             outs.append(torch.zeros(counts[e], c, dtype=dt, device=h.device))
         ys = permute_rows(torch.cat(outs), inv, order).view(k, t, c)  # back to pair order
-        return (ys * w_pairs).sum(dim=0)  # (T, C): gate-weighted sum over the k experts
+        return (ys * w_pairs.view(k, t, 1).to(dt)).sum(dim=0)  # (T, C): gate-weighted sum over the k experts
 
 
 class DMoE(nn.Module):
@@ -591,12 +593,7 @@ class DMoE(nn.Module):
         fallback = torch.jit.is_tracing() or bool((idx == self.num_subgroups).any())
         dense = torch.jit.is_tracing() or self.resolve_dispatch(x.device, b * h.shape[2]) == "dense"
         if dense or torch.jit.is_scripting():
-            tokens = h.transpose(1, 2).reshape(-1, c)  # (B*N, C), channel-last
-            if dense:
-                y = self.experts.forward_dense(tokens, weights, experts)
-            else:
-                y = self.experts.forward_sparse(tokens, weights, experts, fallback)
-            y = y.view(b, -1, c).transpose(1, 2)  # (B, C, N), a view: channels-last strides
+            y = self.experts.forward_tokens(h, weights, experts, dense, fallback)
         else:
             y = self.experts.forward_fused(h, weights, experts, fallback)  # (B, C, N), a view
         if self.record_stats or need_aux:

@@ -29,7 +29,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "SPLIT_MAX_THREADS", "SPLIT_MIN_PAIRS", "expert_routing", "sparse_experts"]
+__all__ = ["Routing", "SPLIT_MAX_THREADS", "SPLIT_MIN_PAIRS", "expert_routing", "pair_keys", "sparse_experts"]
 
 #: run the two expert halves on two threads only from this many (token, expert) pairs on (smaller: not worth it)
 SPLIT_MIN_PAIRS = 4096
@@ -57,6 +57,25 @@ class Routing(NamedTuple):
     src: Tensor
     inv: Tensor
     counts: List[int]
+
+
+def pair_keys(weights: Tensor, experts: Tensor, num_experts: int, drop_zero: bool) -> Tuple[Tensor, Tensor]:
+    """The expert of every (token, expert) pair and its gate weight, in pair order ``p = j * T + t``.
+
+    Args:
+        weights, experts: gates (B, K, N) and their expert indices (B, K, N), T = B * N tokens.
+        num_experts: E.
+        drop_zero: send pairs of weight exactly zero to bucket E (skipped; the dense fallback gates of unknown cases).
+
+    Returns:
+        ``(key, w_pairs)``: key (P,) int64 in ``[0, E]``, w_pairs (K, T).
+    """
+    b, k, n = experts.shape
+    key = experts.transpose(0, 1).reshape(-1)
+    w_pairs = weights.transpose(0, 1).reshape(k, b * n)
+    if drop_zero:
+        key = torch.where(w_pairs.reshape(-1) == 0, torch.full_like(key, num_experts), key)
+    return key, w_pairs
 
 
 def expert_routing(key: Tensor, num_experts: int, num_tokens: int) -> Routing:

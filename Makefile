@@ -49,7 +49,10 @@ PTH := $(VENV)/lib/python$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.v
 $(PTH): | $(VENV)/bin/python
 	echo "$(abspath bundle)" > $@
 
+# builds (or finds in torch's extension cache) the native dMoE CPU kernels; without a C++ compiler the bundle
+# still works on the Python path (bundle docs, Performance)
 setup: $(STAMP) $(PTH)
+	@$(PY) -m scripts.dmoe_native || echo "note: native dMoE CPU kernels not built; the dMoE layers use the Python path"
 
 demo: setup
 	@echo "== 1/5 synthetic cohort (NIfTI + DICOM CT/RTSTRUCT) -> $(DEMO_DIR)/data"

@@ -29,9 +29,12 @@ def _two_threads():
 
 
 def make_layer(dispatch: str, seed: int = 0, c: int = 8) -> DMoE:
+    """A layer on the Python paths (``native`` off: this file tests the fused Python node; the native kernels are
+    tested in test_dmoe_native.py)."""
     torch.manual_seed(seed)
     layer = DMoE(c, num_subgroups=G, dispatch=dispatch)
     layer.experts.reset_parameters(zero_output=False)  # non-zero experts, as after training
+    layer.native = False
     return layer
 
 
@@ -65,6 +68,7 @@ def test_fused_equals_dense_and_scripted_sparse(mode, subgroup):
         layer = make_layer(dispatch)
         layer.train(mode == "train")
         res[dispatch] = run(layer, x, g)
+    assert not make_layer("sparse").uses_native(x.view(2, 8, -1))  # the fused Python node, not the native kernels
     scripted = torch.jit.script(make_layer("sparse").train(mode == "train"))  # forward_sparse, TorchScript
     with torch.no_grad():
         torch.manual_seed(7)

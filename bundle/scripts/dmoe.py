@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dmoe_kernels import expert_routing, pair_keys, sparse_experts
+from .dmoe_native import lane_threshold, native_experts, native_route, usable_for
 
 __all__ = [
     "DISPATCH_MODES",
@@ -157,12 +158,17 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 @torch.jit.unused
+def lane_draws(n: int, device: torch.device) -> Tensor:
+    """The int64 random draws behind a dropout mask of n elements: (n + 2) // 3 draws of 63 random bits, three
+    16-bit lanes used from each (see :func:`_lane_mask`; the native kernels read the same lanes)."""
+    return torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()
+
+
+@torch.jit.unused
 def _lane_mask(n: int, p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The scaled keep mask of :func:`fast_dropout` for n elements, 1-D of ``dtype`` (no grad: built from integers)."""
-    draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()  # 63 random bits each
-    lanes = draws.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # uniform over [-2^15, 2^15)
-    threshold = int(round(p * 65536.0)) - 32768
-    return (lanes >= threshold).to(dtype).mul_(1.0 / (1.0 - p))
+    lanes = lane_draws(n, device).view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # uniform over [-2^15, 2^15)
+    return (lanes >= lane_threshold(p)).to(dtype).mul_(1.0 / (1.0 - p))
 
 
 class SubgroupNoisyTopKRouter(nn.Module):
@@ -528,6 +534,7 @@ class DMoE(nn.Module):
         self.dropout = float(dropout)
         self.dispatch = dispatch
         self.dense_max_hidden = DENSE_MAX_HIDDEN
+        self.native = True
         self.aux_loss_weight = float(aux_loss_weight)
         self.record_stats = False
         self.warn_unknown = True
@@ -575,6 +582,42 @@ class DMoE(nn.Module):
         return self.forward_indexed(x, idx)
 
     @torch.jit.unused
+    def _eager_route(self, h: Tensor, idx: Tensor, need_probs: bool, fallback: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """The router's ``(weights, experts, probs)`` in eager mode: the native CPU router when :meth:`uses_native`
+        says so and every case has a named subgroup and no probabilities are needed (the load-balancing loss),
+        else :class:`SubgroupNoisyTopKRouter` (same function, same random numbers)."""
+        r = self.router
+        if fallback or need_probs or torch.jit.is_tracing() or not self.uses_native(h):
+            return r(h, idx, need_probs)
+        b, n = h.shape[0], h.shape[2]
+        noise = torch.randn(b, r.num_experts, n, dtype=h.dtype, device=h.device) if r.training and r.noise else None
+        weights, experts = native_route(h, r.weight, r.noise_weight, idx, noise, r.top_k)
+        return weights, experts, h.new_empty(0)
+
+    @torch.jit.unused
+    def _eager_mix(self, x: Tensor, h: Tensor, weights: Tensor, experts: Tensor, dense: bool, fallback: bool) -> Tensor:
+        """``x + dropout(experts' mixture)`` in eager mode: the native CPU kernels (mixture, residual and dropout in
+        one pass, the same random draws) when :meth:`uses_native` says so, else the dense or the fused sparse Python
+        path (``dense``: :meth:`resolve_dispatch` chose dense) and :meth:`_add_dropped`."""
+        if not torch.jit.is_tracing() and self.uses_native(h):
+            p = self.dropout if self.training else 0.0
+            draws = lane_draws(h.numel(), h.device) if p > 0.0 else None
+            params = (self.experts.w1, self.experts.b1, self.experts.w2, self.experts.b2)
+            return native_experts(h, weights, experts, params, fallback, draws, p).view(x.shape)
+        if dense:
+            y = self.experts.forward_tokens(h, weights, experts, True, fallback)
+        else:
+            y = self.experts.forward_fused(h, weights, experts, fallback)  # a transposed view
+        return self._add_dropped(x, y.reshape(x.shape))
+
+    @torch.jit.unused
+    def uses_native(self, h: Tensor) -> bool:
+        """Whether a forward on ``h`` (B, C, N) runs the native CPU kernels (:mod:`scripts.dmoe_native`) for every
+        size: ``native`` is on, ``dispatch`` is not ``"dense"``, and h is a CPU float tensor outside autocast for
+        which the kernels are built (:func:`scripts.dmoe_native.usable_for`)."""
+        return self.native and self.dispatch != "dense" and usable_for(h)
+
+    @torch.jit.unused
     def _log_unknown_once(self) -> None:
         self.warn_unknown = False
         logger.warning(
@@ -588,21 +631,23 @@ class DMoE(nn.Module):
         b, c = x.shape[0], x.shape[1]
         h = x.reshape(b, c, -1)  # (B, C, N), a view for contiguous x
         need_aux = self.training and self.aux_loss_weight > 0
-        weights, experts, probs = self.router(h, idx, need_aux)
         # with unknown cases (and always under torch.jit.trace) weights/experts are (B, E, N) full gate vectors
         fallback = torch.jit.is_tracing() or bool((idx == self.num_subgroups).any())
         dense = torch.jit.is_tracing() or self.resolve_dispatch(x.device, b * h.shape[2]) == "dense"
-        if dense or torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            weights, experts, probs = self.router(h, idx, need_aux)
             y = self.experts.forward_tokens(h, weights, experts, dense, fallback)
+            out = self._add_dropped(x, y.reshape(x.shape))
         else:
-            y = self.experts.forward_fused(h, weights, experts, fallback)  # (B, C, N), a view
+            weights, experts, probs = self._eager_route(h, idx, need_aux, fallback)
+            out = self._eager_mix(x, h, weights, experts, dense, fallback)
         if self.record_stats or need_aux:
             top = top_k_along(weights.detach(), self.top_k, 1)[1] if fallback else experts  # (B, k, N)
             if self.record_stats:
                 self._record(idx, top)
             if need_aux and not torch.jit.is_scripting():
                 self._store_aux_loss(self.aux_loss_weight * self._load_balance(top, probs))
-        return self._add_dropped(x, y.reshape(x.shape))
+        return out
 
     def _add_dropped(self, x: Tensor, y: Tensor) -> Tensor:
         """``x + dropout(y)``: one mask entry per voxel and channel, drawn in token order (voxel-major, then channel).

@@ -1,0 +1,244 @@
+// Native CPU kernels of the dMoE expert bank (bundle/scripts/dmoe_native.py builds and loads this file).
+//
+// For every voxel (token) t of a channel-first feature map h (B, C, N) and each of its K gates (weight w, expert e):
+//     y[t] = h[t] + dropout( sum_j w[j, t] * (relu(h[t] W1[e] + b1[e]) W2[e] + b2[e]) )
+// (the dMoE layer's output: residual, and dropout with a mask drawn by torch, see Dropout) and the gradients of a
+// loss with respect to h, w and the expert parameters. Each token is computed where it lies:
+// no sort by expert, no gathered copies, no (tokens x hidden) intermediate in memory (the backward recomputes the
+// hidden layer of each pair). Tokens are processed in blocks of kBlock voxels, loaded to and stored from a small
+// token-major buffer, so the channel rows are read and written contiguously. The blocks are shared out by
+// at::parallel_for (torch's intra-op threads; small calls run on the calling thread); parameter gradients go to
+// one accumulator per thread, summed in
+// thread order at the end, so a run is deterministic for a given thread count.
+//
+// Shapes: h, y, gy, gh (B, C, N); w, e, gw (B, K, N), e int64; w1 (E, C, H), b1 (E, H), w2 (E, H, C), b2 (E, C).
+// All tensors contiguous, float32 or float64 (checked by the Python wrapper). skip_zero: pairs of weight exactly
+// zero contribute nothing and get zero weight gradient (the dense fallback gates of unknown subgroups).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "dmoe_cpu_common.h"
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using namespace fairdro_dmoe;
+
+struct Dims {
+  int64_t B, C, N, K, E, H;
+};
+
+template <typename T>
+struct Params {
+  const T *w1, *b1, *w2, *b2, *w1t, *w2t;
+};
+
+// Dropout of the mixture, drawn by torch: element i (token-major: i = token * C + channel) is kept, and scaled by
+// `scale`, when its 16-bit lane L[(i / 3) * 4 + i % 3] of the int64 draws (viewed as int16) is >= threshold; the
+// same lanes and test as scripts.dmoe._lane_mask. No draws: every element kept, scale 1 (evaluation).
+struct Dropout {
+  const int16_t* lanes;
+  int64_t threshold;
+  double scale;
+
+  template <typename T>
+  inline T factor(int64_t i) const {
+    if (lanes == nullptr) return T(1);
+    return lanes[(i / 3) * 4 + i % 3] >= threshold ? T(scale) : T(0);
+  }
+};
+
+// One expert MLP on one token; CT/HT > 0 fix C and H at compile time (loops unrolled), 0 takes them from Dims.
+template <typename T, int64_t CT, int64_t HT>
+struct Mlp {
+  int64_t c_, h_;
+  explicit Mlp(const Dims& d) : c_(d.C), h_(d.H) {}
+  constexpr int64_t C() const { return CT ? CT : c_; }
+  constexpr int64_t H() const { return HT ? HT : h_; }
+
+  // pre = x W1 + b1, z = relu(pre), out = z W2 + b2
+  inline void forward(const T* x, const Params<T>& P, int64_t ex, T* pre, T* z, T* out) const {
+    const int64_t C = this->C(), H = this->H();
+    std::copy(P.b1 + ex * H, P.b1 + (ex + 1) * H, pre);
+    vm<T, HT>(pre, x, P.w1 + ex * C * H, C, H);
+    for (int64_t h = 0; h < H; ++h) z[h] = std::max(pre[h], T(0));
+    std::copy(P.b2 + ex * C, P.b2 + (ex + 1) * C, out);
+    vm<T, CT>(out, z, P.w2 + ex * H * C, H, C);
+  }
+};
+
+template <typename T, int64_t CT, int64_t HT>
+void forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Params<T> P, bool skip_zero,
+                  Dropout drop, bool serial, T* yp) {
+  const Mlp<T, CT, HT> mlp(d);
+  const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
+  run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t) {
+    std::vector<T> buf(2 * kBlock * C + C + 2 * H);
+    T *xb = buf.data(), *yb = xb + kBlock * C, *out = yb + kBlock * C, *pre = out + C, *z = pre + H;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
+      load_block(hp + b * C * N + n0, C, N, nb, xb);
+      std::fill(yb, yb + nb * C, T(0));
+      for (int64_t q = 0; q < nb; ++q) {
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t p = (b * K + j) * N + n0 + q;
+          const T wt = wp[p];
+          if (skip_zero && wt == T(0)) continue;
+          mlp.forward(xb + q * C, P, ep[p], pre, z, out);
+          T* __restrict__ acc = yb + q * C;
+          for (int64_t c = 0; c < C; ++c) acc[c] += wt * out[c];
+        }
+      }
+      const int64_t first = (b * N + n0) * C;  // token-major index of the block's first element
+      for (int64_t i = 0; i < nb * C; ++i) yb[i] = xb[i] + drop.factor<T>(first + i) * yb[i];
+      store_block(yb, C, N, nb, yp + b * C * N + n0);
+    }
+  });
+}
+
+// Per-thread gradient accumulators of the expert parameters, laid out [w1 | b1 | w2 transposed | b2]: (E, C, H),
+// (E, H), (E, C, H), (E, C).
+template <typename T>
+struct Grads {
+  T *w1, *b1, *w2t, *b2;
+  Grads(T* acc, int64_t E, int64_t C, int64_t H)
+      : w1(acc), b1(acc + E * C * H), w2t(acc + E * (C * H + H)), b2(acc + E * (2 * C * H + H)) {}
+};
+
+template <typename T, int64_t CT, int64_t HT>
+struct PairGrad {
+  Mlp<T, CT, HT> mlp;
+  T *pre, *z, *gz, *out, *go;
+
+  // one (token, expert) pair: adds to the expert's parameter gradients and to gx; returns d loss / d gate weight
+  inline T operator()(const T* x, const T* gy, T wt, const Params<T>& P, int64_t ex, Grads<T>& g, T* gx) const {
+    const int64_t C = mlp.C(), H = mlp.H();
+    mlp.forward(x, P, ex, pre, z, out);
+    T dot = T(0);
+    for (int64_t c = 0; c < C; ++c) dot += out[c] * gy[c];
+    for (int64_t c = 0; c < C; ++c) go[c] = wt * gy[c];
+    for (int64_t c = 0; c < C; ++c) g.b2[ex * C + c] += go[c];
+    ao<T, HT>(g.w2t + ex * C * H, go, z, C, H);  // W2's gradient transposed: (C, H) rows are faster
+    std::fill(gz, gz + H, T(0));
+    vm<T, HT>(gz, go, P.w2t + ex * C * H, C, H);
+    for (int64_t h = 0; h < H; ++h) gz[h] = pre[h] > T(0) ? gz[h] : T(0);
+    for (int64_t h = 0; h < H; ++h) g.b1[ex * H + h] += gz[h];
+    ao<T, HT>(g.w1 + ex * C * H, x, gz, C, H);
+    vm<T, CT>(gx, gz, P.w1t + ex * H * C, H, C);
+    return dot;
+  }
+};
+
+template <typename T, int64_t CT, int64_t HT>
+void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const int64_t* ep, Params<T> P,
+                   bool skip_zero, Dropout drop, bool serial, T* ghp, T* gwp, T* accp, int64_t stride) {
+  const Mlp<T, CT, HT> mlp(d);
+  const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
+  run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t slot) {
+    Grads<T> g(accp + slot * stride, d.E, C, H);
+    std::vector<T> buf(3 * kBlock * C + 2 * C + 3 * H);
+    T *xb = buf.data(), *gb = xb + kBlock * C, *gxb = gb + kBlock * C, *rest = gxb + kBlock * C;
+    const PairGrad<T, CT, HT> pair{mlp, rest, rest + H, rest + 2 * H, rest + 3 * H, rest + 3 * H + C};
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
+      load_block(hp + b * C * N + n0, C, N, nb, xb);
+      load_block(gyp + b * C * N + n0, C, N, nb, gb);
+      const int64_t first = (b * N + n0) * C;
+      for (int64_t k = 0; k < nb * C; ++k) gxb[k] = gb[k], gb[k] *= drop.factor<T>(first + k);  // residual; mask
+      for (int64_t q = 0; q < nb; ++q) {
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t p = (b * K + j) * N + n0 + q;
+          const bool skip = skip_zero && wp[p] == T(0);
+          gwp[p] = skip ? T(0) : pair(xb + q * C, gb + q * C, wp[p], P, ep[p], g, gxb + q * C);
+        }
+      }
+      store_block(gxb, C, N, nb, ghp + b * C * N + n0);
+    }
+  });
+}
+
+// C and H of the default networks (f = 8 ... 64, hidden 4C) get compile-time sizes; others the generic loops
+template <typename F>
+void by_size(int64_t C, int64_t H, F&& f) {
+  using std::integral_constant;
+  if (C == 8 && H == 32) return f(integral_constant<int64_t, 8>{}, integral_constant<int64_t, 32>{});
+  if (C == 16 && H == 64) return f(integral_constant<int64_t, 16>{}, integral_constant<int64_t, 64>{});
+  if (C == 32 && H == 128) return f(integral_constant<int64_t, 32>{}, integral_constant<int64_t, 128>{});
+  if (C == 64 && H == 256) return f(integral_constant<int64_t, 64>{}, integral_constant<int64_t, 256>{});
+  return f(integral_constant<int64_t, 0>{}, integral_constant<int64_t, 0>{});
+}
+
+template <typename T>
+Params<T> params(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                 const at::Tensor& w1t, const at::Tensor& w2t) {
+  return {w1.data_ptr<T>(), b1.data_ptr<T>(), w2.data_ptr<T>(),
+          b2.data_ptr<T>(), w1t.data_ptr<T>(), w2t.data_ptr<T>()};
+}
+
+bool serial(const Dims& d) {
+  return d.B * d.N * d.K * d.C * d.H < kSerialWork;
+}
+
+Dropout dropout(const at::Tensor& draws, int64_t threshold, double scale) {
+  return {draws.numel() ? reinterpret_cast<const int16_t*>(draws.data_ptr<int64_t>()) : nullptr, threshold, scale};
+}
+
+at::Tensor experts_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1,
+                           const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
+                           const at::Tensor& draws, int64_t threshold, double scale) {
+  const Dims d{h.size(0), h.size(1), h.size(2), w.size(1), w1.size(0), w1.size(2)};
+  at::Tensor y = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_experts_forward", [&] {
+    const Params<scalar_t> P = params<scalar_t>(w1, b1, w2, b2, w1, w2);  // the transposes: backward only
+    by_size(d.C, d.H, [&](auto ct, auto ht) {
+      forward_impl<scalar_t, decltype(ct)::value, decltype(ht)::value>(
+          d, h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), e.data_ptr<int64_t>(), P, skip_zero,
+          dropout(draws, threshold, scale), serial(d), y.data_ptr<scalar_t>());
+    });
+  });
+  return y;
+}
+
+std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor& h, const at::Tensor& w,
+                                         const at::Tensor& e, const at::Tensor& w1, const at::Tensor& b1,
+                                         const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
+                                         const at::Tensor& draws, int64_t threshold, double scale) {
+  const Dims d{h.size(0), h.size(1), h.size(2), w.size(1), w1.size(0), w1.size(2)};
+  const int64_t E = d.E, C = d.C, H = d.H, stride = E * (2 * C * H + H + C);
+  at::Tensor acc = at::zeros({accumulator_slots(serial(d)), stride}, h.options());
+  at::Tensor gh = at::empty_like(h), gw = at::empty_like(w);
+  at::Tensor w1t = w1.transpose(1, 2).contiguous(), w2t = w2.transpose(1, 2).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_experts_backward", [&] {
+    const Params<scalar_t> P = params<scalar_t>(w1, b1, w2, b2, w1t, w2t);
+    by_size(C, H, [&](auto ct, auto ht) {
+      backward_impl<scalar_t, decltype(ct)::value, decltype(ht)::value>(
+          d, gy.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), e.data_ptr<int64_t>(), P,
+          skip_zero, dropout(draws, threshold, scale), serial(d), gh.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
+          acc.data_ptr<scalar_t>(), stride);
+    });
+  });
+  auto parts = acc.sum(0).split_with_sizes({E * C * H, E * H, E * H * C, E * C});
+  at::Tensor gw2 = parts[2].view({E, C, H}).transpose(1, 2).contiguous();
+  return {gh, gw, parts[0].view({E, C, H}), parts[1].view({E, H}), gw2, parts[3].view({E, C})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fairdro_dmoe, m) {
+  m.def(
+      "experts_forward(Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool skip_zero,"
+      " Tensor draws, int threshold, float scale) -> Tensor");
+  m.def(
+      "experts_backward(Tensor gy, Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2,"
+      " bool skip_zero, Tensor draws, int threshold, float scale) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fairdro_dmoe, CPU, m) {
+  m.impl("experts_forward", &experts_forward);
+  m.impl("experts_backward", &experts_backward);
+}

@@ -1,0 +1,113 @@
+// Shared helpers of the native dMoE CPU kernels (dmoe_cpu.cpp: experts, dmoe_router_cpu.cpp: router).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+
+namespace fairdro_dmoe {
+
+constexpr int64_t kBlock = 64;  // tokens loaded, computed and stored together
+// below this many multiply-adds a call runs on the calling thread: on the deep, small stages the cost of a thread
+// team and of one gradient accumulator per thread exceeds the work
+constexpr int64_t kSerialWork = int64_t(1) << 19;
+
+// body(first block, end block, accumulator slot) over n blocks: split across torch's threads (slot = thread
+// number), or in one call with slot 0 when serial
+template <typename F>
+inline void run_blocks(int64_t n, bool serial, const F& body) {
+  if (serial) {
+    body(int64_t(0), n, int64_t(0));
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) { body(i0, i1, int64_t(at::get_thread_num())); });
+}
+
+// accumulator rows needed by run_blocks
+inline int64_t accumulator_slots(bool serial) {
+  return serial ? 1 : at::get_num_threads();
+}
+
+// out[j] += sum_i a[i] * m[i * cols + j]   (row-vector times matrix, accumulated)
+template <typename T>
+inline void vec_mat(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ m, int64_t rows,
+                    int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T ai = a[i];
+    const T* __restrict__ row = m + i * cols;
+    for (int64_t j = 0; j < cols; ++j) out[j] += ai * row[j];
+  }
+}
+
+// vec_mat for COLS known at compile time: the sum over rows in S interleaved partial sums, so that short rows
+// (few independent columns) do not wait on one chain of dependent multiply-adds
+template <typename T, int64_t COLS>
+inline void vec_mat_c(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ m, int64_t rows) {
+  constexpr int64_t S = COLS <= 8 ? 4 : (COLS <= 32 ? 2 : 1);
+  T acc[S][COLS] = {};
+  int64_t i = 0;
+  for (; i + S <= rows; i += S)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < COLS; ++j) acc[s][j] += a[i + s] * m[(i + s) * COLS + j];
+  for (; i < rows; ++i)
+    for (int64_t j = 0; j < COLS; ++j) acc[0][j] += a[i] * m[i * COLS + j];
+  for (int64_t s = 1; s < S; ++s)
+    for (int64_t j = 0; j < COLS; ++j) acc[0][j] += acc[s][j];
+  for (int64_t j = 0; j < COLS; ++j) out[j] += acc[0][j];
+}
+
+template <typename T, int64_t COLS>
+inline void vm(T* out, const T* a, const T* m, int64_t rows, int64_t cols) {
+  if constexpr (COLS > 0) {
+    vec_mat_c<T, COLS>(out, a, m, rows);
+  } else {
+    vec_mat(out, a, m, rows, cols);
+  }
+}
+
+// m[i * cols + j] += a[i] * b[j]   (outer product, accumulated)
+template <typename T>
+inline void add_outer(T* __restrict__ m, const T* __restrict__ a, const T* __restrict__ b, int64_t rows,
+                      int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T ai = a[i];
+    T* __restrict__ row = m + i * cols;
+    for (int64_t j = 0; j < cols; ++j) row[j] += ai * b[j];
+  }
+}
+
+// add_outer for COLS known at compile time (one register row per i)
+template <typename T, int64_t COLS>
+inline void add_outer_c(T* __restrict__ m, const T* __restrict__ a, const T* __restrict__ b, int64_t rows) {
+  T bv[COLS];
+  for (int64_t j = 0; j < COLS; ++j) bv[j] = b[j];
+  for (int64_t i = 0; i < rows; ++i) {
+    const T ai = a[i];
+    T* __restrict__ row = m + i * COLS;
+    for (int64_t j = 0; j < COLS; ++j) row[j] += ai * bv[j];
+  }
+}
+
+template <typename T, int64_t COLS>
+inline void ao(T* m, const T* a, const T* b, int64_t rows, int64_t cols) {
+  if constexpr (COLS > 0) {
+    add_outer_c<T, COLS>(m, a, b, rows);
+  } else {
+    add_outer(m, a, b, rows, cols);
+  }
+}
+
+template <typename T>
+inline void load_block(const T* src, int64_t C, int64_t N, int64_t nb, T* dst) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t q = 0; q < nb; ++q) dst[q * C + c] = src[c * N + q];
+}
+
+template <typename T>
+inline void store_block(const T* src, int64_t C, int64_t N, int64_t nb, T* dst) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t q = 0; q < nb; ++q) dst[c * N + q] = src[q * C + c];
+}
+
+}  // namespace fairdro_dmoe

@@ -1,0 +1,261 @@
+"""Build, load and call the native CPU kernels of the dMoE experts (``scripts/dmoe_cpu.cpp``).
+
+The kernels compute, for each voxel where it lies in the (B, C, N) feature map, the gate-weighted sum of its k
+experts' MLPs, and in the backward pass all gradients (see the C++ file's header). They replace the per-expert
+matrix products, gathers and sort of the Python paths on the CPU, which cost most of the dMoE overhead there
+(bundle docs, Performance).
+
+The source is compiled on first use with PyTorch's C++ extension builder (a C++ compiler and ``ninja`` are needed;
+about 20 s on 2 cores) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), under a name that carries a hash of the source, the flags and the torch version, so a
+changed source or torch gets its own build. When the build fails, a warning names the reason once and the dMoE
+layers keep the Python path (same function).
+
+Environment variable ``FAIRDRO_DMOE_NATIVE``: ``auto`` (default: build on first use, fall back when that fails),
+``0`` (never build or use it), ``1`` (build, and raise when that fails: for CI and benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ENV_VAR",
+    "NativeKernelError",
+    "available",
+    "load",
+    "lane_threshold",
+    "native_experts",
+    "native_route",
+    "usable_for",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "FAIRDRO_DMOE_NATIVE"
+HERE = Path(__file__).parent
+#: the extension's sources (experts, router) and the header they share
+SOURCES = [HERE / "dmoe_cpu.cpp", HERE / "dmoe_router_cpu.cpp"]
+HEADERS = [HERE / "dmoe_cpu_common.h"]
+#: compile flags: -fopenmp makes at::parallel_for use torch's OpenMP threads (linked from torch, not the system).
+#: No -march/-mavx2: portable builds; AVX2 code was faster for C = 8 but 3-4x slower for C = 16 with GCC 12, about
+#: even over a training step (bundle docs, Performance)
+CFLAGS = ["-O3", "-fopenmp"]
+_MODES = ("auto", "0", "1")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool once tried; "error": the reason of a failed build
+
+
+class NativeKernelError(RuntimeError):
+    """The native dMoE kernels were required (``FAIRDRO_DMOE_NATIVE=1``) but could not be built or loaded."""
+
+
+def mode() -> str:
+    """The value of ``FAIRDRO_DMOE_NATIVE`` (``auto`` when unset); raises ValueError naming a bad value."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(_MODES)}.")
+    return value
+
+
+def build_name() -> str:
+    """Extension name: changes with the source, the flags and the torch version (each gets its own cached build)."""
+    text = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+    digest = hashlib.sha256(text + " ".join(CFLAGS + [torch.__version__]).encode()).hexdigest()
+    return f"fairdro_dmoe_{digest[:12]}"
+
+
+def load(verbose: bool = False) -> None:
+    """Compile (or reuse the cached build of) the kernels and register ``torch.ops.fairdro_dmoe``; raises on failure."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    with _ninja_on_path():
+        load_extension(
+            name=build_name(),
+            sources=[str(f) for f in SOURCES],
+            extra_cflags=CFLAGS,
+            extra_include_paths=[str(HERE)],
+            is_python_module=False,
+            verbose=verbose,
+        )
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """PyTorch's builder runs ``ninja`` from PATH; a virtual environment used without activation has the pip ``ninja``
+    package's binary elsewhere, so its folder is put in front of PATH for the build (and PATH restored after)."""
+    old = os.environ.get("PATH", "")
+    try:
+        import ninja  # the pip package (requirements.txt)
+
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    except ImportError:
+        pass  # a system ninja may still be on PATH; otherwise the builder names what is missing
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def available() -> bool:
+    """Whether the kernels are loaded, building them on the first call (unless ``FAIRDRO_DMOE_NATIVE=0``).
+
+    Raises:
+        NativeKernelError: with ``FAIRDRO_DMOE_NATIVE=1`` when the build or load fails.
+    """
+    wanted = mode()
+    if wanted == "0":
+        return False
+    with _lock:
+        if "ok" not in _state:
+            _try_load()
+    if not _state["ok"] and wanted == "1":
+        raise NativeKernelError(f"{ENV_VAR}=1 but the native dMoE kernels could not be built: {_state['error']}")
+    return _state["ok"]
+
+
+def _try_load() -> None:
+    try:
+        load()
+        _state["ok"] = True
+    except Exception as err:  # noqa: BLE001 - any build failure (no compiler, no ninja, ...) means the Python path
+        _state.update(ok=False, error=f"{type(err).__name__}: {str(err).strip()[-500:]}")
+        logger.warning(
+            "dMoE: native CPU kernels unavailable (%s); using the Python expert path (same results, slower). "
+            "Set %s=0 to skip the build.",
+            _state["error"],
+            ENV_VAR,
+        )
+
+
+def usable_for(h: Tensor) -> bool:
+    """Whether the kernels can run on ``h``: a CPU float32/float64 tensor outside CPU autocast, kernels available."""
+    if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast runs the expert products in bf16; the kernels compute in h's dtype
+    return available()
+
+
+def native_experts(
+    h: Tensor,
+    weights: Tensor,
+    experts: Tensor,
+    params: Tuple[Tensor, Tensor, Tensor, Tensor],
+    skip_zero: bool,
+    draws: Optional[Tensor] = None,
+    p: float = 0.0,
+) -> Tensor:
+    """The dMoE layer's output ``h + dropout(sum_j weights[:, j] * E_{experts[:, j]}(h))`` per voxel, differentiable.
+
+    Args:
+        h: channel-first tokens (B, C, N), float32 or float64, on the CPU.
+        weights: gate weights (B, K, N); experts: their expert indices (B, K, N), int64 in ``[0, E)``.
+        params: ``(w1 (E, C, H), b1 (E, H), w2 (E, H, C), b2 (E, C))``, cast to h's dtype.
+        skip_zero: pairs of weight exactly zero are skipped (and get zero weight gradient).
+        draws: the int64 random draws of the dropout mask (:func:`scripts.dmoe.lane_draws` for B*C*N elements, in
+            token order), or None for no dropout (evaluation).
+        p: the dropout rate of ``draws``.
+
+    Returns:
+        (B, C, N), contiguous, h's dtype.
+    """
+    dt = h.dtype
+    w1, b1, w2, b2 = (t.to(dt) for t in params)
+    drop = (h.new_empty(0, dtype=torch.int64), 0, 1.0) if draws is None else (draws, lane_threshold(p), 1.0 / (1.0 - p))
+    return _NativeExperts.apply(
+        h.contiguous(), weights.to(dt).contiguous(), experts.contiguous(), w1, b1, w2, b2, skip_zero, drop
+    )
+
+
+def lane_threshold(p: float) -> int:
+    """The 16-bit lane threshold of dropout rate p: a lane (uniform over [-2^15, 2^15)) at or above it keeps its
+    element, so the drop probability is p rounded to a multiple of 2^-16."""
+    return int(round(p * 65536.0)) - 32768
+
+
+class _NativeExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, e, w1, b1, w2, b2, skip_zero, drop):  # type: ignore[override]
+        ctx.save_for_backward(h, w, e, w1, b1, w2, b2, drop[0])
+        ctx.skip_zero, ctx.drop = skip_zero, drop[1:]
+        return torch.ops.fairdro_dmoe.experts_forward(h, w, e, w1, b1, w2, b2, skip_zero, *drop)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        h, w, e, w1, b1, w2, b2, draws = ctx.saved_tensors
+        gy = gy.to(h.dtype).contiguous()
+        grads = torch.ops.fairdro_dmoe.experts_backward(gy, h, w, e, w1, b1, w2, b2, ctx.skip_zero, draws, *ctx.drop)
+        gh, gw, gw1, gb1, gw2, gb2 = grads
+        return gh, gw, None, gw1, gb1, gw2, gb2, None, None
+
+
+def native_route(
+    h: Tensor, weight: Tensor, noise_weight: Tensor, subgroup: Tensor, noise: Optional[Tensor], k: int
+) -> Tuple[Tensor, Tensor]:
+    """Noisy top-k routing of channel-first tokens, every case with a named subgroup, differentiable in the weights.
+
+    The same function as :class:`scripts.dmoe.SubgroupNoisyTopKRouter` for named subgroups: logits ``h W_a`` plus
+    ``noise * softplus(h W_a^noise)``; the noise term is computed here with torch (autograd carries its gradient),
+    the clean logits, top-k and softmax (forward and backward) by the kernel.
+
+    Args:
+        h: tokens (B, C, N), float32 or float64, on the CPU.
+        weight, noise_weight: the routers' (G, C, E) parameters (cast to h's dtype).
+        subgroup: (B,) int64 in ``[0, G)`` (no unknown cases: those take the Python fallback).
+        noise: standard normal draws (B, E, N), or None (no noise: evaluation, or ``noise=False``).
+        k: experts per voxel.
+
+    Returns:
+        ``(weights (B, k, N), experts (B, k, N) int64)``: softmax over the k largest logits, and their experts.
+    """
+    dt = h.dtype
+    h = h.contiguous()
+    offset = h.new_empty(0)
+    if noise is not None:
+        noise_logits = torch.bmm(noise_weight[subgroup].transpose(1, 2).to(dt), h)  # (B, E, N)
+        offset = noise.to(dt) * F.softplus(noise_logits)
+    return _NativeRouter.apply(h, weight.to(dt).contiguous(), subgroup.contiguous(), offset.contiguous(), k)
+
+
+class _NativeRouter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, subgroup, offset, k):  # type: ignore[override]
+        weights, experts = torch.ops.fairdro_dmoe.router_forward(h, weight, subgroup, offset, k)
+        ctx.save_for_backward(h, weight, subgroup, experts, weights)
+        ctx.offset_grad = offset.numel() > 0
+        ctx.mark_non_differentiable(experts)
+        return weights, experts
+
+    @staticmethod
+    def backward(ctx, gweights, _gexperts):  # type: ignore[override]
+        h, weight, subgroup, experts, weights = ctx.saved_tensors
+        gw = gweights.to(h.dtype).contiguous()
+        gh, gweight, goffset = torch.ops.fairdro_dmoe.router_backward(
+            gw, h, weight, subgroup, experts, weights, ctx.offset_grad
+        )
+        return gh, gweight, None, (goffset if ctx.offset_grad else None), None
+
+
+def _main(argv: Optional[list] = None) -> None:
+    """``python -m scripts.dmoe_native``: build the kernels now (e.g. in ``make setup``) and say where they are."""
+    os.environ[ENV_VAR] = "1"
+    available()
+    print(f"dMoE native kernels ready: {build_name()} (torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,187 @@
+// Native CPU kernels of the dMoE router for cases with a named subgroup (bundle/scripts/dmoe_native.py builds them
+// with dmoe_cpu.cpp into one extension).
+//
+// For every voxel t of case b, with subgroup a = sub[b] and router weights W (G, C, E):
+//     logit[e] = h[t] W[a][:, e] + offset[b, e, t]          (offset: the router noise term, if given)
+// then the k largest logits (ties: the lowest expert index, as scripts.dmoe.top_k_along) and a softmax over them:
+// weights (B, k, N) and experts (B, k, N). The noise term randn * softplus(h W_noise) is computed by torch (its
+// vectorised softplus; the random numbers are those of the Python router) and its gradient flows back through
+// torch's autograd from goffset. Only the k chosen logits get gradient, as through the gather of the Python top-k.
+// Router-weight gradients go to one accumulator per thread, summed in thread order.
+//
+// Shapes: h, gh (B, C, N); offset, goffset (B, E, N) or empty; sub (B,) int64 in [0, G);
+// weights, experts, gweights (B, k, N).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "dmoe_cpu_common.h"
+
+namespace {
+
+using namespace fairdro_dmoe;
+
+struct RouterDims {
+  int64_t B, C, N, E, K, G;
+};
+
+// logits of one token: x (C) against the subgroup's W (C, E), plus its offset (E) if given
+template <typename T, int64_t ET>
+inline void logits(const RouterDims& d, const T* x, const T* w, const T* off, T* out) {
+  const int64_t E = ET ? ET : d.E;
+  if (off != nullptr) {
+    std::copy(off, off + E, out);
+  } else {
+    std::fill(out, out + E, T(0));
+  }
+  vm<T, ET>(out, x, w, d.C, E);
+}
+
+// k rounds of "first maximum among the experts not yet taken", then the softmax over the k chosen logits
+template <typename T, int64_t ET>
+inline void top_k_softmax(const RouterDims& d, T* lg, T* p, int64_t* sel) {
+  const int64_t E = ET ? ET : d.E;
+  T total = T(0), top = T(0);
+  for (int64_t j = 0; j < d.K; ++j) {
+    int64_t best = 0;
+    for (int64_t e = 1; e < E; ++e) best = lg[e] > lg[best] ? e : best;
+    sel[j] = best;
+    if (j == 0) top = lg[best];
+    p[j] = std::exp(lg[best] - top);
+    total += p[j];
+    lg[best] = -std::numeric_limits<T>::infinity();  // taken
+  }
+  for (int64_t j = 0; j < d.K; ++j) p[j] /= total;
+}
+
+template <typename T, int64_t ET>
+void forward_impl(const RouterDims d, const T* hp, const T* wp, const int64_t* sub, const T* offset, T* outw,
+                  int64_t* oute) {
+  const bool serial = d.B * d.N * d.C * d.E < kSerialWork;
+  const int64_t C = d.C, E = d.E, K = d.K, N = d.N, nblk = (N + kBlock - 1) / kBlock;
+  run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t) {
+    std::vector<T> buf(kBlock * (C + E + K) + E);
+    std::vector<int64_t> eb(kBlock * K);
+    T *xb = buf.data(), *ob = xb + kBlock * C, *pb = ob + kBlock * E, *lg = pb + kBlock * K;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
+      load_block(hp + b * C * N + n0, C, N, nb, xb);
+      if (offset != nullptr) load_block(offset + b * E * N + n0, E, N, nb, ob);
+      for (int64_t q = 0; q < nb; ++q) {
+        logits<T, ET>(d, xb + q * C, wp + sub[b] * C * E, offset != nullptr ? ob + q * E : nullptr, lg);
+        top_k_softmax<T, ET>(d, lg, pb + q * K, eb.data() + q * K);
+      }
+      store_block(pb, K, N, nb, outw + b * K * N + n0);
+      store_block(eb.data(), K, N, nb, oute + b * K * N + n0);
+    }
+  });
+}
+
+// gradients of one token: softmax backward over its k gates into the chosen logits (-> gl, written to the token's
+// offset gradient go if given), then into the logits' dot products: x's gradient gx and the subgroup's gw (C, E)
+template <typename T>
+inline void token_backward(const RouterDims& d, const T* x, const T* gp, const T* p, const int64_t* sel, const T* w,
+                           T* gw, T* gx, T* go) {
+  T dot = T(0);
+  for (int64_t j = 0; j < d.K; ++j) dot += p[j] * gp[j];
+  for (int64_t j = 0; j < d.K; ++j) {
+    const int64_t e = sel[j];
+    const T gl = p[j] * (gp[j] - dot);
+    if (go != nullptr) go[e] = gl;
+    for (int64_t c = 0; c < d.C; ++c) {
+      gx[c] += gl * w[c * d.E + e];
+      gw[c * d.E + e] += x[c] * gl;
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const RouterDims d, const T* gpp, const T* hp, const T* wp, const int64_t* sub, const int64_t* ep,
+                   const T* pp, T* ghp, T* gop, T* accp, bool serial) {
+  const int64_t C = d.C, E = d.E, K = d.K, N = d.N, nblk = (N + kBlock - 1) / kBlock;
+  const int64_t stride = d.G * C * E;
+  run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t slot) {
+    T* acc = accp + slot * stride;
+    std::vector<T> buf(kBlock * (2 * C + E + 2 * K));
+    std::vector<int64_t> eb(kBlock * K);
+    T *xb = buf.data(), *gxb = xb + kBlock * C, *gob = gxb + kBlock * C, *pb = gob + kBlock * E, *gb = pb + kBlock * K;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0), a = sub[b];
+      load_block(hp + b * C * N + n0, C, N, nb, xb);
+      load_block(gpp + b * K * N + n0, K, N, nb, gb);
+      load_block(pp + b * K * N + n0, K, N, nb, pb);
+      load_block(ep + b * K * N + n0, K, N, nb, eb.data());
+      std::fill(gxb, gxb + nb * C, T(0));
+      std::fill(gob, gob + nb * E, T(0));
+      for (int64_t q = 0; q < nb; ++q) {
+        token_backward(d, xb + q * C, gb + q * K, pb + q * K, eb.data() + q * K, wp + a * C * E, acc + a * C * E,
+                       gxb + q * C, gop != nullptr ? gob + q * E : nullptr);
+      }
+      store_block(gxb, C, N, nb, ghp + b * C * N + n0);
+      if (gop != nullptr) store_block(gob, E, N, nb, gop + b * E * N + n0);
+    }
+  });
+}
+
+RouterDims router_dims(const at::Tensor& h, const at::Tensor& w, int64_t k) {
+  return {h.size(0), h.size(1), h.size(2), w.size(2), k, w.size(0)};
+}
+
+std::vector<at::Tensor> router_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& sub,
+                                       const at::Tensor& offset, int64_t k) {
+  const RouterDims d = router_dims(h, w, k);
+  at::Tensor weights = at::empty({d.B, k, d.N}, h.options());
+  at::Tensor experts = at::empty({d.B, k, d.N}, sub.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_router_forward", [&] {
+    const scalar_t* off = offset.numel() ? offset.data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto et) {
+      forward_impl<scalar_t, decltype(et)::value>(d, h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                                  sub.data_ptr<int64_t>(), off, weights.data_ptr<scalar_t>(),
+                                                  experts.data_ptr<int64_t>());
+    };
+    if (d.E == 8) {
+      run(std::integral_constant<int64_t, 8>{});  // the default number of experts: unrolled
+    } else {
+      run(std::integral_constant<int64_t, 0>{});
+    }
+  });
+  return {weights, experts};
+}
+
+std::vector<at::Tensor> router_backward(const at::Tensor& gweights, const at::Tensor& h, const at::Tensor& w,
+                                        const at::Tensor& sub, const at::Tensor& experts, const at::Tensor& weights,
+                                        bool offset_grad) {
+  const RouterDims d = router_dims(h, w, experts.size(1));
+  const bool serial = d.B * d.N * d.C * d.E < kSerialWork;
+  at::Tensor acc = at::zeros({accumulator_slots(serial), w.numel()}, h.options());
+  at::Tensor gh = at::empty_like(h);
+  at::Tensor goffset = offset_grad ? at::empty({d.B, d.E, d.N}, h.options()) : at::empty({0}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_router_backward", [&] {
+    backward_impl<scalar_t>(d, gweights.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                            sub.data_ptr<int64_t>(), experts.data_ptr<int64_t>(), weights.data_ptr<scalar_t>(),
+                            gh.data_ptr<scalar_t>(), offset_grad ? goffset.data_ptr<scalar_t>() : nullptr,
+                            acc.data_ptr<scalar_t>(), serial);
+  });
+  return {gh, acc.sum(0).view(w.sizes()), goffset};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fairdro_dmoe, m) {
+  m.def("router_forward(Tensor h, Tensor w, Tensor sub, Tensor offset, int k) -> Tensor[]");
+  m.def(
+      "router_backward(Tensor gweights, Tensor h, Tensor w, Tensor sub, Tensor experts, Tensor weights,"
+      " bool offset_grad) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fairdro_dmoe, CPU, m) {
+  m.impl("router_forward", &router_forward);
+  m.impl("router_backward", &router_backward);
+}

@@ -1,5 +1,9 @@
 """Benchmark the dMoE overhead: plain backbone vs dMoE with dense, sparse and auto (default) expert dispatch, and the
-default without the fused sparse expert node (``scripts/dmoe_kernels.py``): the previous eager path, to compare.
+default on the Python paths the native CPU kernels (``scripts/dmoe_cpu.cpp``) replaced: the fused sparse node
+(``scripts/dmoe_kernels.py``) and, before it, the per-expert autograd path, to compare in the same run.
+
+On the CPU, ``sparse`` and ``auto`` run the native kernels; the benchmark requires them (``FAIRDRO_DMOE_NATIVE=1``
+unless set otherwise), so it never times the fallback by mistake.
 
 For each setting it times a training step (forward + backward + AdamW step, batch 2, MONAI DiceCELoss, subgroups
 [0, 2]) and an eval-mode forward (batch 2, inference mode) of each network, interleaving the repeats (round-robin)
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -33,6 +38,7 @@ from monai.losses import DiceCELoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
+from scripts import dmoe_native  # noqa: E402
 from scripts.dmoe import ExpertBank  # noqa: E402
 from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
 
@@ -44,18 +50,21 @@ VARIANTS: Dict[str, dict] = {
     "dmoe dense": {"use_dmoe": True, "dispatch": "dense"},
     "dmoe sparse": {"use_dmoe": True, "dispatch": "sparse"},
     "dmoe auto (default)": {"use_dmoe": True, "dispatch": "auto"},
-    "dmoe auto, unfused (previous)": {"use_dmoe": True, "dispatch": "auto", "unfused": True},
+    "dmoe auto, Python fused node (previous)": {"use_dmoe": True, "dispatch": "auto", "native": False},
+    "dmoe auto, Python unfused (before)": {"use_dmoe": True, "dispatch": "auto", "native": False, "unfused": True},
 }
 
 
 def build(features: int, kw: dict) -> DMoEResUNet:
-    """The network of a variant; ``unfused`` swaps the fused sparse experts for the per-expert autograd path (the
-    eager path before ``scripts/dmoe_kernels.py``; TorchScript still uses it), to measure the fusion in the same run."""
+    """The network of a variant. ``native: False`` turns the native CPU kernels off (the Python paths, as before
+    them); ``unfused`` also swaps the fused sparse node for the per-expert autograd path (the eager path before
+    ``scripts/dmoe_kernels.py``; TorchScript still uses it)."""
     kw = dict(kw)
-    unfused = kw.pop("unfused", False)
+    unfused, native = kw.pop("unfused", False), kw.pop("native", True)
     net = DMoEResUNet(features=features, num_subgroups=4, **kw)
-    if unfused:
-        for layer in net.moe_layers().values():
+    for layer in net.moe_layers().values():
+        layer.native = native
+        if unfused:
             layer.experts.forward_fused = _unfused(layer.experts)
     return net
 
@@ -131,7 +140,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64x64x32 only, 3 repeats")
     parser.add_argument("--f24", action="store_true", help="also run f=24 at 64x64x64")
     parser.add_argument("--f32", action="store_true", help="also run f=32 at 128x128x64 (configs/profiles/gpu.json)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per setting (default 7, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per setting (default 15, quick 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument(
         "--cpu-time",
@@ -147,12 +156,14 @@ def main() -> None:
     if args.cpu_time and device.type != "cpu":
         parser.error("--cpu-time measures CPU threads: it needs --device cpu")
     torch.set_num_threads(args.threads)
+    os.environ.setdefault(dmoe_native.ENV_VAR, "1")  # time the native kernels, not a silent fallback
+    native = device.type == "cpu" and dmoe_native.available()
     clock = time.perf_counter
     if args.cpu_time:
         if args.threads != 1:
             parser.error("--cpu-time needs --threads 1 (worker threads would not be counted)")
         clock = time.thread_time
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 15)
     settings: List[Tuple[int, Tuple[int, int, int]]] = [(8, (64, 64, 32))]
     if not args.quick:
         settings.append((8, (96, 96, 48)))
@@ -164,7 +175,10 @@ def main() -> None:
     kind = "thread CPU time" if args.cpu_time else "wall time"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = "bf16 autocast" if args.amp else "fp32"
-    print(f"torch {torch.__version__}, {where}, {precision}, {kind}, batch 2, {repeats} interleaved rounds\n")
+    kernels = "native CPU kernels on" if native else "native CPU kernels off"
+    print(
+        f"torch {torch.__version__}, {where}, {precision}, {kind}, batch 2, {repeats} interleaved rounds, {kernels}\n"
+    )
     print("| f | patch | network | train step (s) | x backbone | eval fwd (s) | x backbone |")
     print("|---|---|---|---|---|---|---|")
     for f, patch in settings:

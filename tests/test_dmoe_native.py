@@ -58,7 +58,7 @@ def assert_equal_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: st
     assert err <= rel * max(scale, 1.0), f"{what}: max |diff| {err:.3g} > {rel:g} x max |value| {scale:.3g}"
 
 
-@pytest.mark.parametrize("c", [8, 12, 64])  # 8, 64: compile-time sizes; 12: the generic loops
+@pytest.mark.parametrize("c", [8, 12, 64])  # 8: compile-time sizes; 12, 64: the generic loops
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("subgroup", [[0, 2], [3, 4], None])  # named; one unknown (dense fallback gates); none
 def test_native_equals_dense(c, mode, subgroup):

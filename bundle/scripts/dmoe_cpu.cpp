@@ -61,12 +61,17 @@ struct Mlp {
   constexpr int64_t C() const { return CT ? CT : c_; }
   constexpr int64_t H() const { return HT ? HT : h_; }
 
-  // pre = x W1 + b1, z = relu(pre), out = z W2 + b2
-  inline void forward(const T* x, const Params<T>& P, int64_t ex, T* pre, T* z, T* out) const {
+  // pre = x W1 + b1, z = relu(pre)
+  inline void hidden(const T* x, const Params<T>& P, int64_t ex, T* pre, T* z) const {
     const int64_t C = this->C(), H = this->H();
     std::copy(P.b1 + ex * H, P.b1 + (ex + 1) * H, pre);
     vm<T, HT>(pre, x, P.w1 + ex * C * H, C, H);
     for (int64_t h = 0; h < H; ++h) z[h] = std::max(pre[h], T(0));
+  }
+
+  // out = z W2 + b2
+  inline void output(const T* z, const Params<T>& P, int64_t ex, T* out) const {
+    const int64_t C = this->C(), H = this->H();
     std::copy(P.b2 + ex * C, P.b2 + (ex + 1) * C, out);
     vm<T, CT>(out, z, P.w2 + ex * H * C, H, C);
   }
@@ -74,7 +79,7 @@ struct Mlp {
 
 template <typename T, int64_t CT, int64_t HT>
 void forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Params<T> P, bool skip_zero,
-                  Dropout drop, bool serial, T* yp) {
+                  Dropout drop, bool serial, T* yp, T* outs) {
   const Mlp<T, CT, HT> mlp(d);
   const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
   run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t) {
@@ -89,7 +94,9 @@ void forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
           const int64_t p = (b * K + j) * N + n0 + q;
           const T wt = wp[p];
           if (skip_zero && wt == T(0)) continue;
-          mlp.forward(xb + q * C, P, ep[p], pre, z, out);
+          mlp.hidden(xb + q * C, P, ep[p], pre, z);
+          mlp.output(z, P, ep[p], out);
+          if (outs != nullptr) std::copy(out, out + C, outs + p * C);  // kept for the backward
           T* __restrict__ acc = yb + q * C;
           for (int64_t c = 0; c < C; ++c) acc[c] += wt * out[c];
         }
@@ -113,12 +120,14 @@ struct Grads {
 template <typename T, int64_t CT, int64_t HT>
 struct PairGrad {
   Mlp<T, CT, HT> mlp;
-  T *pre, *z, *gz, *out, *go;
+  T *pre, *z, *gz, *go;
 
-  // one (token, expert) pair: adds to the expert's parameter gradients and to gx; returns d loss / d gate weight
-  inline T operator()(const T* x, const T* gy, T wt, const Params<T>& P, int64_t ex, Grads<T>& g, T* gx) const {
+  // one (token, expert) pair: adds to the expert's parameter gradients and to gx; returns d loss / d gate weight.
+  // out: the expert's output kept by the forward (the hidden layer is recomputed: cheaper than keeping it)
+  inline T operator()(const T* x, const T* gy, T wt, const Params<T>& P, int64_t ex, const T* out, Grads<T>& g,
+                      T* gx) const {
     const int64_t C = mlp.C(), H = mlp.H();
-    mlp.forward(x, P, ex, pre, z, out);
+    mlp.hidden(x, P, ex, pre, z);
     T dot = T(0);
     for (int64_t c = 0; c < C; ++c) dot += out[c] * gy[c];
     for (int64_t c = 0; c < C; ++c) go[c] = wt * gy[c];
@@ -136,14 +145,15 @@ struct PairGrad {
 
 template <typename T, int64_t CT, int64_t HT>
 void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const int64_t* ep, Params<T> P,
-                   bool skip_zero, Dropout drop, bool serial, T* ghp, T* gwp, T* accp, int64_t stride) {
+                   bool skip_zero, Dropout drop, bool serial, const T* outs, T* ghp, T* gwp, T* accp,
+                   int64_t stride) {
   const Mlp<T, CT, HT> mlp(d);
   const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
   run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t slot) {
     Grads<T> g(accp + slot * stride, d.E, C, H);
     std::vector<T> buf(3 * kBlock * C + 2 * C + 3 * H);
     T *xb = buf.data(), *gb = xb + kBlock * C, *gxb = gb + kBlock * C, *rest = gxb + kBlock * C;
-    const PairGrad<T, CT, HT> pair{mlp, rest, rest + H, rest + 2 * H, rest + 3 * H, rest + 3 * H + C};
+    const PairGrad<T, CT, HT> pair{mlp, rest, rest + H, rest + 2 * H, rest + 3 * H};
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
       load_block(hp + b * C * N + n0, C, N, nb, xb);
@@ -154,7 +164,7 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
         for (int64_t j = 0; j < K; ++j) {
           const int64_t p = (b * K + j) * N + n0 + q;
           const bool skip = skip_zero && wp[p] == T(0);
-          gwp[p] = skip ? T(0) : pair(xb + q * C, gb + q * C, wp[p], P, ep[p], g, gxb + q * C);
+          gwp[p] = skip ? T(0) : pair(xb + q * C, gb + q * C, wp[p], P, ep[p], outs + p * C, g, gxb + q * C);
         }
       }
       store_block(gxb, C, N, nb, ghp + b * C * N + n0);
@@ -162,14 +172,12 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
   });
 }
 
-// C and H of the default networks (f = 8 ... 64, hidden 4C) get compile-time sizes; others the generic loops
+// C = 8, H = 32 (the first two stages of the default network, most of the work) get compile-time sizes; every other
+// size the generic loops (with AVX2, GCC 12 compiled the C = 16 specialisation 3-4x slower than the generic loops)
 template <typename F>
 void by_size(int64_t C, int64_t H, F&& f) {
   using std::integral_constant;
   if (C == 8 && H == 32) return f(integral_constant<int64_t, 8>{}, integral_constant<int64_t, 32>{});
-  if (C == 16 && H == 64) return f(integral_constant<int64_t, 16>{}, integral_constant<int64_t, 64>{});
-  if (C == 32 && H == 128) return f(integral_constant<int64_t, 32>{}, integral_constant<int64_t, 128>{});
-  if (C == 64 && H == 256) return f(integral_constant<int64_t, 64>{}, integral_constant<int64_t, 256>{});
   return f(integral_constant<int64_t, 0>{}, integral_constant<int64_t, 0>{});
 }
 
@@ -188,27 +196,33 @@ Dropout dropout(const at::Tensor& draws, int64_t threshold, double scale) {
   return {draws.numel() ? reinterpret_cast<const int16_t*>(draws.data_ptr<int64_t>()) : nullptr, threshold, scale};
 }
 
-at::Tensor experts_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1,
-                           const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
-                           const at::Tensor& draws, int64_t threshold, double scale) {
+// keep_out: also return every pair's expert output (B, K, N, C) for the backward (else an empty tensor)
+std::vector<at::Tensor> experts_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e,
+                                        const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                        const at::Tensor& b2, bool skip_zero, const at::Tensor& draws,
+                                        int64_t threshold, double scale, bool keep_out) {
   const Dims d{h.size(0), h.size(1), h.size(2), w.size(1), w1.size(0), w1.size(2)};
   at::Tensor y = at::empty_like(h);
+  at::Tensor outs = at::empty({keep_out ? d.B * d.K * d.N * d.C : 0}, h.options());  // skipped pairs: never read
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_experts_forward", [&] {
     const Params<scalar_t> P = params<scalar_t>(w1, b1, w2, b2, w1, w2);  // the transposes: backward only
     by_size(d.C, d.H, [&](auto ct, auto ht) {
       forward_impl<scalar_t, decltype(ct)::value, decltype(ht)::value>(
           d, h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), e.data_ptr<int64_t>(), P, skip_zero,
-          dropout(draws, threshold, scale), serial(d), y.data_ptr<scalar_t>());
+          dropout(draws, threshold, scale), serial(d), y.data_ptr<scalar_t>(),
+          keep_out ? outs.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return y;
+  return {y, outs};
 }
 
 std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor& h, const at::Tensor& w,
                                          const at::Tensor& e, const at::Tensor& w1, const at::Tensor& b1,
                                          const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
-                                         const at::Tensor& draws, int64_t threshold, double scale) {
+                                         const at::Tensor& draws, int64_t threshold, double scale,
+                                         const at::Tensor& outs) {
   const Dims d{h.size(0), h.size(1), h.size(2), w.size(1), w1.size(0), w1.size(2)};
+  TORCH_CHECK(outs.numel() == d.B * d.K * d.N * d.C, "experts_backward: outs must be the forward's keep_out output");
   const int64_t E = d.E, C = d.C, H = d.H, stride = E * (2 * C * H + H + C);
   at::Tensor acc = at::zeros({accumulator_slots(serial(d)), stride}, h.options());
   at::Tensor gh = at::empty_like(h), gw = at::empty_like(w);
@@ -218,7 +232,8 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
     by_size(C, H, [&](auto ct, auto ht) {
       backward_impl<scalar_t, decltype(ct)::value, decltype(ht)::value>(
           d, gy.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), e.data_ptr<int64_t>(), P,
-          skip_zero, dropout(draws, threshold, scale), serial(d), gh.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
+          skip_zero, dropout(draws, threshold, scale), serial(d),
+          outs.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
           acc.data_ptr<scalar_t>(), stride);
     });
   });
@@ -232,10 +247,10 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
 TORCH_LIBRARY(fairdro_dmoe, m) {
   m.def(
       "experts_forward(Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool skip_zero,"
-      " Tensor draws, int threshold, float scale) -> Tensor");
+      " Tensor draws, int threshold, float scale, bool keep_out) -> Tensor[]");
   m.def(
       "experts_backward(Tensor gy, Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2,"
-      " bool skip_zero, Tensor draws, int threshold, float scale) -> Tensor[]");
+      " bool skip_zero, Tensor draws, int threshold, float scale, Tensor outs) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fairdro_dmoe, CPU, m) {

@@ -54,7 +54,7 @@ inline void top_k_softmax(const RouterDims& d, T* lg, T* p, int64_t* sel) {
     for (int64_t e = 1; e < E; ++e) best = lg[e] > lg[best] ? e : best;
     sel[j] = best;
     if (j == 0) top = lg[best];
-    p[j] = std::exp(lg[best] - top);
+    p[j] = j == 0 ? T(1) : std::exp(lg[best] - top);  // exp(0) = 1 exactly
     total += p[j];
     lg[best] = -std::numeric_limits<T>::infinity();  // taken
   }
@@ -111,7 +111,8 @@ void backward_impl(const RouterDims d, const T* gpp, const T* hp, const T* wp, c
     T* acc = accp + slot * stride;
     std::vector<T> buf(kBlock * (2 * C + E + 2 * K));
     std::vector<int64_t> eb(kBlock * K);
-    T *xb = buf.data(), *gxb = xb + kBlock * C, *gob = gxb + kBlock * C, *pb = gob + kBlock * E, *gb = pb + kBlock * K;
+    T *xb = buf.data(), *gxb = xb + kBlock * C, *gob = gxb + kBlock * C;
+    T *pb = gob + kBlock * E, *gb = pb + kBlock * K;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0), a = sub[b];
       load_block(hp + b * C * N + n0, C, N, nb, xb);

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scripts import dmoe_native
 from scripts.dmoe import DMoE, _lane_mask, lane_draws
-from scripts.dmoe_native import native_experts
+from scripts.dmoe_native import native_experts, native_route
 
 G = 4
 HAS_COMPILER = any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
@@ -144,6 +144,43 @@ def test_native_gradcheck_with_dropout():
         return native_experts(h, w, experts, (w1, b1, w2, b2), False, draws, 0.25)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise", [True, False])
+def test_native_router_equals_the_python_router(noise):
+    """Same seed, same noise: the native router's gates, experts and gradients equal SubgroupNoisyTopKRouter's."""
+    layer = make_layer(8, True).double().train()
+    router, idx = layer.router, torch.tensor([1, 3])
+    h = torch.randn(2, 8, 300, dtype=torch.float64, requires_grad=True)
+    gw = torch.randn(2, 2, 300, dtype=torch.float64)
+    results = []
+    for native in (True, False):
+        torch.manual_seed(4)
+        if native:
+            nz = torch.randn(2, 8, 300, dtype=h.dtype) if noise else None
+            weights, experts = native_route(h, router.weight, router.noise_weight, idx, nz, 2)
+        else:
+            router.noise = noise
+            weights, experts, _ = router(h, idx)
+        params = [h, router.weight] + ([router.noise_weight] if noise else [])
+        results.append((weights, experts, torch.autograd.grad((weights * gw).sum(), params)))
+    (w_n, e_n, g_n), (w_p, e_p, g_p) = results
+    assert torch.equal(e_n, e_p)
+    torch.testing.assert_close(w_n, w_p, atol=1e-12, rtol=1e-10)
+    for a, b in zip(g_n, g_p):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_bad_indices_are_refused_with_a_clear_error():
+    """The kernels index memory with the expert and subgroup numbers: out-of-range values raise, naming them."""
+    h, w, experts, params = _inputs(8, e=8, k=2, n=10)
+    bad = experts.clone()
+    bad[0, 0, 3] = 8
+    with pytest.raises(RuntimeError, match=r"expert indices must lie in \[0, 8\)"):
+        native_experts(h, w, bad, params, False)
+    weight = torch.randn(4, 8, 8, dtype=h.dtype)
+    with pytest.raises(RuntimeError, match=r"subgroup indices must be int64 in \[0, 4\)"):
+        native_route(h, weight, weight, torch.tensor([0, 4]), None, 2)
 
 
 def test_native_is_deterministic_per_thread_count():

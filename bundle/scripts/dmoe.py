@@ -16,7 +16,8 @@ The module is split the way the MoE literature splits it:
   weighted by the mostly-zero gates, as two large matmuls) and ``sparse`` (token/expert pairs sorted by expert,
   gathered, one matmul pair per expert, permuted back). Both compute the same function. In eager mode ``sparse``
   runs as one fused autograd node on channel-first tokens (:mod:`scripts.dmoe_kernels`); TorchScript keeps the
-  per-expert path.
+  per-expert path. On the CPU, :class:`DMoE` replaces all of this (and the router, dropout and residual) by the
+  native kernels of :mod:`scripts.dmoe_native` when they are built: the same function, voxel by voxel.
 - :class:`DMoE` glues them: layouts, residual add, dropout, routing statistics and the optional auxiliary
   load-balancing loss.
 
@@ -512,6 +513,10 @@ class DMoE(nn.Module):
 
     Routing statistics (off by default, :meth:`set_routing_stats`) accumulate in ``routing_counts`` (G+1, E) the
     number of voxels whose k selected experts include expert e, per subgroup index (row G = unknown).
+
+    Attribute ``native`` (default True): on the CPU, in eager mode, with ``dispatch`` ``"auto"`` or ``"sparse"``,
+    compute the layer with the native kernels (:mod:`scripts.dmoe_native`) when they are available (see
+    :meth:`uses_native`); False keeps the Python paths (same function, same random numbers).
     """
 
     def __init__(
@@ -552,6 +557,8 @@ class DMoE(nn.Module):
         (T x E*4C) has at most ``self.dense_max_hidden`` elements (default ``DENSE_MAX_HIDDEN``: the deep, small
         stages), where the few large ops of ``"dense"`` beat the per-expert loop; on other devices ``"dense"`` (no
         host synchronisation for the per-expert counts, only large GEMMs; not measured on a GPU in this project).
+        This is the rule of the Python paths: where :meth:`uses_native` holds, ``"auto"`` and ``"sparse"`` run the
+        native kernels at every size instead.
         """
         if self.dispatch != "auto":
             return self.dispatch

@@ -3,13 +3,13 @@
 // For every voxel (token) t of a channel-first feature map h (B, C, N) and each of its K gates (weight w, expert e):
 //     y[t] = h[t] + dropout( sum_j w[j, t] * (relu(h[t] W1[e] + b1[e]) W2[e] + b2[e]) )
 // (the dMoE layer's output: residual, and dropout with a mask drawn by torch, see Dropout) and the gradients of a
-// loss with respect to h, w and the expert parameters. Each token is computed where it lies:
-// no sort by expert, no gathered copies, no (tokens x hidden) intermediate in memory (the backward recomputes the
-// hidden layer of each pair). Tokens are processed in blocks of kBlock voxels, loaded to and stored from a small
-// token-major buffer, so the channel rows are read and written contiguously. The blocks are shared out by
-// at::parallel_for (torch's intra-op threads; small calls run on the calling thread); parameter gradients go to
-// one accumulator per thread, summed in
-// thread order at the end, so a run is deterministic for a given thread count.
+// loss with respect to h, w and the expert parameters. Each token is computed where it lies: no sort by expert, no
+// gathered copies, no (tokens x hidden) intermediate in memory (the forward keeps each pair's expert output, C
+// values, for the gate gradients; the backward recomputes the hidden layer). Tokens are processed in blocks of
+// kBlock voxels, loaded to and stored from a small token-major buffer, so the channel rows are read and written
+// contiguously. The blocks are shared out by at::parallel_for (torch's intra-op threads; small calls run on the
+// calling thread); parameter gradients go to one accumulator per thread, summed in thread order at the end, so a
+// run is deterministic for a given thread count.
 //
 // Shapes: h, y, gy, gh (B, C, N); w, e, gw (B, K, N), e int64; w1 (E, C, H), b1 (E, H), w2 (E, H, C), b2 (E, C).
 // All tensors contiguous, float32 or float64 (checked by the Python wrapper). skip_zero: pairs of weight exactly
@@ -102,7 +102,7 @@ void forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
         }
       }
       const int64_t first = (b * N + n0) * C;  // token-major index of the block's first element
-      for (int64_t i = 0; i < nb * C; ++i) yb[i] = xb[i] + drop.factor<T>(first + i) * yb[i];
+      for (int64_t k = 0; k < nb * C; ++k) yb[k] = xb[k] + drop.factor<T>(first + k) * yb[k];
       store_block(yb, C, N, nb, yp + b * C * N + n0);
     }
   });
@@ -196,12 +196,27 @@ Dropout dropout(const at::Tensor& draws, int64_t threshold, double scale) {
   return {draws.numel() ? reinterpret_cast<const int16_t*>(draws.data_ptr<int64_t>()) : nullptr, threshold, scale};
 }
 
+// clear errors for inputs the kernels cannot take (they index memory with the expert numbers)
+Dims checked_dims(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1) {
+  TORCH_CHECK(h.dim() == 3 && w.dim() == 3 && e.dim() == 3 && w1.dim() == 3,
+              "dmoe experts: expected 3-d h, weights, experts and w1");
+  const Dims d{h.size(0), h.size(1), h.size(2), w.size(1), w1.size(0), w1.size(2)};
+  TORCH_CHECK(w.sizes() == e.sizes() && w.size(0) == d.B && w.size(2) == d.N && w1.size(1) == d.C,
+              "dmoe experts: shapes of h ", h.sizes(), ", weights ", w.sizes(), ", experts ", e.sizes(), ", w1 ",
+              w1.sizes(), " do not match");
+  TORCH_CHECK(h.is_contiguous() && w.is_contiguous() && e.is_contiguous() && e.scalar_type() == at::kLong,
+              "dmoe experts: h, weights and int64 experts must be contiguous");
+  TORCH_CHECK(e.numel() == 0 || (e.min().item<int64_t>() >= 0 && e.max().item<int64_t>() < d.E),
+              "dmoe experts: expert indices must lie in [0, ", d.E, ")");
+  return d;
+}
+
 // keep_out: also return every pair's expert output (B, K, N, C) for the backward (else an empty tensor)
 std::vector<at::Tensor> experts_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e,
                                         const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                         const at::Tensor& b2, bool skip_zero, const at::Tensor& draws,
                                         int64_t threshold, double scale, bool keep_out) {
-  const Dims d{h.size(0), h.size(1), h.size(2), w.size(1), w1.size(0), w1.size(2)};
+  const Dims d = checked_dims(h, w, e, w1);
   at::Tensor y = at::empty_like(h);
   at::Tensor outs = at::empty({keep_out ? d.B * d.K * d.N * d.C : 0}, h.options());  // skipped pairs: never read
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_experts_forward", [&] {

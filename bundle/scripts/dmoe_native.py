@@ -1,18 +1,19 @@
-"""Build, load and call the native CPU kernels of the dMoE experts (``scripts/dmoe_cpu.cpp``).
+"""Build, load and call the native CPU kernels of the dMoE layer (``scripts/dmoe_cpu.cpp``: experts, dropout and
+residual; ``scripts/dmoe_router_cpu.cpp``: router).
 
-The kernels compute, for each voxel where it lies in the (B, C, N) feature map, the gate-weighted sum of its k
-experts' MLPs, and in the backward pass all gradients (see the C++ file's header). They replace the per-expert
-matrix products, gathers and sort of the Python paths on the CPU, which cost most of the dMoE overhead there
-(bundle docs, Performance).
+The kernels compute, for each voxel where it lies in the (B, C, N) feature map, the router's top-k gates and the
+layer's output ``h + dropout(gate-weighted sum of the chosen experts' MLPs)``, and in the backward pass all
+gradients (see the C++ files' headers). They replace the per-expert matrix products, gathers, sort and element-wise
+operations of the Python paths on the CPU (bundle docs, Performance).
 
-The source is compiled on first use with PyTorch's C++ extension builder (a C++ compiler and ``ninja`` are needed;
-about 20 s on 2 cores) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``), under a name that carries a hash of the source, the flags and the torch version, so a
-changed source or torch gets its own build. When the build fails, a warning names the reason once and the dMoE
-layers keep the Python path (same function).
+The sources are compiled on first use with PyTorch's C++ extension builder (a C++ compiler and ``ninja`` are
+needed; about 20 s on 2 cores) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), under a name that carries a hash of the sources, the flags and the torch version, so
+changed sources or another torch get their own build. When the build fails, a warning names the reason once and the
+dMoE layers keep the Python path (same function).
 
 Environment variable ``FAIRDRO_DMOE_NATIVE``: ``auto`` (default: build on first use, fall back when that fails),
-``0`` (never build or use it), ``1`` (build, and raise when that fails: for CI and benchmarks).
+``0`` (never build or use them), ``1`` (build, and raise when that fails: for CI and benchmarks).
 """
 
 from __future__ import annotations

@@ -138,6 +138,14 @@ RouterDims router_dims(const at::Tensor& h, const at::Tensor& w, int64_t k) {
 std::vector<at::Tensor> router_forward(const at::Tensor& h, const at::Tensor& w, const at::Tensor& sub,
                                        const at::Tensor& offset, int64_t k) {
   const RouterDims d = router_dims(h, w, k);
+  TORCH_CHECK(h.dim() == 3 && w.dim() == 3 && w.size(1) == d.C && sub.numel() == d.B && h.is_contiguous(),
+              "dmoe router: h (B, C, N) contiguous, w (G, C, E) and one subgroup per case expected");
+  TORCH_CHECK(k >= 1 && k <= d.E, "dmoe router: k must lie in [1, ", d.E, "]");
+  TORCH_CHECK(sub.scalar_type() == at::kLong &&
+                  (d.B == 0 || (sub.min().item<int64_t>() >= 0 && sub.max().item<int64_t>() < d.G)),
+              "dmoe router: subgroup indices must be int64 in [0, ", d.G, ")");
+  TORCH_CHECK(offset.numel() == 0 || (offset.is_contiguous() && offset.numel() == d.B * d.E * d.N),
+              "dmoe router: offset must be empty or a contiguous (B, E, N) tensor");
   at::Tensor weights = at::empty({d.B, k, d.N}, h.options());
   at::Tensor experts = at::empty({d.B, k, d.N}, sub.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_router_forward", [&] {

@@ -22,6 +22,7 @@
 #include "dmoe_cpu_common.h"
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -77,9 +78,12 @@ struct Mlp {
   }
 };
 
+// returns false (the output is then garbage) if an expert index lies outside [0, E): checked as the pairs are met,
+// so valid inputs pay one predictable branch per pair instead of extra passes over the indices
 template <typename T, int64_t CT, int64_t HT>
-void forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Params<T> P, bool skip_zero,
+bool forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Params<T> P, bool skip_zero,
                   Dropout drop, bool serial, T* yp, T* outs) {
+  std::atomic<bool> valid{true};
   const Mlp<T, CT, HT> mlp(d);
   const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
   run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t) {
@@ -94,6 +98,10 @@ void forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
           const int64_t p = (b * K + j) * N + n0 + q;
           const T wt = wp[p];
           if (skip_zero && wt == T(0)) continue;
+          if (ep[p] < 0 || ep[p] >= d.E) {
+            valid.store(false, std::memory_order_relaxed);
+            continue;
+          }
           mlp.hidden(xb + q * C, P, ep[p], pre, z);
           mlp.output(z, P, ep[p], out);
           if (outs != nullptr) std::copy(out, out + C, outs + p * C);  // kept for the backward
@@ -106,6 +114,7 @@ void forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
       store_block(yb, C, N, nb, yp + b * C * N + n0);
     }
   });
+  return valid.load();
 }
 
 // Per-thread gradient accumulators of the expert parameters, laid out [w1 | b1 | w2 transposed | b2]: (E, C, H),
@@ -206,8 +215,6 @@ Dims checked_dims(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e,
               w1.sizes(), " do not match");
   TORCH_CHECK(h.is_contiguous() && w.is_contiguous() && e.is_contiguous() && e.scalar_type() == at::kLong,
               "dmoe experts: h, weights and int64 experts must be contiguous");
-  TORCH_CHECK(e.numel() == 0 || (e.min().item<int64_t>() >= 0 && e.max().item<int64_t>() < d.E),
-              "dmoe experts: expert indices must lie in [0, ", d.E, ")");
   return d;
 }
 
@@ -219,15 +226,17 @@ std::vector<at::Tensor> experts_forward(const at::Tensor& h, const at::Tensor& w
   const Dims d = checked_dims(h, w, e, w1);
   at::Tensor y = at::empty_like(h);
   at::Tensor outs = at::empty({keep_out ? d.B * d.K * d.N * d.C : 0}, h.options());  // skipped pairs: never read
+  bool valid = true;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_experts_forward", [&] {
     const Params<scalar_t> P = params<scalar_t>(w1, b1, w2, b2, w1, w2);  // the transposes: backward only
     by_size(d.C, d.H, [&](auto ct, auto ht) {
-      forward_impl<scalar_t, decltype(ct)::value, decltype(ht)::value>(
+      valid = forward_impl<scalar_t, decltype(ct)::value, decltype(ht)::value>(
           d, h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), e.data_ptr<int64_t>(), P, skip_zero,
           dropout(draws, threshold, scale), serial(d), y.data_ptr<scalar_t>(),
           keep_out ? outs.data_ptr<scalar_t>() : nullptr);
     });
   });
+  TORCH_CHECK(valid, "dmoe experts: expert indices must lie in [0, ", d.E, ")");
   return {y, outs};
 }
 

@@ -11,6 +11,7 @@ import multiprocessing as mp
 
 import pytest
 import torch
+from dmoe_check import assert_equal_to_scale, run_layer
 from scripts import dmoe_kernels
 from scripts.dmoe import DMoE, ExpertBank, fast_dropout
 from scripts.dmoe_kernels import SPLIT_MIN_PAIRS, expert_routing, sparse_experts
@@ -38,25 +39,6 @@ def make_layer(dispatch: str, seed: int = 0, c: int = 8) -> DMoE:
     return layer
 
 
-def assert_equal_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = 1e-5) -> None:
-    """max |actual - expected| <= rel * max |expected|: equal up to float32 summation order (a weight gradient sums
-    thousands of terms, so element-wise relative error is meaningless where the sum nearly cancels)."""
-    err, scale = float((actual - expected).abs().max()), float(expected.abs().max())
-    assert err <= rel * max(scale, 1.0), f"{what}: max |diff| {err:.3g} > {rel:g} x max |value| {scale:.3g}"
-
-
-def run(layer: DMoE, x: torch.Tensor, g: torch.Tensor | None, seed: int = 7):
-    """Output and every gradient of ``sum(out * w)`` for a fixed w, with the noise and dropout of ``seed``."""
-    x = x.clone().requires_grad_()
-    layer.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = layer(x, g)
-    w = torch.linspace(-1.0, 1.0, out.numel()).view(out.shape)
-    (out * w).sum().backward()
-    grads = {k: p.grad for k, p in layer.named_parameters()}
-    return out.detach(), x.grad, grads
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("subgroup", [[0, 2], [3, 4], None])
 def test_fused_equals_dense_and_scripted_sparse(mode, subgroup):
@@ -67,7 +49,7 @@ def test_fused_equals_dense_and_scripted_sparse(mode, subgroup):
     for dispatch in ("dense", "sparse"):
         layer = make_layer(dispatch)
         layer.train(mode == "train")
-        res[dispatch] = run(layer, x, g)
+        res[dispatch] = run_layer(layer, x, g)
     assert not make_layer("sparse").uses_native(x.view(2, 8, -1))  # the fused Python node, not the native kernels
     scripted = torch.jit.script(make_layer("sparse").train(mode == "train"))  # forward_sparse, TorchScript
     with torch.no_grad():
@@ -155,9 +137,9 @@ def test_split_changes_no_bit(monkeypatch):
     layer = make_layer("sparse").train()
     x, g = torch.randn(X_SHAPE), torch.tensor([0, 1])
     assert 2 * x[:, 0].numel() >= SPLIT_MIN_PAIRS
-    split = run(layer, x, g)
+    split = run_layer(layer, x, g)
     monkeypatch.setattr(dmoe_kernels, "SPLIT_MIN_PAIRS", 10**12)
-    serial = run(layer, x, g)
+    serial = run_layer(layer, x, g)
     assert torch.equal(split[0], serial[0]) and torch.equal(split[1], serial[1])
     for k in split[2]:
         assert torch.equal(split[2][k], serial[2][k]), k

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from dmoe_check import assert_equal_to_scale, run_layer
 from scripts import dmoe_native
 from scripts.dmoe import DMoE, _lane_mask, lane_draws
 from scripts.dmoe_native import native_experts, native_route
@@ -41,23 +42,6 @@ def make_layer(c: int, native: bool, dispatch: str = "sparse", seed: int = 0) ->
     return layer
 
 
-def run(layer: DMoE, x: torch.Tensor, g: torch.Tensor | None, seed: int = 7):
-    """Output, input gradient and parameter gradients of ``sum(out * w)`` with the noise and dropout of ``seed``."""
-    x = x.clone().requires_grad_()
-    layer.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = layer(x, g)
-    w = torch.linspace(-1.0, 1.0, out.numel()).view(out.shape)
-    (out * w).sum().backward()
-    return out.detach(), x.grad, {k: p.grad for k, p in layer.named_parameters()}
-
-
-def assert_equal_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = 1e-5) -> None:
-    """max |actual - expected| <= rel * max |expected| (weight gradients sum thousands of float32 terms)."""
-    err, scale = float((actual - expected).abs().max()), float(expected.abs().max())
-    assert err <= rel * max(scale, 1.0), f"{what}: max |diff| {err:.3g} > {rel:g} x max |value| {scale:.3g}"
-
-
 @pytest.mark.parametrize("c", [8, 12, 64])  # 8: compile-time sizes; 12, 64: the generic loops
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("subgroup", [[0, 2], [3, 4], None])  # named; one unknown (dense fallback gates); none
@@ -67,7 +51,7 @@ def test_native_equals_dense(c, mode, subgroup):
     g = None if subgroup is None else torch.tensor(subgroup)
     native, dense = make_layer(c, True).train(mode == "train"), make_layer(c, False, "dense").train(mode == "train")
     assert native.uses_native(x.view(2, c, -1)) and not dense.uses_native(x.view(2, c, -1))
-    (out_n, gx_n, gp_n), (out_d, gx_d, gp_d) = run(native, x, g), run(dense, x, g)
+    (out_n, gx_n, gp_n), (out_d, gx_d, gp_d) = run_layer(native, x, g), run_layer(dense, x, g)
     torch.testing.assert_close(out_n, out_d, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx_n, gx_d, atol=1e-5, rtol=1e-5)
     assert gp_n["experts.w1"] is not None and gp_n["router.weight"] is not None

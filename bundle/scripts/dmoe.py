@@ -589,12 +589,14 @@ class DMoE(nn.Module):
         return self.forward_indexed(x, idx)
 
     @torch.jit.unused
-    def _eager_route(self, h: Tensor, idx: Tensor, need_probs: bool, fallback: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        """The router's ``(weights, experts, probs)`` in eager mode: the native CPU router when :meth:`uses_native`
-        says so and every case has a named subgroup and no probabilities are needed (the load-balancing loss),
-        else :class:`SubgroupNoisyTopKRouter` (same function, same random numbers)."""
+    def _eager_route(
+        self, h: Tensor, idx: Tensor, need_probs: bool, fallback: bool, native: bool
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The router's ``(weights, experts, probs)`` in eager mode: the native CPU router when ``native`` (see
+        :meth:`uses_native`) and every case has a named subgroup and no probabilities are needed (the load-balancing
+        loss), else :class:`SubgroupNoisyTopKRouter` (same function, same random numbers)."""
         r = self.router
-        if fallback or need_probs or torch.jit.is_tracing() or not self.uses_native(h):
+        if fallback or need_probs or not native:
             return r(h, idx, need_probs)
         b, n = h.shape[0], h.shape[2]
         noise = torch.randn(b, r.num_experts, n, dtype=h.dtype, device=h.device) if r.training and r.noise else None
@@ -602,11 +604,13 @@ class DMoE(nn.Module):
         return weights, experts, h.new_empty(0)
 
     @torch.jit.unused
-    def _eager_mix(self, x: Tensor, h: Tensor, weights: Tensor, experts: Tensor, dense: bool, fallback: bool) -> Tensor:
+    def _eager_mix(
+        self, x: Tensor, h: Tensor, weights: Tensor, experts: Tensor, dense: bool, fallback: bool, native: bool
+    ) -> Tensor:
         """``x + dropout(experts' mixture)`` in eager mode: the native CPU kernels (mixture, residual and dropout in
-        one pass, the same random draws) when :meth:`uses_native` says so, else the dense or the fused sparse Python
-        path (``dense``: :meth:`resolve_dispatch` chose dense) and :meth:`_add_dropped`."""
-        if not torch.jit.is_tracing() and self.uses_native(h):
+        one pass, the same random draws) when ``native`` (see :meth:`uses_native`), else the dense or the fused sparse
+        Python path (``dense``: :meth:`resolve_dispatch` chose dense) and :meth:`_add_dropped`."""
+        if native:
             p = self.dropout if self.training else 0.0
             draws = lane_draws(h.numel(), h.device) if p > 0.0 else None
             params = (self.experts.w1, self.experts.b1, self.experts.w2, self.experts.b2)
@@ -646,8 +650,9 @@ class DMoE(nn.Module):
             y = self.experts.forward_tokens(h, weights, experts, dense, fallback)
             out = self._add_dropped(x, y.reshape(x.shape))
         else:
-            weights, experts, probs = self._eager_route(h, idx, need_aux, fallback)
-            out = self._eager_mix(x, h, weights, experts, dense, fallback)
+            native = not torch.jit.is_tracing() and self.uses_native(h)  # decided once per forward
+            weights, experts, probs = self._eager_route(h, idx, need_aux, fallback, native)
+            out = self._eager_mix(x, h, weights, experts, dense, fallback, native)
         if self.record_stats or need_aux:
             top = top_k_along(weights.detach(), self.top_k, 1)[1] if fallback else experts  # (B, k, N)
             if self.record_stats:

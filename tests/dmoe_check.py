@@ -1,7 +1,10 @@
 """Helpers shared by the dMoE path tests (test_dmoe_kernels.py, test_dmoe_native.py): one training-style forward and
-backward of a layer, and a comparison to the scale of the expected values."""
+backward of a layer, a comparison to the scale of the expected values, and a layer run in a forked child."""
 
 from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Callable
 
 import torch
 from scripts.dmoe import DMoE
@@ -24,3 +27,20 @@ def assert_equal_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: st
     thousands of terms, so element-wise relative error is meaningless where the sum nearly cancels)."""
     err, scale = float((actual - expected).abs().max()), float(expected.abs().max())
     assert err <= rel * max(scale, 1.0), f"{what}: max |diff| {err:.3g} > {rel:g} x max |value| {scale:.3g}"
+
+
+def _sum_in_child(q, make: Callable[[], DMoE], x: torch.Tensor, g: torch.Tensor) -> None:
+    torch.set_num_threads(1)  # as in DataLoader workers; GNU OpenMP cannot run a 2-thread team in a forked child
+    with torch.no_grad():
+        q.put(float(make().eval()(x, g).sum()))
+
+
+def sum_in_forked_child(make: Callable[[], DMoE], x: torch.Tensor, g: torch.Tensor) -> float:
+    """``sum(make().eval()(x, g))`` computed in a child forked from this process, with one torch thread."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_sum_in_child, args=(q, make, x, g), daemon=True)
+    p.start()
+    p.join(timeout=120)
+    assert p.exitcode == 0, "the forked child did not finish"
+    return q.get(timeout=5)

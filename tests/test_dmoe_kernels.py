@@ -7,11 +7,9 @@ Sizes: a first-stage-like layer (C = 8, 2 x 16 x 16 x 8 voxels = 4096 tokens, 81
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import pytest
 import torch
-from dmoe_check import assert_equal_to_scale, run_layer
+from dmoe_check import assert_equal_to_scale, run_layer, sum_in_forked_child
 from scripts import dmoe_kernels
 from scripts.dmoe import DMoE, ExpertBank, fast_dropout
 from scripts.dmoe_kernels import SPLIT_MIN_PAIRS, expert_routing, sparse_experts
@@ -156,25 +154,12 @@ def test_autocast_runs_in_the_input_dtype():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
-def _child(q) -> None:
-    torch.set_num_threads(1)  # as in DataLoader workers; GNU OpenMP cannot run a 2-thread team in a forked child
-    layer = make_layer("sparse").eval()
-    with torch.no_grad():
-        q.put(float(layer(torch.ones(X_SHAPE), torch.tensor([0, 1])).sum()))
-
-
 def test_forked_child_runs_the_layer():
     """A child forked after the helper thread started computes the same output (one thread: no split)."""
-    layer = make_layer("sparse").eval()
+    x, g = torch.ones(X_SHAPE), torch.tensor([0, 1])
     with torch.no_grad():
-        parent = float(layer(torch.ones(X_SHAPE), torch.tensor([0, 1])).sum())  # starts the helper thread
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q,), daemon=True)
-    p.start()
-    p.join(timeout=120)
-    assert p.exitcode == 0, "the forked child did not finish"
-    assert q.get(timeout=5) == pytest.approx(parent, rel=1e-6)
+        parent = float(make_layer("sparse").eval()(x, g).sum())  # starts the helper thread
+    assert sum_in_forked_child(lambda: make_layer("sparse"), x, g) == pytest.approx(parent, rel=1e-6)
 
 
 def test_helper_thread_is_made_again_in_a_new_process(monkeypatch):

@@ -8,12 +8,11 @@ The kernels are built on first use (about 20 s). Where a C++ compiler exists the
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import shutil
 
 import pytest
 import torch
-from dmoe_check import assert_equal_to_scale, run_layer
+from dmoe_check import assert_equal_to_scale, run_layer, sum_in_forked_child
 from scripts import dmoe_native
 from scripts.dmoe import DMoE, _lane_mask, lane_draws
 from scripts.dmoe_native import native_experts, native_route
@@ -231,20 +230,9 @@ def test_not_used_under_autocast_or_for_other_dtypes():
     assert not make_layer(8, True, dispatch="dense").uses_native(h)
 
 
-def _child(q) -> None:
-    torch.set_num_threads(1)  # as in DataLoader workers (GNU OpenMP: no 2-thread team in a forked child)
-    with torch.no_grad():
-        q.put(float(make_layer(8, True).eval()(torch.ones(2, 8, 8, 8, 4), torch.tensor([0, 1])).sum()))
-
-
 def test_forked_child_runs_the_native_layer():
     """A child forked after the parent ran the kernels on two threads computes the same output on one."""
+    x, g = torch.ones(2, 8, 8, 8, 4), torch.tensor([0, 1])
     with torch.no_grad():
-        parent = float(make_layer(8, True).eval()(torch.ones(2, 8, 8, 8, 4), torch.tensor([0, 1])).sum())
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q,), daemon=True)
-    p.start()
-    p.join(timeout=120)
-    assert p.exitcode == 0, "the forked child did not finish"
-    assert q.get(timeout=5) == pytest.approx(parent, rel=1e-6)
+        parent = float(make_layer(8, True).eval()(x, g).sum())
+    assert sum_in_forked_child(lambda: make_layer(8, True), x, g) == pytest.approx(parent, rel=1e-6)

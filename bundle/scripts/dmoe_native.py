@@ -132,7 +132,10 @@ def available() -> bool:
         if "ok" not in _state:
             _try_load()
     if not _state["ok"] and wanted == "1":
-        raise NativeKernelError(f"{ENV_VAR}=1 but the native dMoE kernels could not be built: {_state['error']}")
+        raise NativeKernelError(
+            f"{ENV_VAR}=1 but the native dMoE kernels could not be built: {_state['error']}. Install a C++ compiler "
+            f"and ninja (requirements.txt), or set {ENV_VAR}=auto or 0 to use the Python path."
+        )
     return _state["ok"]
 
 

@@ -13,7 +13,18 @@ from scripts.safe_io import read_large_files, sha256_file
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(REPO / "tools"))
-from verify_bundle import verify_bundle  # noqa: E402
+from verify_bundle import (  # noqa: E402
+    CHECKS,
+    CHECKS_2D,
+    META_2D,
+    CheckFailed,
+    _checks,
+    _stacks,
+    check_changelog_2d,
+    verify_bundle,
+)
+
+CHECK_NAMES_2D = ("verify_metadata 2d", "changelog 2d", "verify_net_in_out 2d", "ckpt_export 2d")
 
 
 def _copy_bundle(tmp_path: Path) -> Path:
@@ -36,6 +47,12 @@ def test_verify_passes_on_the_repo_bundle(meta_schema):
     for check in ("files", "verify_metadata", "changelog", "hashes", "verify_net_in_out", "ckpt_export"):
         assert f"PASS {check}:" in res.stdout, check
     assert "PASS workflow train:" in res.stdout and "PASS workflow inference+inference_dicom:" in res.stdout
+    for check in CHECK_NAMES_2D:  # the 2D configuration (profiles/2d_inference.json is shipped)
+        assert f"PASS {check}:" in res.stdout, check
+    assert "PASS workflow inference+2d_inference:" in res.stdout
+    for name, profile in (("train+2d", "2d.json"), ("train+evaluate+2d+2d_evaluate", "2d_evaluate.json")):
+        if (BUNDLE / "configs" / "profiles" / profile).is_file():
+            assert f"PASS workflow {name}:" in res.stdout, name
     assert "FAIL" not in res.stdout and "ALL CHECKS PASSED" in res.stdout
 
 
@@ -97,3 +114,80 @@ def test_monai_download_large_files_reads_the_yml(tmp_path):
     res = subprocess.run([sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(bundle)],
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_verify_fails_on_2d_metadata_with_a_3d_shape(tmp_path, meta_schema):
+    """The 2D checks run after the 3D ones; a 3D spatial_shape in metadata_2d.json passes the schema and fails the
+    2D network's input check (the 2D network refuses a 5-D input)."""
+    bundle = _copy_bundle(tmp_path)
+    meta_path = bundle / "configs" / META_2D
+    meta = json.loads(meta_path.read_text())
+    for tensor in (meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]):
+        tensor["spatial_shape"] = [64, 64, 32]
+    meta_path.write_text(json.dumps(meta, indent=4))
+    ok, out = _verify(bundle, meta_schema)
+    assert not ok
+    for check in ("ckpt_export", "verify_metadata 2d", "changelog 2d"):
+        assert f"PASS {check}:" in out, check
+    fail = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(fail) == 1 and fail[0].startswith("FAIL verify_net_in_out 2d:"), out
+    assert "PASS ckpt_export 2d" not in out and "PASS workflow" not in out, "verification stops at the first failure"
+
+
+def test_2d_checks_run_only_where_the_2d_configuration_is_shipped(tmp_path):
+    bundle = _copy_bundle(tmp_path)
+    assert [n for n, _ in _checks(bundle)] == [n for n, _ in CHECKS] + list(CHECK_NAMES_2D)
+    assert [n for n, _ in CHECKS_2D] == list(CHECK_NAMES_2D)
+    (bundle / "configs" / "profiles" / "2d_inference.json").unlink()
+    assert [n for n, _ in _checks(bundle)] == [n for n, _ in CHECKS]
+
+
+def test_2d_metadata_needs_the_main_version(tmp_path):
+    bundle = _copy_bundle(tmp_path)
+    main = json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
+    assert check_changelog_2d(bundle) == f"version {main} is in the changelog"
+    meta_path = bundle / "configs" / META_2D
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = "0.1.0"  # in the changelog, but not the bundle's version
+    meta_path.write_text(json.dumps(meta, indent=4))
+    with pytest.raises(CheckFailed, match=rf"version '0.1.0' differs from metadata.json's '{main}'"):
+        check_changelog_2d(bundle)
+
+
+def _profile(cfg: Path, name: str, content: dict) -> None:
+    (cfg / "profiles" / name).write_text(json.dumps(content))
+
+
+def test_2d_workflow_stacks(tmp_path):
+    """The 2D profiles are stacked only as the 2D stacks (each where its files exist), a data-set overlay last on
+    each of them, and neither is stacked as a hardware profile on train.json or inference.json alone."""
+    cfg = tmp_path / "configs"
+    (cfg / "profiles").mkdir(parents=True)
+    (cfg / "variants").mkdir()
+    for name in ("train.json", "inference.json"):
+        (cfg / name).write_text("{}")
+    _profile(cfg, "gpu.json", {"features": 32})
+    _profile(cfg, "2d_inference.json", {"spatial_dims": 2})
+    _profile(cfg, "ds.json", {"settings_help#dataset_ds": "a data set", "in_channels": 3})
+    stacks = {name: (files, kind, extra) for name, files, kind, extra in _stacks(tmp_path)}
+    assert stacks["inference+2d_inference"] == (["inference.json", "profiles/2d_inference.json"], "infer", {"dims": 2})
+    assert stacks["inference+2d_inference+profiles/ds.json"][0][-1] == "profiles/ds.json"
+    assert "train+profiles/gpu.json" in stacks and "inference+profiles/gpu.json" in stacks
+    assert [n for n in stacks if "ds.json" in n] == ["inference+2d_inference+profiles/ds.json"]
+    assert [n for n in stacks if "2d_inference" in n] == [
+        "inference+2d_inference",
+        "inference+2d_inference+profiles/ds.json",
+    ]
+    assert "train+2d" not in stacks and "train+evaluate+2d+2d_evaluate" not in stacks  # their profiles are absent
+    _profile(cfg, "2d.json", {"spatial_dims": 2})
+    _profile(cfg, "2d_evaluate.json", {})
+    (cfg / "evaluate.json").write_text("{}")
+    stacks = {name: (files, kind) for name, files, kind, _ in _stacks(tmp_path)}
+    assert stacks["train+2d"] == (["train.json", "profiles/2d.json"], "train")
+    expected = ["train.json", "evaluate.json", "profiles/2d.json", "profiles/2d_evaluate.json", "profiles/ds.json"]
+    assert stacks["train+evaluate+2d+2d_evaluate+profiles/ds.json"] == (expected, "train")
+    assert sorted(n for n in stacks if "profiles/" in n and "2d" not in n) == [
+        "inference+profiles/gpu.json",
+        "train+profiles/gpu.json",
+    ]

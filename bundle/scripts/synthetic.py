@@ -33,6 +33,8 @@ writes ``DIR/images/<id>.nii.gz`` (int16 HU), ``DIR/labels/<id>.nii.gz`` (uint8,
 ``DIR/datalist.json`` with ``training``/``validation``/``testing`` lists. Paths in the datalist are
 relative to ``DIR`` (MONAI's ``load_decathlon_datalist`` resolves them against ``base_dir``). Every item
 records ``subtype`` (``"majority"`` or the minority kind): only evaluation and the ``oracle`` variant read it.
+
+``--spatial-dims 2`` writes the 2D PNG cohort of :mod:`scripts.synthetic_2d` instead (its own options).
 """
 
 from __future__ import annotations
@@ -135,7 +137,13 @@ def _draw_hard(rng: np.random.Generator, stages: np.ndarray, minority: np.ndarra
     return hard
 
 
-def draw_attributes(n_cases: int, seed: int, minority: str = DEFAULT_MINORITY, frac: float = DEFAULT_MINORITY_FRAC):
+def draw_attributes(
+    n_cases: int,
+    seed: int,
+    minority: str = DEFAULT_MINORITY,
+    frac: float = DEFAULT_MINORITY_FRAC,
+    hard_kinds: tuple[str, ...] = HARD_KINDS,
+):
     """Draw stage, institution, subtype and the hard-case flag of every case.
 
     Stage counts follow ``STAGE_FREQ`` exactly; institutions are drawn with their frequencies (every one present
@@ -147,6 +155,7 @@ def draw_attributes(n_cases: int, seed: int, minority: str = DEFAULT_MINORITY, f
         seed: random seed.
         minority: minority kind recorded as the ``subtype`` of minority cases.
         frac: share of minority cases inside every stage group.
+        hard_kinds: the kinds a hard case is drawn from (the 2D cohort has only ``low_contrast``).
 
     Returns:
         a list of dicts with ``id``, ``stage``, ``institution``, ``subtype``, ``hard`` and ``hard_kind``.
@@ -161,7 +170,7 @@ def draw_attributes(n_cases: int, seed: int, minority: str = DEFAULT_MINORITY, f
                 insts[np.flatnonzero(insts == largest)[0]] = g
     is_minority = _draw_minority(rng, stages, frac)
     hard = _draw_hard(rng, stages, is_minority)
-    kinds = rng.choice(len(HARD_KINDS), size=n_cases)
+    kinds = rng.choice(len(hard_kinds), size=n_cases)
     return [
         {
             "id": f"case_{i:03d}",
@@ -169,7 +178,7 @@ def draw_attributes(n_cases: int, seed: int, minority: str = DEFAULT_MINORITY, f
             "institution": INSTITUTIONS[insts[i]].name,
             "subtype": minority if is_minority[i] else "majority",
             "hard": bool(hard[i]),
-            "hard_kind": HARD_KINDS[kinds[i]] if hard[i] else "",
+            "hard_kind": hard_kinds[kinds[i]] if hard[i] else "",
         }
         for i in range(n_cases)
     ]
@@ -437,13 +446,18 @@ def _check_split(fractions) -> tuple[float, float, float]:
     return values
 
 
-def _check_minority(kind: str, frac: float, difficulty: int) -> None:
-    if kind not in MINORITY_KINDS:
-        raise ValueError(f"minority must be one of {list(MINORITY_KINDS)}, got {kind!r}.")
-    if not (math.isfinite(frac) and MIN_MINORITY_FRAC <= frac <= 0.5):
-        raise ValueError(
-            f"minority_frac must be in [{MIN_MINORITY_FRAC}, 0.5] (share of each stage group), got {frac}."
-        )
+def _check_minority(
+    kind: str,
+    frac: float,
+    difficulty: int,
+    kinds: tuple[str, ...] = MINORITY_KINDS,
+    min_frac: float = MIN_MINORITY_FRAC,
+) -> None:
+    """Check the minority's kind (one of ``kinds``), share (in ``[min_frac, 0.5]``) and level (0..3)."""
+    if kind not in kinds:
+        raise ValueError(f"minority must be one of {list(kinds)}, got {kind!r}.")
+    if not (math.isfinite(frac) and min_frac <= frac <= 0.5):
+        raise ValueError(f"minority_frac must be in [{min_frac}, 0.5] (share of each stage group), got {frac}.")
     if isinstance(difficulty, bool) or difficulty not in range(len(LEVEL_SEVERITY)):
         raise ValueError(f"difficulty must be an integer level 0..{len(LEVEL_SEVERITY) - 1}, got {difficulty!r}.")
 
@@ -544,8 +558,22 @@ def _write_dicom_case(image, label, affine, out: Path, case_id: str, attrs: dict
     }
 
 
+def _spatial_dims(argv: list[str]) -> int:
+    """The ``--spatial-dims`` of a command line (3 when absent); argparse reports a value other than 2 or 3."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3)
+    return pre.parse_known_args(argv)[0].spatial_dims
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _spatial_dims(argv) == 2:  # the 2D cohort (PNG) has its own options: --shape X Y, --minority ring
+        from scripts import synthetic_2d
+
+        return synthetic_2d.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3,
+                        help="3: this CT cohort (default); 2: the 2D PNG cohort (scripts/synthetic_2d.py)")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n-cases", type=int, default=60, help="number of cases (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -289,7 +289,7 @@ def test_an_already_loaded_datalist_is_checked_too(tmp_path):
 def test_invalid_arguments_raise(tmp_path):
     make_cohort(tmp_path)
     with pytest.raises(ValueError, match="patch_size"):
-        check_datalist(tmp_path / "datalist.json", patch_size=(8, 8))
+        check_datalist(tmp_path / "datalist.json", patch_size=(8,))  # (8, 8) is a 2D patch
     with pytest.raises(ValueError, match="keys"):
         check_datalist(tmp_path / "datalist.json", keys="training")
     with pytest.raises(ValueError, match="subgroups"):

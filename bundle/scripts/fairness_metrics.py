@@ -1,4 +1,5 @@
-"""Fairness metrics for 3D segmentation: per-case scores, subgroup statistics and a MONAI/Ignite metric.
+"""Fairness metrics for 3D and 2D segmentation, binary or multi-class: per-case scores, subgroup statistics and a
+MONAI/Ignite metric.
 
 Three layers, each usable on its own:
 
@@ -34,6 +35,17 @@ the boundary voxels of one mask to the boundary of the other. NSD follows Nikolo
 (https://arxiv.org/abs/1809.04430): the fraction of boundary voxels of both masks lying within the
 tolerance of the other boundary (MONAI's ``compute_surface_dice`` without sub-voxels).
 
+Multi-class cases (a prediction of ``C > 2`` channels, or ``class_names`` given; :func:`multiclass_case_metrics`):
+each foreground class ``k = 1 .. C-1`` is scored as the binary masks ``class == k`` with the conventions above
+(per class: both empty: Dice 1, IoU 1; exactly one empty: 0), giving ``dice_<class>`` and ``iou_<class>``
+(IoU = ``|P & L| / |P | L|``); the case's ``dice``, ``iou``, ``hd95`` and ``nsd`` are the means over the
+foreground classes, so everything that reads ``dice`` (key metric, worst-group Dice, verdicts) reads the mean.
+Binary cases keep their columns (no ``iou``, no per-class column).
+
+Distance units: in mm from the spacing (NIfTI/DICOM affines); in pixels for images without geometry (a
+MetaTensor whose ``filename_or_obj`` ends in .png, .jpg, .jpeg or .npz, or ``distance_unit="px"``), where the
+keys are ``hd95_px`` and ``nsd_px`` and the NSD tolerance is in pixels (:func:`resolve_distance_unit`).
+
 Subgroup statistics (for a higher-is-better score ``m`` such as Dice; ``m_i`` per case, ``G`` subgroups,
 ``n_g`` cases in subgroup ``g``, ``N`` cases in all):
 
@@ -59,6 +71,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -81,14 +94,21 @@ __all__ = [
     "NotComputableError",
     "as_binary_mask",
     "case_metadata",
+    "class_map",
+    "class_names_for",
+    "class_names_of",
     "compute_case_metrics",
     "compute_group_metrics",
     "cvar",
     "group_statistics",
     "image_diagonal_mm",
+    "infer_spatial_dims",
     "metric_output_names",
     "minority_metrics",
+    "multiclass_case_metrics",
+    "num_channels",
     "records_to_table",
+    "resolve_distance_unit",
     "spacing_of",
     "subtype_kind",
 ]
@@ -101,6 +121,13 @@ CASE_METRICS: tuple[str, ...] = ("dice", "hd95", "nsd")
 CASE_METRICS_KEY = "case_metrics"
 #: Per-case metrics for which higher is better and that lie in [0, 1]: the ones group statistics accept.
 BOUNDED_METRICS: tuple[str, ...] = ("dice", "nsd")
+#: Per-case score columns of a report besides the per-class ``dice_<class>``, ``iou_<class>``, in column order
+#: (``iou`` only for multi-class cases; ``hd95_px``, ``nsd_px`` when distances are in pixels).
+SCORE_COLUMNS: tuple[str, ...] = ("dice", "iou", "hd95", "hd95_px", "nsd", "nsd_px")
+#: Values of ``distance_unit``: ``auto`` picks ``px`` for images from files without geometry, else ``mm``.
+DISTANCE_UNITS: tuple[str, ...] = ("auto", "mm", "px")
+#: File suffixes (``filename_or_obj`` of a MetaTensor) whose images carry no physical spacing.
+PIXEL_FILE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".npz")
 #: Group label given to a case whose attribute value is missing.
 UNKNOWN_GROUP = "unknown"
 #: Per-case column naming the case's hidden subtype: ``MAJORITY`` or a minority kind (read by evaluation only).
@@ -114,6 +141,20 @@ _warned_unit_spacing = False
 # --------------------------------------------------------------------------------------------------------------
 # per-case metrics
 # --------------------------------------------------------------------------------------------------------------
+def _as_cpu_tensor(x: Any) -> torch.Tensor:
+    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    t = t.detach().cpu()
+    return t.to(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _shape_error(shape: Sequence[int], spatial_dims: int) -> ValueError:
+    axes = "HWD"[:spatial_dims]
+    return ValueError(
+        f"a case must have shape C{axes} or {axes} ({spatial_dims} spatial dims), got shape {tuple(shape)}; "
+        "pass one case at a time, channel-first."
+    )
+
+
 def as_binary_mask(x: Any, spatial_dims: int = 3) -> torch.Tensor:
     """Reduce a prediction or label of one case to its foreground mask.
 
@@ -130,10 +171,7 @@ def as_binary_mask(x: Any, spatial_dims: int = 3) -> torch.Tensor:
     Raises:
         ValueError: when ``x`` has neither ``spatial_dims`` nor ``spatial_dims + 1`` dimensions.
     """
-    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
-    t = t.detach().cpu()
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
+    t = _as_cpu_tensor(x)
     if t.ndim == spatial_dims:
         return t.float() > 0.5
     if t.ndim == spatial_dims + 1:
@@ -143,10 +181,92 @@ def as_binary_mask(x: Any, spatial_dims: int = 3) -> torch.Tensor:
         # strictly above channel 0 (a tie goes to channel 0, as in argmax)
         t = t.float()
         return t[1:].amax(dim=0) > t[0]
-    raise ValueError(
-        f"a case must have shape C{'HWD'[:spatial_dims]} or {'HWD'[:spatial_dims]} ({spatial_dims} spatial dims), "
-        f"got shape {tuple(t.shape)}; pass one case at a time, channel-first."
-    )
+    raise _shape_error(t.shape, spatial_dims)
+
+
+def infer_spatial_dims(x: Any) -> int:
+    """Spatial dimensions of one channel-first case ``C[spatial]``: its number of dimensions minus one.
+
+    Raises:
+        ValueError: when ``x`` has fewer than 3 dimensions (a case is at least ``C H W``).
+    """
+    ndim = len(x.shape) if hasattr(x, "shape") else np.ndim(x)
+    if ndim < 3:
+        raise ValueError(f"cannot infer `spatial_dims` from a case of shape {tuple(np.shape(x))}: expected CHW(D).")
+    return ndim - 1
+
+
+def num_channels(x: Any, spatial_dims: int) -> int:
+    """Channels of one case: ``C`` for ``C[spatial]``, 1 for a case without channel axis."""
+    ndim = len(x.shape) if hasattr(x, "shape") else np.ndim(x)
+    return int(x.shape[0]) if ndim == spatial_dims + 1 else 1
+
+
+def class_names_for(class_names: Sequence[str] | None, channels: int) -> tuple[str, ...]:
+    """The ``C`` class names of a prediction with ``channels`` channels (index 0: the background).
+
+    Args:
+        class_names: names of all classes, background first (e.g. ``["background", "rim", "cup"]``), or
+            ``None`` for ``background, class1, class2, ...``. Each name is letters, digits, ``_``, ``.`` or
+            ``-`` (it becomes part of the column names ``dice_<name>`` and ``iou_<name>``).
+        channels: channels of the prediction; 1 (a label map) takes the number of classes from ``class_names``.
+
+    Raises:
+        TypeError: when ``class_names`` is a string.
+        ValueError: fewer than two names, invalid or repeated names, or a count unequal to ``channels``.
+    """
+    if class_names is None:
+        if channels < 2:
+            raise ValueError("a label-map prediction (one channel) needs `class_names` to know the classes.")
+        return ("background", *(f"class{k}" for k in range(1, channels)))
+    if isinstance(class_names, str):
+        raise TypeError(f"`class_names` must be a list of names, got the string {class_names!r}.")
+    names = tuple(class_names)
+    bad = [n for n in names if not isinstance(n, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", n)]
+    if len(names) < 2 or bad or len(set(names)) != len(names):
+        raise ValueError(
+            f"`class_names` must hold at least two distinct names of letters, digits, '_', '.', '-' "
+            f"(background first), got {list(names)}."
+        )
+    if channels > 1 and len(names) != channels:
+        raise ValueError(
+            f"`class_names` has {len(names)} names {list(names)} but the prediction has {channels} channels: "
+            "give one name per channel, background first."
+        )
+    return names
+
+
+def class_map(x: Any, n_classes: int, spatial_dims: int) -> torch.Tensor:
+    """Class index of every voxel of one case: ``[spatial]`` int64 on the CPU.
+
+    ``x`` is one-hot or per-class probabilities ``C[spatial]`` with ``C == n_classes`` (arg-max, a tie going
+    to the lower class), or a label map ``1[spatial]`` or ``[spatial]`` holding integers ``0 .. n_classes - 1``.
+
+    Raises:
+        ValueError: a wrong number of dimensions or channels, or label-map values that are not class indices.
+    """
+    t = _as_cpu_tensor(x)
+    if t.ndim == spatial_dims + 1 and t.shape[0] > 1:
+        if t.shape[0] != n_classes:
+            raise ValueError(f"a case has {t.shape[0]} channels but there are {n_classes} classes.")
+        return t.float().argmax(dim=0)
+    if t.ndim == spatial_dims + 1:
+        t = t[0]
+    elif t.ndim != spatial_dims:
+        raise _shape_error(t.shape, spatial_dims)
+    values = t.double()
+    labels = torch.round(values).long()
+    if labels.numel() and (
+        not torch.equal(labels.double(), values) or int(labels.min()) < 0 or int(labels.max()) >= n_classes
+    ):
+        raise ValueError(f"a label map must hold the class indices 0..{n_classes - 1} only.")
+    return labels
+
+
+def class_names_of(columns: Any) -> list[str]:
+    """The class names of per-class score columns: ``X`` for every ``dice_X`` that has its ``iou_X``."""
+    keys = list(columns)
+    return [k[len("dice_") :] for k in keys if k.startswith("dice_") and f"iou_{k[len('dice_') :]}" in keys]
 
 
 def spacing_of(x: Any, spatial_dims: int = 3) -> tuple[float, ...] | None:
@@ -154,6 +274,35 @@ def spacing_of(x: Any, spatial_dims: int = 3) -> tuple[float, ...] | None:
     if isinstance(x, MetaTensor) and x.affine is not None and x.affine.ndim == 2:
         return tuple(float(s) for s in x.pixdim[:spatial_dims])
     return None
+
+
+def _from_pixel_file(x: Any) -> bool:
+    if not isinstance(x, MetaTensor):
+        return False
+    name = x.meta.get("filename_or_obj")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return str(name or "").lower().endswith(PIXEL_FILE_SUFFIXES)
+
+
+def resolve_distance_unit(distance_unit: str, spacing: Any, *cases: Any) -> str:
+    """``"mm"`` or ``"px"``: the unit of the distances (HD95, NSD tolerance) of a case.
+
+    ``"auto"`` gives ``"px"`` when no ``spacing`` is given and a case's MetaTensor comes from a file without
+    geometry (``filename_or_obj`` ending in .png, .jpg, .jpeg or .npz), else ``"mm"``.
+
+    Raises:
+        ValueError: an unknown unit, or ``"px"`` with an explicit ``spacing``.
+    """
+    if distance_unit not in DISTANCE_UNITS:
+        raise ValueError(f"`distance_unit` must be one of {DISTANCE_UNITS}, got {distance_unit!r}.")
+    if distance_unit == "px" and spacing is not None:
+        raise ValueError("`distance_unit` 'px' measures in pixels: it takes no `spacing`.")
+    if distance_unit != "auto":
+        return distance_unit
+    if spacing is None and any(_from_pixel_file(c) for c in cases):
+        return "px"
+    return "mm"
 
 
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -181,34 +330,41 @@ def _resolve_spacing(spacing: Any, y_pred: Any, y: Any, spatial_dims: int) -> tu
     return spacing
 
 
-def compute_case_metrics(
-    y_pred: Any,
-    y: Any,
-    spacing: float | Sequence[float] | None = None,
-    tolerance_mm: float = 2.0,
-    percentile: float = 95.0,
-    metrics: Sequence[str] = CASE_METRICS,
-    spatial_dims: int = 3,
+def _overlap(p: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
+    """Dice and IoU of two boolean masks: 1 when both are empty, 0 when exactly one is."""
+    inter = float(torch.logical_and(p, g).sum())
+    total = float(p.sum()) + float(g.sum())
+    dice = 1.0 if total == 0 else 2.0 * inter / total
+    union = total - inter
+    return dice, (1.0 if union == 0 else inter / union)
+
+
+def _distances(
+    p: torch.Tensor, g: torch.Tensor, spacing: tuple[float, ...], wants: Sequence[str], tolerance: float, pct: float
 ) -> dict[str, float]:
-    """Dice, HD95 (mm) and normalised surface Dice (NSD) of one case.
+    """HD95 and NSD of two boolean masks (those of ``wants``), with the empty-mask conventions."""
+    p_any, g_any = bool(p.any()), bool(g.any())
+    if not p_any and not g_any:
+        return {m: (0.0 if m == "hd95" else 1.0) for m in wants}
+    if p_any != g_any:
+        return {m: (image_diagonal_mm(p.shape, spacing) if m == "hd95" else 0.0) for m in wants}
+    p5, g5 = p[None, None], g[None, None]
+    out: dict[str, float] = {}
+    with warnings.catch_warnings():
+        # MONAI 1.6 warns about its own deprecated internal argument on every call
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        if "hd95" in wants:
+            hd = compute_hausdorff_distance(p5, g5, include_background=True, percentile=pct, spacing=spacing)
+            out["hd95"] = float(hd.reshape(-1)[0])
+        if "nsd" in wants:
+            nsd = compute_surface_dice(
+                p5, g5, class_thresholds=[float(tolerance)], include_background=True, spacing=spacing
+            )
+            out["nsd"] = float(nsd.reshape(-1)[0])
+    return out
 
-    Args:
-        y_pred: prediction of one case, ``C[spatial]`` or ``[spatial]`` (see :func:`as_binary_mask`).
-        y: label of the same case on the same grid.
-        spacing: voxel spacing in mm along the tensor axes, one number per axis or one for all. ``None``: read
-            from ``y_pred`` (or ``y``) when it is a MetaTensor, else 1 (with a warning: distances in voxels).
-        tolerance_mm: NSD tolerance in mm (a boundary voxel within this distance of the other boundary counts).
-        percentile: percentile of the Hausdorff distance (95 gives HD95, 100 the maximum).
-        metrics: which of ``("dice", "hd95", "nsd")`` to compute; distances are skipped when not asked for.
-        spatial_dims: number of spatial dimensions.
 
-    Returns:
-        ``{name: value}`` for the requested metrics, with the empty-mask conventions of the module docstring:
-        both masks empty: dice 1, hd95 0, nsd 1; exactly one empty: dice 0, hd95 = image diagonal in mm, nsd 0.
-
-    Raises:
-        ValueError: on an unknown metric name, mismatched shapes, a negative tolerance or invalid spacing.
-    """
+def _check_case_args(metrics: Sequence[str], tolerance_mm: float, percentile: float) -> None:
     unknown = [m for m in metrics if m not in CASE_METRICS]
     if unknown:
         raise ValueError(f"`metrics` must be among {CASE_METRICS}, got unknown {unknown}.")
@@ -216,42 +372,125 @@ def compute_case_metrics(
         raise ValueError(f"`tolerance_mm` must be a finite number >= 0, got {tolerance_mm}.")
     if not 0 < percentile <= 100:
         raise ValueError(f"`percentile` must be in (0, 100], got {percentile}.")
-    p = as_binary_mask(y_pred, spatial_dims)
-    g = as_binary_mask(y, spatial_dims)
+
+
+def _grid_error(p: torch.Tensor, g: torch.Tensor) -> ValueError:
+    return ValueError(
+        f"prediction and label must share one grid, got spatial shapes {tuple(p.shape)} and {tuple(g.shape)}; "
+        "invert the prediction to the label's grid first (e.g. monai.transforms.Invertd)."
+    )
+
+
+def compute_case_metrics(
+    y_pred: Any,
+    y: Any,
+    spacing: float | Sequence[float] | None = None,
+    tolerance_mm: float = 2.0,
+    percentile: float = 95.0,
+    metrics: Sequence[str] = CASE_METRICS,
+    spatial_dims: int | None = 3,
+    class_names: Sequence[str] | None = None,
+    distance_unit: str = "mm",
+) -> dict[str, float]:
+    """Dice, HD95 and normalised surface Dice (NSD) of one case, binary or multi-class.
+
+    Args:
+        y_pred: prediction of one case, ``C[spatial]`` or ``[spatial]`` (see :func:`as_binary_mask`).
+        y: label of the same case on the same grid.
+        spacing: voxel spacing in mm along the tensor axes, one number per axis or one for all. ``None``: read
+            from ``y_pred`` (or ``y``) when it is a MetaTensor, else 1 (with a warning: distances in voxels).
+        tolerance_mm: NSD tolerance in mm (a boundary voxel within this distance of the other boundary counts);
+            in pixels when the distances are.
+        percentile: percentile of the Hausdorff distance (95 gives HD95, 100 the maximum).
+        metrics: which of ``("dice", "hd95", "nsd")`` to compute; distances are skipped when not asked for.
+        spatial_dims: number of spatial dimensions; ``None``: ``y_pred.ndim - 1`` (``y_pred`` channel-first).
+        class_names: all class names, background first; given, or with ``C > 2`` prediction channels, the case
+            is scored per class (see :func:`multiclass_case_metrics`); else binary (foreground vs background).
+        distance_unit: ``"mm"`` (spacing as above), ``"px"`` (spacing 1, keys ``hd95_px``, ``nsd_px``) or
+            ``"auto"`` (see :func:`resolve_distance_unit`).
+
+    Returns:
+        ``{name: value}`` for the requested metrics, with the empty-mask conventions of the module docstring:
+        both masks empty: dice 1, hd95 0, nsd 1; exactly one empty: dice 0, hd95 = image diagonal in mm, nsd 0.
+        Multi-class adds ``iou`` and ``dice_<class>``, ``iou_<class>`` per foreground class.
+
+    Raises:
+        ValueError: on an unknown metric name, mismatched shapes, a negative tolerance or invalid spacing.
+    """
+    _check_case_args(metrics, tolerance_mm, percentile)
+    sd = infer_spatial_dims(y_pred) if spatial_dims is None else int(spatial_dims)
+    unit = resolve_distance_unit(distance_unit, spacing, y_pred, y)
+    channels = num_channels(y_pred, sd)
+    if class_names is not None or channels > 2:
+        names = class_names_for(class_names, channels)
+        out = multiclass_case_metrics(y_pred, y, names, spacing, tolerance_mm, percentile, metrics, sd, unit)
+    else:
+        out = _binary_case_metrics(y_pred, y, spacing, tolerance_mm, percentile, metrics, sd, unit)
+    return out if unit == "mm" else {(f"{k}_px" if k in ("hd95", "nsd") else k): v for k, v in out.items()}
+
+
+def _case_spacing(unit: str, spacing: Any, y_pred: Any, y: Any, spatial_dims: int) -> tuple[float, ...]:
+    return (1.0,) * spatial_dims if unit == "px" else _resolve_spacing(spacing, y_pred, y, spatial_dims)
+
+
+def _binary_case_metrics(
+    y_pred: Any, y: Any, spacing: Any, tolerance: float, pct: float, metrics: Sequence[str], sd: int, unit: str
+) -> dict[str, float]:
+    p = as_binary_mask(y_pred, sd)
+    g = as_binary_mask(y, sd)
     if p.shape != g.shape:
-        raise ValueError(
-            f"prediction and label must share one grid, got spatial shapes {tuple(p.shape)} and {tuple(g.shape)}; "
-            "invert the prediction to the label's grid first (e.g. monai.transforms.Invertd)."
-        )
+        raise _grid_error(p, g)
     out: dict[str, float] = {}
-    p_any, g_any = bool(p.any()), bool(g.any())
     if "dice" in metrics:
-        inter = float(torch.logical_and(p, g).sum())
-        total = float(p.sum()) + float(g.sum())
-        out["dice"] = 1.0 if total == 0 else 2.0 * inter / total
-    wants_distance = [m for m in ("hd95", "nsd") if m in metrics]
-    if not wants_distance:
+        out["dice"] = _overlap(p, g)[0]
+    wants = [m for m in ("hd95", "nsd") if m in metrics]
+    if not wants:
         return out
-    sp = _resolve_spacing(spacing, y_pred, y, spatial_dims)
-    if not p_any and not g_any:
-        out.update({m: (0.0 if m == "hd95" else 1.0) for m in wants_distance})
-        return out
-    if p_any != g_any:
-        out.update({m: (image_diagonal_mm(p.shape, sp) if m == "hd95" else 0.0) for m in wants_distance})
-        return out
-    p5, g5 = p[None, None], g[None, None]
-    with warnings.catch_warnings():
-        # MONAI 1.6 warns about its own deprecated internal argument on every call
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        if "hd95" in metrics:
-            hd = compute_hausdorff_distance(p5, g5, include_background=True, percentile=percentile, spacing=sp)
-            out["hd95"] = float(hd.reshape(-1)[0])
-        if "nsd" in metrics:
-            nsd = compute_surface_dice(
-                p5, g5, class_thresholds=[float(tolerance_mm)], include_background=True, spacing=sp
-            )
-            out["nsd"] = float(nsd.reshape(-1)[0])
+    sp = _case_spacing(unit, spacing, y_pred, y, sd)
+    out.update(_distances(p, g, sp, wants, tolerance, pct))
     return {m: out[m] for m in metrics}
+
+
+def multiclass_case_metrics(
+    y_pred: Any,
+    y: Any,
+    class_names: Sequence[str],
+    spacing: Any = None,
+    tolerance: float = 2.0,
+    percentile: float = 95.0,
+    metrics: Sequence[str] = CASE_METRICS,
+    spatial_dims: int = 3,
+    unit: str = "mm",
+) -> dict[str, float]:
+    """Per-class scores of one case and their means over the foreground classes ``1 .. C-1``.
+
+    Each foreground class ``k`` is scored as a binary case of the masks ``class == k`` (the prediction's
+    arg-max, the label's one-hot arg-max or label-map value; see :func:`class_map`), with the empty-mask
+    conventions of the binary case for that class: both empty: Dice 1, IoU 1, HD95 0, NSD 1; exactly one
+    empty: Dice 0, IoU 0, HD95 the image diagonal, NSD 0.
+
+    Returns:
+        ``dice``, ``iou`` (with ``"dice"`` in ``metrics``), ``hd95``, ``nsd`` (when asked): the means over the
+        foreground classes; then ``dice_<name>``, ``iou_<name>`` per foreground class (with ``"dice"``).
+        Distances are in mm, or in pixels with ``unit="px"`` (the keys stay ``hd95``, ``nsd`` here).
+    """
+    n = len(class_names)
+    pm, gm = class_map(y_pred, n, spatial_dims), class_map(y, n, spatial_dims)
+    if pm.shape != gm.shape:
+        raise _grid_error(pm, gm)
+    wants = [m for m in ("hd95", "nsd") if m in metrics]
+    sp = _case_spacing(unit, spacing, y_pred, y, spatial_dims) if wants else ()
+    per_class: dict[str, float] = {}
+    sums = dict.fromkeys(("dice", "iou", *wants), 0.0)
+    for k in range(1, n):
+        p, g = pm == k, gm == k
+        dice, iou = _overlap(p, g)
+        per_class[f"dice_{class_names[k]}"], per_class[f"iou_{class_names[k]}"] = dice, iou
+        for name, value in (("dice", dice), ("iou", iou), *_distances(p, g, sp, wants, tolerance, percentile).items()):
+            sums[name] += value
+    means = {name: total / (n - 1) for name, total in sums.items()}
+    out = {m: means[m] for m in ("dice", "iou", "hd95", "nsd") if m in metrics or (m == "iou" and "dice" in metrics)}
+    return {**out, **per_class} if "dice" in metrics else out
 
 
 class CaseMetricsHandler:
@@ -270,16 +509,27 @@ class CaseMetricsHandler:
     ``ITERATION_COMPLETED``; a reader attached before it calls :meth:`case_scores` itself. Either way a case is
     scored once: a case whose item already holds ``output_key`` is not scored again.
 
+    Multi-class (a prediction of ``C > 2`` channels, or ``class_names`` given): ``dice`` is the mean over the
+    foreground classes, beside ``iou`` and the per-class ``dice_<class>``, ``iou_<class>``; ``hd95`` and ``nsd``
+    are means over the foreground classes too (see :func:`multiclass_case_metrics`). Distances in pixels
+    (``distance_unit``) are stored as ``hd95_px`` and ``nsd_px`` (NSD tolerance ``tolerance_mm`` pixels).
+
     Args:
         metrics: which of :data:`CASE_METRICS` to compute (HD95 and NSD cost far more than Dice).
-        tolerance_mm: NSD tolerance in mm.
+        tolerance_mm: NSD tolerance in mm (in pixels when the distances are in pixels).
         percentile: Hausdorff percentile (95 gives HD95).
         spacing: voxel spacing in mm; ``None``: from the prediction's (or label's) MetaTensor affine.
         pred_key: output key of the prediction (one-hot ``C[spatial]`` or a label map, on the grid the scores
             should be computed on: invert the prediction to the original image first).
-        label_key: output key of the label, on the same grid.
+        label_key: output key of the label, on the same grid (one-hot, or a label map of class indices).
         output_key: output key the scores are stored under.
-        spatial_dims: number of spatial dimensions.
+        spatial_dims: number of spatial dimensions; ``None``: from each prediction, channel-first ``C[spatial]``
+            (``ndim - 1``: 3 for ``CHWD``, as before, 2 for ``CHW``).
+        class_names: all class names, background first (``["background", "rim", "cup"]`` gives the columns
+            ``dice_rim``, ``iou_rim``, ``dice_cup``, ``iou_cup``), one per prediction channel; ``None``:
+            ``class1, class2, ...`` for predictions of more than two channels, binary scoring otherwise.
+        distance_unit: ``"mm"``, ``"px"`` or ``"auto"`` (``px`` for images read from .png, .jpg, .jpeg or .npz
+            files when no ``spacing`` is given, else ``mm``; see :func:`resolve_distance_unit`).
 
     Example::
 
@@ -297,7 +547,9 @@ class CaseMetricsHandler:
         pred_key: str = "pred",
         label_key: str = "label",
         output_key: str = CASE_METRICS_KEY,
-        spatial_dims: int = 3,
+        spatial_dims: int | None = None,
+        class_names: Sequence[str] | None = None,
+        distance_unit: str = "auto",
     ) -> None:
         if isinstance(metrics, str):
             raise TypeError(f"`metrics` must be a list of metric names, got the string {metrics!r}.")
@@ -313,7 +565,12 @@ class CaseMetricsHandler:
         self.percentile = percentile
         self.spacing = spacing
         self.pred_key, self.label_key, self.output_key = pred_key, label_key, output_key
+        if spatial_dims is not None and spatial_dims not in (2, 3):
+            raise ValueError(f"`spatial_dims` must be 2, 3 or None (from the data), got {spatial_dims!r}.")
         self.spatial_dims = spatial_dims
+        self.class_names = None if class_names is None else class_names_for(class_names, 1)
+        resolve_distance_unit(distance_unit, spacing)  # checks the unit and its agreement with `spacing`
+        self.distance_unit = distance_unit
 
     def attach(self, engine: Any) -> None:
         """Run :meth:`__call__` once per iteration, before the ``ITERATION_COMPLETED`` handlers where possible."""
@@ -358,6 +615,8 @@ class CaseMetricsHandler:
                 percentile=self.percentile,
                 metrics=self.metrics,
                 spatial_dims=self.spatial_dims,
+                class_names=self.class_names,
+                distance_unit=self.distance_unit,
             )
         return [item[self.output_key] for item in outputs]
 
@@ -487,6 +746,11 @@ def _group_label(v: Any) -> str:
     return str(v)
 
 
+def is_bounded_metric(metric: str) -> bool:
+    """Whether a per-case score column is higher-is-better in [0, 1]: Dice, IoU, NSD, per-class Dice and IoU."""
+    return metric in (*BOUNDED_METRICS, "iou", "nsd_px") or metric.startswith(("dice_", "iou_"))
+
+
 def records_to_table(records: Any) -> list[dict[str, Any]]:
     """Normalise per-case records (a sequence of mappings or a pandas DataFrame) to a list of dicts."""
     if hasattr(records, "to_dict") and hasattr(records, "columns"):
@@ -512,7 +776,8 @@ def compute_group_metrics(
             ``attribute`` and ``metric`` (and optionally ``id`` and ``hard_key``). A missing attribute value
             makes the case's group ``"unknown"``.
         attribute: the grouping column, e.g. ``"stage"`` or ``"institution"``.
-        metric: the per-case score, higher is better and in [0, 1]: ``"dice"`` or ``"nsd"``.
+        metric: the per-case score, higher is better and in [0, 1]: ``"dice"``, ``"nsd"`` (or one of
+            :func:`is_bounded_metric`: ``iou``, ``nsd_px``, ``dice_<class>``, ``iou_<class>``).
         alpha: CVaR tail fraction in (0, 1].
         threshold: a case with ``metric < threshold`` is a (hidden) failure.
         groups: expected group names in report order; ``None``: the groups present, sorted by name. A listed
@@ -530,8 +795,11 @@ def compute_group_metrics(
         NotComputableError: no record, or a listed group without cases.
         ValueError: invalid arguments, a missing column or a non-finite score (with the case ids).
     """
-    if metric not in BOUNDED_METRICS:
-        raise ValueError(f"`metric` must be one of {BOUNDED_METRICS} (higher is better), got {metric!r}.")
+    if not is_bounded_metric(metric):
+        raise ValueError(
+            f"`metric` must be one of {BOUNDED_METRICS}, 'iou', 'nsd_px' or a per-class 'dice_<class>' / "
+            f"'iou_<class>' (higher is better), got {metric!r}."
+        )
     if not 0 < alpha <= 1:
         raise ValueError(f"`alpha` must be in (0, 1], got {alpha}.")
     rows = records_to_table(records)
@@ -750,7 +1018,7 @@ class FairnessMetric(CumulativeIterationMetric):
         groups: expected group names (see :func:`compute_group_metrics`); ``None``: those seen.
         tolerance_mm: NSD tolerance in mm.
         spacing: voxel spacing in mm, ``None`` to read it from MetaTensor inputs.
-        spatial_dims: number of spatial dimensions.
+        spatial_dims: number of spatial dimensions; ``None``: from each channel-first prediction (``ndim - 1``).
 
     Example::
 
@@ -771,7 +1039,7 @@ class FairnessMetric(CumulativeIterationMetric):
         groups: Sequence[str] | None = None,
         tolerance_mm: float = 2.0,
         spacing: float | Sequence[float] | None = None,
-        spatial_dims: int = 3,
+        spatial_dims: int | None = None,
     ) -> None:
         super().__init__()
         if metric not in BOUNDED_METRICS:
@@ -921,6 +1189,11 @@ class FairnessMetric(CumulativeIterationMetric):
         return result if key == "all" else result[key]
 
 
+def _score_of(scores: Mapping[str, float], metric: str) -> float:
+    """A case's ``metric`` score, or its pixel-unit twin (``nsd_px`` for ``nsd``) when only that is there."""
+    return scores[metric] if metric in scores else scores[f"{metric}_px"]
+
+
 class FairnessMetricHandler(IgniteMetricHandler):
     """Ignite adapter of :class:`FairnessMetric`: a MONAI evaluator ``key_metric`` or ``additional_metrics``.
 
@@ -952,7 +1225,9 @@ class FairnessMetricHandler(IgniteMetricHandler):
         save_details: store the per-case scores in ``engine.state.metric_details[name]``.
         scores: the evaluation's :class:`CaseMetricsHandler`, whose per-case ``metric`` this handler reads
             instead of computing it (then ``tolerance_mm``, ``spacing``, the keys and ``output_transform`` are
-            the scorer's business); ``None``: score each case here.
+            the scorer's business; ``nsd`` reads ``nsd_px`` when the scorer measures in pixels); ``None``: score
+            each case here.
+        spatial_dims: number of spatial dimensions when scoring here; ``None``: from each prediction.
 
     Raises:
         ValueError: when ``output`` is ``"all"``, or ``scores`` does not compute ``metric``.
@@ -975,6 +1250,7 @@ class FairnessMetricHandler(IgniteMetricHandler):
         output_transform: Callable | None = None,
         save_details: bool = True,
         scores: CaseMetricsHandler | None = None,
+        spatial_dims: int | None = None,
     ) -> None:
         if output == "all":
             raise ValueError("`output` must name one scalar for an engine metric, not 'all'.")
@@ -989,6 +1265,7 @@ class FairnessMetricHandler(IgniteMetricHandler):
             groups=groups,
             tolerance_mm=tolerance_mm,
             spacing=spacing,
+            spatial_dims=spatial_dims,
         )
         self.attribute = attribute
         self.metric = metric
@@ -1003,7 +1280,7 @@ class FairnessMetricHandler(IgniteMetricHandler):
         """Read this iteration's scores (or predictions and labels) and case metadata, and update the metric."""
         meta = case_metadata(engine.state.batch, engine.state.output, (self.attribute, self.id_key, self.hard_key))
         if self.scores is not None:
-            self.update_scores([s[self.metric] for s in self.scores.case_scores(engine)], meta)
+            self.update_scores([_score_of(s, self.metric) for s in self.scores.case_scores(engine)], meta)
             return
         y_pred, y = self._output_transform(engine.state.output)
         self.update((y_pred, y, meta))

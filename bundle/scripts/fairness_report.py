@@ -3,17 +3,22 @@
 :func:`write_fairness_report` writes, into ``<out_dir>/fairness/``:
 
 - ``per_case.csv``: one row per case: ``id``, every attribute (``subtype`` among them when the cases have
-  one), ``dice``, ``hd95`` (mm), ``nsd``, ``hard``;
+  one), ``dice``, ``hd95`` (mm), ``nsd``, ``hard``; multi-class cases add ``iou`` after ``dice`` and
+  ``dice_<class>``, ``iou_<class>`` per foreground class after ``nsd``; distances in pixels are the columns
+  ``hd95_px``, ``nsd_px`` instead of ``hd95``, ``nsd``;
 - ``metrics.json``: ``settings``, ``overall`` (mean/median/std/min/max of each per-case metric) and, per
   grouping attribute, the subgroup statistics of Dice and NSD with 95% bootstrap intervals
   (:func:`scripts.fairness_stats.bootstrap_group_metrics`), the per-group HD95 mean and median, the
   intra-group worst cases and, when the cases carry a hidden ``subtype``, ``minority``: minority and
   majority Dice and the minority failure rate per group (:func:`scripts.fairness_metrics.minority_metrics`);
+  for multi-class cases ``classes`` (the foreground class names) and, per grouping, ``per_class``: each class's
+  Dice, IoU, ES-Dice and ES-IoU and group means (:func:`per_class_metrics`, as FairSeg reports them);
   plus ``routing``: expert usage per subgroup and dMoE layer (or ``null``);
 - ``report.html``: a self-contained page (no network resource; PNGs beside it in ``plots/`` and
   ``thumbs/``, drawn with matplotlib's Agg canvas): the headline table, per-group Dice box plots, the
-  hidden-minority table, the worst cases of each group with image/label/prediction thumbnails, and the
-  routing heat-map.
+  per-class table of multi-class runs, the hidden-minority table, the worst cases of each group with
+  image/label/prediction thumbnails (a slice of a 3D case, the whole 2D image, RGB in colour; one colour per
+  class for multi-class masks), and the routing heat-map.
 
 :class:`FairnessReportHandler` (settings in one :class:`ReportSettings`) collects the same per-case data from a
 MONAI evaluator, reading each case's scores from the evaluation's
@@ -41,7 +46,7 @@ from ignite import distributed as idist
 from monai.data import MetaTensor
 
 from scripts.fairness_metrics import (
-    CASE_METRICS,
+    SCORE_COLUMNS,
     SUBTYPE_KEY,
     CaseMetricsHandler,
     _all_gather_objects,
@@ -50,8 +55,13 @@ from scripts.fairness_metrics import (
     _is_missing,
     as_binary_mask,
     case_metadata,
+    class_map,
+    class_names_of,
+    group_statistics,
+    infer_spatial_dims,
     metric_output_names,
     minority_metrics,
+    num_channels,
     records_to_table,
 )
 from scripts.fairness_stats import FAIRNESS_DIR, METRICS_FILE, PER_CASE_FILE, bootstrap_group_metrics
@@ -60,6 +70,7 @@ __all__ = [
     "FairnessReportHandler",
     "ReportSettings",
     "make_thumbnail",
+    "per_class_metrics",
     "routing_from_network",
     "routing_summary",
     "worst_cases",
@@ -83,60 +94,95 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def make_thumbnail(
-    image: Any | None, label: Any, pred: Any, axis: int = -1, max_size: int = 160, spatial_dims: int = 3
-) -> Thumbnail:
-    """Middle slice through the target of a 3D case, downsampled for the report.
+def _mask_volume(x: Any, spatial_dims: int, n_classes: int | None) -> np.ndarray:
+    """Foreground mask (bool) of a binary case, class-index map (uint8) of a multi-class one, ``[spatial]``."""
+    if n_classes is None:
+        return as_binary_mask(x, spatial_dims).numpy()
+    return class_map(x, n_classes, spatial_dims).numpy().astype(np.uint8)
 
-    The slice index along ``axis`` is the centre of the label's extent on that axis (the prediction's when
-    the label is empty, the middle slice when both are). The slice is subsampled by an integer stride so
-    its longer side is at most ``max_size``; the image is scaled to ``uint8`` between its 1st and 99th
-    percentiles.
 
-    Args:
-        image: ``[spatial]`` or ``C[spatial]`` (channel 0 is shown), on the grid of ``label``; ``None`` or a
-            different grid gives a black background.
-        label: label of the case, ``[spatial]`` or ``C[spatial]`` (see ``as_binary_mask``).
-        pred: prediction on the same grid.
-        axis: slice axis among the spatial axes (``-1``: the last, axial for RAS/LPS volumes).
-        max_size: longest side of the thumbnail in pixels.
-        spatial_dims: number of spatial dimensions (3).
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale to ``uint8`` between the 1st and 99th percentiles of all values (all channels together)."""
+    lo, hi = np.percentile(arr, [1, 99]) if arr.size else (0.0, 1.0)
+    return (np.clip((arr - lo) / (hi - lo if hi > lo else 1.0), 0, 1) * 255).astype(np.uint8)
 
-    Returns:
-        ``(image2d uint8, label2d bool, pred2d bool)``.
-    """
-    lab = as_binary_mask(label, spatial_dims).numpy()
-    prd = as_binary_mask(pred, spatial_dims).numpy()
-    if lab.shape != prd.shape:
-        raise ValueError(f"label and prediction grids differ: {lab.shape} vs {prd.shape}.")
-    ax = axis % spatial_dims
-    img = None
-    if image is not None:
-        arr = _to_numpy(image).astype(np.float32)
-        if arr.ndim == spatial_dims + 1:
-            arr = arr[0]
-        if arr.shape == lab.shape:
-            img = arr
-        else:
-            logger.debug("thumbnail image grid %s differs from the label grid %s: no background", arr.shape, lab.shape)
-    other = tuple(i for i in range(spatial_dims) if i != ax)
-    for mask in (lab, prd):
+
+def _thumbnail_image(image: Any | None, shape: tuple[int, ...], spatial_dims: int) -> np.ndarray | None:
+    """The image on the mask grid: ``[spatial]``, or ``[spatial] + (3,)`` for a 2D RGB image; else ``None``."""
+    if image is None:
+        return None
+    arr = _to_numpy(image).astype(np.float32)
+    if arr.ndim == spatial_dims + 1:
+        arr = np.moveaxis(arr, 0, -1) if spatial_dims == 2 and arr.shape[0] == 3 else arr[0]
+    if arr.shape[:spatial_dims] == shape and arr.ndim in (spatial_dims, spatial_dims + 1):
+        return arr
+    logger.debug("thumbnail image grid %s differs from the label grid %s: no background", arr.shape, shape)
+    return None
+
+
+def _slice_index(masks: Sequence[np.ndarray], ax: int) -> int:
+    """Centre of the first non-empty mask's extent along ``ax`` (the middle slice when all are empty)."""
+    other = tuple(i for i in range(masks[0].ndim) if i != ax)
+    for mask in masks:
         present = np.flatnonzero(mask.any(axis=other))
         if present.size:
-            index = int(round((present[0] + present[-1]) / 2))
-            break
+            return int(round((present[0] + present[-1]) / 2))
+    return masks[0].shape[ax] // 2
+
+
+def make_thumbnail(
+    image: Any | None,
+    label: Any,
+    pred: Any,
+    axis: int = -1,
+    max_size: int = 160,
+    spatial_dims: int | None = 3,
+    n_classes: int | None = None,
+) -> Thumbnail:
+    """Middle slice through the target of a 3D case, or the whole of a 2D case, downsampled for the report.
+
+    3D: the slice index along ``axis`` is the centre of the label's extent on that axis (the prediction's
+    when the label is empty, the middle slice when both are). 2D: the image itself, its second axis reversed
+    so that the report (which draws axis 0 left to right and axis 1 upwards, as for volumes) shows row 0 of a
+    picture read by MONAI (width axis first) at the top. The result is subsampled by an integer stride so its
+    longer side is at most ``max_size``; the image is scaled to ``uint8`` between its 1st and 99th percentiles.
+
+    Args:
+        image: ``[spatial]`` or ``C[spatial]`` (channel 0 is shown; a 2D image of 3 channels is shown in colour,
+            RGB), on the grid of ``label``; ``None`` or a different grid gives a black background.
+        label: label of the case, ``[spatial]`` or ``C[spatial]`` (see ``as_binary_mask``; a class-index map
+            or one-hot for multi-class).
+        pred: prediction on the same grid.
+        axis: slice axis among the spatial axes of a 3D case (``-1``: the last, axial for RAS/LPS volumes).
+        max_size: longest side of the thumbnail in pixels.
+        spatial_dims: number of spatial dimensions (2 or 3); ``None``: ``pred.ndim - 1`` (channel-first).
+        n_classes: classes of a multi-class case; ``None``: ``C`` when ``pred`` has ``C > 2`` channels, else
+            binary.
+
+    Returns:
+        ``(image2d uint8, label2d, pred2d)``: the image ``(h, w)`` or ``(h, w, 3)``; the masks ``(h, w)``, bool
+        (foreground) for a binary case, uint8 class indices for a multi-class one.
+    """
+    sd = infer_spatial_dims(pred) if spatial_dims is None else int(spatial_dims)
+    if sd not in (2, 3):
+        raise ValueError(f"`spatial_dims` must be 2 or 3, got {sd}.")
+    channels = num_channels(pred, sd)
+    n_classes = channels if n_classes is None and channels > 2 else n_classes
+    lab, prd = _mask_volume(label, sd, n_classes), _mask_volume(pred, sd, n_classes)
+    if lab.shape != prd.shape:
+        raise ValueError(f"label and prediction grids differ: {lab.shape} vs {prd.shape}.")
+    img = _thumbnail_image(image, lab.shape, sd)
+    if sd == 3:
+        ax = axis % sd
+        index = _slice_index([lab > 0, prd > 0], ax)
+        lab, prd = np.take(lab, index, axis=ax), np.take(prd, index, axis=ax)
+        img = None if img is None else np.take(img, index, axis=ax)
     else:
-        index = lab.shape[ax] // 2
-    lab2, prd2 = np.take(lab, index, axis=ax), np.take(prd, index, axis=ax)
-    stride = max(1, math.ceil(max(lab2.shape) / max_size))
-    lab2, prd2 = lab2[::stride, ::stride], prd2[::stride, ::stride]
-    if img is None:
-        img2 = np.zeros(lab2.shape, dtype=np.uint8)
-    else:
-        sl = np.take(img, index, axis=ax)[::stride, ::stride]
-        lo, hi = np.percentile(sl, [1, 99]) if sl.size else (0.0, 1.0)
-        img2 = (np.clip((sl - lo) / (hi - lo if hi > lo else 1.0), 0, 1) * 255).astype(np.uint8)
-    return img2, lab2.astype(bool), prd2.astype(bool)
+        lab, prd, img = lab[:, ::-1], prd[:, ::-1], None if img is None else img[:, ::-1]
+    stride = max(1, math.ceil(max(lab.shape) / max_size))
+    lab, prd = lab[::stride, ::stride], prd[::stride, ::stride]
+    img2 = np.zeros(lab.shape, dtype=np.uint8) if img is None else _to_uint8(img[::stride, ::stride])
+    return img2, np.ascontiguousarray(lab), np.ascontiguousarray(prd)
 
 
 def routing_summary(counts: Mapping[str, Any], subgroups: Sequence[str]) -> dict[str, Any]:
@@ -245,25 +291,32 @@ def _plot_groups(rows: list[dict], attribute: str, metric: str, order: list[str]
     fig.savefig(path)
 
 
+def _overlay(ax: Any, mask: np.ndarray, colour: str) -> None:
+    """Draw a foreground mask (bool: one colour map) or a class-index map (one ``tab10`` colour per class)."""
+    shown = mask.T
+    if mask.dtype == bool:
+        data, cmap, vmax = shown.astype(float), colour, 1.2
+    else:
+        data, cmap, vmax = shown.astype(float), "tab10", 9.0
+    ax.imshow(np.ma.masked_where(shown == 0, data), cmap=cmap, alpha=0.5, vmin=0, vmax=vmax, origin="lower")
+
+
 def _plot_thumbnail(thumb: Thumbnail, title: str, path: Path) -> None:
     img, lab, prd = (np.asarray(t) for t in thumb)
-    if img.ndim != 2 or lab.shape != img.shape or prd.shape != img.shape:
-        raise ValueError(f"a thumbnail is three 2-D arrays of one shape, got {img.shape}, {lab.shape}, {prd.shape}.")
+    rgb = img.ndim == 3 and img.shape[-1] == 3
+    if not (img.ndim == 2 or rgb) or lab.shape != img.shape[:2] or prd.shape != img.shape[:2]:
+        raise ValueError(
+            f"a thumbnail is an image (h, w) or (h, w, 3) and two (h, w) masks, got {img.shape}, {lab.shape}, "
+            f"{prd.shape}."
+        )
     fig = _figure(6.0, 2.3)
     for k, (overlay, name, colour) in enumerate(
         ((None, "image", None), (lab, "label", "Greens"), (prd, "prediction", "Reds"))
     ):
         ax = fig.add_subplot(1, 3, k + 1)
-        ax.imshow(img.T, cmap="gray", origin="lower")
+        ax.imshow(img.transpose(1, 0, 2) if rgb else img.T, cmap=None if rgb else "gray", origin="lower")
         if overlay is not None:
-            ax.imshow(
-                np.ma.masked_where(~overlay.T.astype(bool), overlay.T.astype(float)),
-                cmap=colour,
-                alpha=0.5,
-                vmin=0,
-                vmax=1.2,
-                origin="lower",
-            )
+            _overlay(ax, overlay, colour)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
@@ -364,8 +417,10 @@ def write_fairness_report(
     Args:
         out_dir: the run's output folder; files go to its ``fairness`` sub-folder (created).
         records: per-case records (sequence of mappings or DataFrame) with ``id``, the grouping attributes,
-            ``dice`` and optionally ``hd95``, ``nsd``, ``hard``, ``subtype`` (``"majority"`` or a hidden
-            minority kind: adds the ``minority`` block) and further attributes (all kept in the CSV).
+            ``dice`` and optionally ``hd95`` (or ``hd95_px``), ``nsd`` (or ``nsd_px``), ``hard``, ``subtype``
+            (``"majority"`` or a hidden minority kind: adds the ``minority`` block), and for multi-class cases
+            ``iou`` and the per-class ``dice_<class>``, ``iou_<class>`` (add ``classes`` and, per grouping,
+            ``per_class``: see :func:`per_class_metrics`), and further attributes (all kept in the CSV).
         groupings: grouping attributes to analyse, e.g. ``["stage", "institution"]``.
         routing: optional expert usage: a :func:`routing_summary` dict, or ``{"counts": {layer: (G+1, E)},
             "subgroups": names}``.
@@ -398,7 +453,9 @@ def write_fairness_report(
     for r in rows:
         for m in present_metrics:
             r[m] = float(r[m])
-    bounded = [m for m in ("dice", "nsd") if m in present_metrics]
+    bounded = [m for m in ("dice", "nsd", "nsd_px") if m in present_metrics]
+    hd_key = next((m for m in ("hd95", "hd95_px") if m in present_metrics), None)
+    classes = class_names_of(present_metrics)
     metrics: dict[str, Any] = {
         "format": "fairdro-fairness/1",
         "n_cases": len(rows),
@@ -415,10 +472,14 @@ def write_fairness_report(
         "groupings": {},
         "routing": None,
     }
+    if classes:
+        metrics["classes"] = classes
     boot = {"n_boot": n_boot, "seed": seed, "confidence": confidence, "alpha": alpha, "threshold": threshold}
     worst: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for attribute in groupings:
-        entry = _grouping_entry(rows, attribute, bounded, "hd95" in present_metrics, boot)
+        entry = _grouping_entry(rows, attribute, bounded, hd_key, boot)
+        if classes:
+            entry["per_class"] = per_class_metrics(rows, attribute, classes, list(entry["dice"]["groups"]))
         worst[attribute] = worst_cases(rows, attribute, "dice", alpha=alpha, n_worst=n_worst)
         entry["worst_cases"] = {g: [str(r["id"]) for r in cases] for g, cases in worst[attribute].items()}
         minority = minority_metrics(rows, attribute, threshold=threshold)
@@ -453,7 +514,9 @@ def _checked_rows(records: Any, groupings: Sequence[str]) -> tuple[list[dict[str
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ValueError(f"repeated case id(s) {dup[:10]}.")
-    present_metrics = [m for m in CASE_METRICS if all(m in r and not _is_missing(r[m]) for r in rows)]
+    per_class = [f"{m}_{c}" for c in class_names_of(rows[0]) for m in ("dice", "iou")]
+    candidates = [*SCORE_COLUMNS, *per_class]
+    present_metrics = [m for m in candidates if all(m in r and not _is_missing(r[m]) for r in rows)]
     if "dice" not in present_metrics:
         raise ValueError("every record needs a 'dice' score.")
     for m in present_metrics:
@@ -467,11 +530,14 @@ def _checked_rows(records: Any, groupings: Sequence[str]) -> tuple[list[dict[str
 
 
 def _write_per_case(rows: list[dict[str, Any]], present_metrics: list[str], path: Path) -> list[str]:
-    """Write ``per_case.csv`` (id, every attribute, the metrics, hard); returns the attribute columns."""
+    """Write ``per_case.csv`` (id, every attribute, the metrics, hard); returns the attribute columns.
+
+    The metric columns are those of ``present_metrics``: ``dice``, ``iou``, ``hd95``/``hd95_px``,
+    ``nsd``/``nsd_px`` (those present), then ``dice_<class>``, ``iou_<class>`` per foreground class."""
     attr_cols: list[str] = []
     for r in rows:
         for k in r:
-            if k not in ("id", "hard", *CASE_METRICS) and k not in attr_cols:
+            if k not in ("id", "hard", *SCORE_COLUMNS, *present_metrics) and k not in attr_cols:
                 attr_cols.append(k)
     has_hard = any(not _is_missing(r.get("hard")) for r in rows)
     columns = ["id", *attr_cols, *present_metrics, *(["hard"] if has_hard else [])]
@@ -482,7 +548,7 @@ def _write_per_case(rows: list[dict[str, Any]], present_metrics: list[str], path
             line = []
             for c in columns:
                 v = r.get(c)
-                if c in CASE_METRICS:
+                if c in present_metrics:
                     line.append(repr(float(v)))
                 elif c == "hard":
                     h = _as_bool(v)
@@ -494,23 +560,64 @@ def _write_per_case(rows: list[dict[str, Any]], present_metrics: list[str], path
 
 
 def _grouping_entry(
-    rows: list[dict[str, Any]], attribute: str, bounded: list[str], has_hd95: bool, boot: Mapping[str, Any]
+    rows: list[dict[str, Any]], attribute: str, bounded: list[str], hd_key: str | None, boot: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Group metrics with bootstrap intervals for each bounded metric (Dice, NSD), and HD95 means and medians."""
+    """Group metrics with bootstrap intervals for each bounded metric (Dice, NSD), and HD95 means and medians
+    (under ``hd_key``: ``hd95`` in mm or ``hd95_px`` in pixels; none when ``None``)."""
     entry: dict[str, Any] = {m: bootstrap_group_metrics(rows, attribute, metric=m, **boot) for m in bounded}
-    if has_hd95:
+    if hd_key is not None:
         order = list(entry["dice"]["groups"])
-        entry["hd95"] = {
+        entry[hd_key] = {
             "groups": {
                 g: {
                     "n": entry["dice"]["groups"][g]["n"],
-                    "mean": float(np.mean([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
-                    "median": float(np.median([r["hd95"] for r in rows if _group_label(r.get(attribute)) == g])),
+                    "mean": float(np.mean([r[hd_key] for r in rows if _group_label(r.get(attribute)) == g])),
+                    "median": float(np.median([r[hd_key] for r in rows if _group_label(r.get(attribute)) == g])),
                 }
                 for g in order
             }
         }
     return entry
+
+
+def per_class_metrics(
+    records: Any, attribute: str, class_names: Sequence[str], groups: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per-class Dice and IoU fairness over one grouping attribute, as FairSeg (Tian et al., ICLR 2024) reports.
+
+    For every class ``c`` and ``M`` in Dice, IoU (the per-case columns ``dice_<c>``, ``iou_<c>``):
+    ``M_all`` the mean over cases, ``M_g`` the mean over the cases of group ``g``, and
+    ``ES-M = M_all / (1 + sum_g |M_all - M_g|)`` (point estimates, no interval).
+
+    Args:
+        records: per-case records with ``attribute`` and the per-class columns.
+        attribute: grouping column; a missing value is the group ``"unknown"``.
+        class_names: the foreground classes to report.
+        groups: group order; ``None``: the groups present, sorted by name.
+
+    Returns:
+        ``{c: {"dice_all", "iou_all", "es_dice", "es_iou", "worst_group_dice", "worst_group_iou",
+        "worst_group", "groups": {g: {"n", "dice", "iou"}}}}`` (``worst_group``: lowest group Dice).
+    """
+    rows = records_to_table(records)
+    labels = np.array([_group_label(r.get(attribute)) for r in rows], dtype=object)
+    order = list(groups) if groups is not None else sorted(set(labels))
+    out: dict[str, dict[str, Any]] = {}
+    for c in class_names:
+        entry: dict[str, Any] = {}
+        means = {}
+        for m in ("dice", "iou"):
+            values = np.array([float(r[f"{m}_{c}"]) for r in rows], dtype=float)
+            st = group_statistics({g: values[labels == g] for g in order}, metric=m)
+            entry.update({k: float(st[k]) for k in (f"{m}_all", f"es_{m}", f"worst_group_{m}")})
+            means[m] = st["group_mean"]
+        entry["worst_group"] = order[int(np.argmin(means["dice"]))]
+        entry["groups"] = {
+            g: {"n": int((labels == g).sum()), "dice": float(means["dice"][j]), "iou": float(means["iou"][j])}
+            for j, g in enumerate(order)
+        }
+        out[c] = entry
+    return out
 
 
 def _write_figures(
@@ -582,6 +689,7 @@ def _render_html(
         f"resampled within each group, seed {s['seed']}. CVaR over the worst {s['alpha']:g} of each group; a "
         f"case fails when its Dice is below {s['threshold']:g}. ES-Dice = Dice / (1 + &Sigma;<sub>g</sub> "
         "|Dice &minus; Dice<sub>g</sub>|); ES-Dice (std) = Dice / (1 + sample std of the group means).</p>",
+        *_classes_line(metrics.get("classes")),
         *_selection_line(s.get("model_selection")),
         *_headline_html(metrics, groupings),
         *_overall_html(metrics["overall"]),
@@ -589,9 +697,11 @@ def _render_html(
     for attribute in groupings:
         entry = metrics["groupings"][attribute]
         out += _groups_html(attribute, entry)
+        if "per_class" in entry:
+            out += _per_class_html(attribute, entry["per_class"])
         if "minority" in entry:
             out += _minority_table(attribute, entry["minority"])
-        for m in ("dice", "nsd"):
+        for m in ("dice", "nsd", "nsd_px"):
             if f"{attribute}/{m}" in images:
                 out.append(
                     f'<img src="{html.escape(images[attribute + "/" + m])}" alt="{m} by {html.escape(attribute)}">'
@@ -643,7 +753,7 @@ def _overall_html(overall: Mapping[str, Mapping[str, float]]) -> list[str]:
         "<th>max</th></tr>"
     ]
     for m, st in overall.items():
-        unit = " (mm)" if m == "hd95" else ""
+        unit = {"hd95": " (mm)", "hd95_px": " (px)", "nsd_px": " (px tolerance)"}.get(m, "")
         out.append(f"<tr><td>{m}{unit}</td>" + "".join(_cell(f"overall.{m}.{k}", st[k]) for k in st) + "</tr>")
     out.append("</table>")
     return out
@@ -652,11 +762,14 @@ def _overall_html(overall: Mapping[str, Mapping[str, float]]) -> list[str]:
 def _groups_html(attribute: str, entry: Mapping[str, Any]) -> list[str]:
     """The per-group table of one grouping attribute."""
     d = entry["dice"]
+    nsd_key = next((k for k in ("nsd", "nsd_px") if k in entry), None)
+    hd_key = next((k for k in ("hd95", "hd95_px") if k in entry), None)
+    unit = "px" if hd_key == "hd95_px" else "mm"
     out = [f"<h2>By {html.escape(attribute)}</h2>"]
     header = "<tr><th>group</th><th>n</th><th>Dice</th><th>std</th><th>CVaR</th><th>hidden failures</th>"
     header += "<th>hard failures / hard</th>" if "hard_cases" in d else ""
-    header += "<th>NSD</th>" if "nsd" in entry else ""
-    header += "<th>HD95 mean (mm)</th><th>HD95 median (mm)</th>" if "hd95" in entry else ""
+    header += "<th>NSD</th>" if nsd_key else ""
+    header += f"<th>HD95 mean ({unit})</th><th>HD95 median ({unit})</th>" if hd_key else ""
     out.append("<table>" + header + "</tr>")
     for g, ge in d["groups"].items():
         k = f"{attribute}.dice.groups.{g}"
@@ -670,13 +783,13 @@ def _groups_html(attribute: str, entry: Mapping[str, Any]) -> list[str]:
         ]
         if "hard_cases" in ge:
             cells.append(f"<td>{ge['hard_failures']} / {ge['hard_cases']}</td>")
-        if "nsd" in entry:
-            cells.append(_cell(f"{attribute}.nsd.groups.{g}.nsd", entry["nsd"]["groups"][g]["nsd"]))
-        if "hd95" in entry:
-            h = entry["hd95"]["groups"][g]
+        if nsd_key:
+            cells.append(_cell(f"{attribute}.{nsd_key}.groups.{g}.{nsd_key}", entry[nsd_key]["groups"][g][nsd_key]))
+        if hd_key:
+            h = entry[hd_key]["groups"][g]
             cells += [
-                _cell(f"{attribute}.hd95.groups.{g}.mean", h["mean"]),
-                _cell(f"{attribute}.hd95.groups.{g}.median", h["median"]),
+                _cell(f"{attribute}.{hd_key}.groups.{g}.mean", h["mean"]),
+                _cell(f"{attribute}.{hd_key}.groups.{g}.median", h["median"]),
             ]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
@@ -691,11 +804,14 @@ def _worst_cases_html(
     threshold: float,
 ) -> list[str]:
     """The intra-group worst cases of one grouping attribute, with their thumbnails."""
+    first = next((r for cases in worst.values() for r in cases), {})
+    hd_key, nsd_key = ("hd95_px", "nsd_px") if "hd95_px" in first or "nsd_px" in first else ("hd95", "nsd")
     out = [
         f"<h3>Intra-group worst cases by {html.escape(attribute)}</h3>",
         "<table><tr><th>group</th><th>id</th>"
         + "".join(f"<th>{html.escape(c)}</th>" for c in attr_cols if c != attribute)
-        + "<th>Dice</th><th>HD95 (mm)</th><th>NSD</th><th>hard</th><th>slices</th></tr>",
+        + f"<th>Dice</th><th>HD95 ({'px' if hd_key == 'hd95_px' else 'mm'})</th><th>NSD</th><th>hard</th>"
+        "<th>slices</th></tr>",
     ]
     for g, cases in worst.items():
         for r in cases:
@@ -708,10 +824,47 @@ def _worst_cases_html(
             out.append(
                 f"<tr><td>{html.escape(g)}</td><td>{html.escape(cid)}</td>"
                 + "".join(f"<td>{html.escape(_group_label(r.get(c)))}</td>" for c in attr_cols if c != attribute)
-                + f"<td{cls}>{r['dice']:.4f}</td><td>{_fmt(r.get('hd95', '-'), 2)}</td>"
-                f"<td>{_fmt(r.get('nsd', '-'))}</td><td>{'' if hard is None else str(hard).lower()}</td>"
+                + f"<td{cls}>{r['dice']:.4f}</td><td>{_fmt(r.get(hd_key, '-'), 2)}</td>"
+                f"<td>{_fmt(r.get(nsd_key, '-'))}</td><td>{'' if hard is None else str(hard).lower()}</td>"
                 f"<td>{thumb}</td></tr>"
             )
+    out.append("</table>")
+    return out
+
+
+def _classes_line(classes: Sequence[str] | None) -> list[str]:
+    """One paragraph on how multi-class cases are scored (nothing for binary cases)."""
+    if not classes:
+        return []
+    names = ", ".join(html.escape(c) for c in classes)
+    return [
+        f"<p>Multi-class cases, foreground classes {names}: a case's Dice (and IoU, HD95, NSD) is the mean over "
+        "these classes, each class scored as a binary mask (both masks of a class empty: Dice and IoU 1; exactly "
+        "one empty: 0). Per class and grouping: ES-Dice = Dice<sub>c</sub> / (1 + &Sigma;<sub>g</sub> "
+        "|Dice<sub>c</sub> &minus; Dice<sub>c,g</sub>|), ES-IoU likewise (FairSeg, Tian et al. ICLR 2024).</p>"
+    ]
+
+
+def _per_class_html(attribute: str, per_class: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The per-class table of one grouping: Dice, IoU, ES-Dice, ES-IoU and the group means of each class."""
+    first = next(iter(per_class.values()))
+    order = list(first["groups"])
+    out = [
+        f"<h3>Per class by {html.escape(attribute)}</h3>",
+        "<table><tr><th>class</th><th>Dice</th><th>IoU</th><th>ES-Dice</th><th>ES-IoU</th>"
+        "<th>worst-group Dice</th><th>worst group</th>"
+        + "".join(f"<th>Dice / IoU {html.escape(g)}</th>" for g in order)
+        + "</tr>",
+    ]
+    names = ("dice_all", "iou_all", "es_dice", "es_iou", "worst_group_dice")
+    for c, e in per_class.items():
+        key = f"{attribute}.per_class.{c}"
+        cells = "".join(_cell(f"{key}.{n}", e[n]) for n in names) + f"<td>{html.escape(e['worst_group'])}</td>"
+        for g in order:
+            ge = e["groups"][g]
+            dice, iou = _value(f"{key}.groups.{g}.dice", ge["dice"]), _value(f"{key}.groups.{g}.iou", ge["iou"])
+            cells += f"<td>{dice} / {iou}</td>"
+        out.append(f"<tr><td>{html.escape(c)}</td>{cells}</tr>")
     out.append("</table>")
     return out
 
@@ -831,6 +984,9 @@ class FairnessReportHandler:
     ``engine.state.batch`` (else the output) and keeps a downsampled thumbnail of the image, label and
     prediction. At ``EPOCH_COMPLETED`` all ranks gather the cases (attach it on every rank), rank 0 writes
     ``<output_dir>/fairness/{per_case.csv, metrics.json, report.html}`` with :func:`write_fairness_report`.
+    The thumbnails follow the scorer's ``spatial_dims`` (``None``: each prediction's) and ``class_names``;
+    ``metrics.json`` records the NSD tolerance as ``nsd_tolerance_mm``, or ``nsd_tolerance_px`` when the cases
+    were scored in pixels.
 
     Args:
         output_dir: the run's output folder (the report goes to its ``fairness`` sub-folder).
@@ -898,7 +1054,7 @@ class FairnessReportHandler:
             return _group_label(value)
         if isinstance(pred, MetaTensor) and pred.meta.get("filename_or_obj"):
             name = Path(str(pred.meta["filename_or_obj"])).name
-            return re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.dcm)$", "", name)
+            return re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.dcm|\.png|\.jpe?g|\.npz)$", "", name)
         self._counter += 1
         return f"case_{self._counter:05d}"
 
@@ -923,9 +1079,15 @@ class FairnessReportHandler:
             self.records.append(record)
             if s.thumbnails:
                 image = item.get(s.image_key) if s.image_key else None
-                self.thumbnails[record["id"]] = make_thumbnail(
-                    image, item[self.scores.label_key], pred, axis=s.slice_axis, max_size=s.thumbnail_size
-                )
+                self.thumbnails[record["id"]] = self._thumbnail(image, item[self.scores.label_key], pred)
+
+    def _thumbnail(self, image: Any, label: Any, pred: Any) -> Thumbnail:
+        s, names = self.settings, self.scores.class_names
+        sd = self.scores.spatial_dims or infer_spatial_dims(pred)
+        n_classes = len(names) if names is not None else None
+        return make_thumbnail(
+            image, label, pred, axis=s.slice_axis, max_size=s.thumbnail_size, spatial_dims=sd, n_classes=n_classes
+        )
 
     def __call__(self, engine: Any) -> None:
         """Gather the cases over ranks and write the report on rank 0."""
@@ -951,8 +1113,9 @@ class FairnessReportHandler:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if rank != 0:
             return
+        pixels = any("hd95_px" in r or "nsd_px" in r for r in records)
         settings = {
-            "nsd_tolerance_mm": float(self.scores.tolerance_mm),
+            "nsd_tolerance_px" if pixels else "nsd_tolerance_mm": float(self.scores.tolerance_mm),
             "hd_percentile": float(self.scores.percentile),
             "epoch": int(getattr(engine.state, "epoch", 0) or 0),
             **s.extra,

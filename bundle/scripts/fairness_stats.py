@@ -33,9 +33,10 @@ if __package__ in (None, ""):  # run as a file: make the ``scripts`` package imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.fairness_metrics import (  # noqa: E402
-    CASE_METRICS,
+    SCORE_COLUMNS,
     _as_bool,
     _group_label,
+    class_names_of,
     compute_group_metrics,
     group_statistics,
     metric_output_names,
@@ -372,13 +373,20 @@ def read_per_case_csv(run: str | Path) -> list[dict[str, Any]]:
     path = _resolve(run, PER_CASE_FILE)
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     rows = frame.to_dict(orient="records")
+    score_columns = _score_columns(list(rows[0]) if rows else [])
     for r in rows:
-        for m in CASE_METRICS:
+        for m in score_columns:
             if m in r:
                 r[m] = float(r[m]) if r[m] != "" else float("nan")
         if "hard" in r:
             r["hard"] = _as_bool(r["hard"])
     return rows
+
+
+def _score_columns(columns: Sequence[str]) -> list[str]:
+    """The per-case score columns among ``columns``: :data:`SCORE_COLUMNS` and ``dice_<class>``, ``iou_<class>``."""
+    per_class = {f"{m}_{c}" for c in class_names_of(columns) for m in ("dice", "iou")}
+    return [c for c in columns if c in SCORE_COLUMNS or c in per_class]
 
 
 def read_metrics_json(run: str | Path) -> dict[str, Any]:
@@ -410,13 +418,41 @@ def _format_minority(groupings: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def format_summary(metrics: Mapping[str, Any]) -> str:
-    """Headline table of one run: overall Dice/HD95/NSD, per grouping the fairness summaries, and the hidden
-    minority's Dice, the majority's and the minority failure rate when ``metrics.json`` has them."""
+def _overall_line(metrics: Mapping[str, Any]) -> str:
+    """``N cases: mean Dice .., HD95 .. mm, NSD ..`` with what the run has (HD95 in px for pixel units)."""
     overall = metrics["overall"]
+    parts = [f"mean Dice {overall['dice']['mean']:.3f}"]
+    for key, unit in (("hd95", "mm"), ("hd95_px", "px")):
+        if key in overall:
+            parts.append(f"HD95 {overall[key]['mean']:.1f} {unit}")
+    for key, label in (("nsd", "NSD"), ("nsd_px", "NSD (px tolerance)")):
+        if key in overall:
+            parts.append(f"{label} {overall[key]['mean']:.3f}")
+    return f"{metrics['n_cases']} cases: " + ", ".join(parts)
+
+
+def _format_classes(metrics: Mapping[str, Any]) -> list[str]:
+    """Per-class mean Dice, and per grouping each class's ES-Dice and ES-IoU (none for binary runs)."""
+    classes = metrics.get("classes") or []
+    if not classes:
+        return []
+    overall = metrics["overall"]
+    dice = ", ".join(f"{c} {overall[f'dice_{c}']['mean']:.3f}" for c in classes if f"dice_{c}" in overall)
+    lines = [f"per-class Dice (mean over cases): {dice}"]
+    for attr, block in metrics["groupings"].items():
+        per_class = block.get("per_class") or {}
+        es = ", ".join(f"{c} {e['es_dice']:.3f} / {e['es_iou']:.3f}" for c, e in per_class.items())
+        if es:
+            lines.append(f"{attr}: per-class ES-Dice / ES-IoU: {es}")
+    return lines
+
+
+def format_summary(metrics: Mapping[str, Any]) -> str:
+    """Headline table of one run: overall Dice/HD95/NSD, per grouping the fairness summaries, the per-class Dice
+    and ES-Dice / ES-IoU of multi-class runs, and the hidden minority's Dice, the majority's and the minority
+    failure rate when ``metrics.json`` has them."""
     lines = [
-        f"{metrics['n_cases']} cases: mean Dice {overall['dice']['mean']:.3f}, "
-        f"HD95 {overall['hd95']['mean']:.1f} mm, NSD {overall['nsd']['mean']:.3f}",
+        _overall_line(metrics),
         f"{'grouping':<12} {'worst-group Dice':>17} {'group gap':>10} {'ES-Dice':>8} {'worst-group CVaR':>17} "
         f"{'hidden failures':>16} {'hard failed':>12}",
     ]
@@ -427,6 +463,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
             f"{attr:<12} {d['worst_group_dice']:>11.3f} ({d['worst_group']:>3}) {d['group_gap']:>10.3f} "
             f"{d['es_dice']:>8.3f} {d['worst_group_cvar']:>17.3f} {d['hidden_failures']:>16d} {hard:>12}"
         )
+    lines += _format_classes(metrics)
     lines += _format_minority(metrics["groupings"])
     return "\n".join(lines)
 
@@ -435,8 +472,10 @@ def _default_groupings(run: str | Path, rows: list[dict[str, Any]]) -> list[str]
     try:
         return list(read_metrics_json(run)["groupings"])
     except (FileNotFoundError, KeyError):
-        skip = {"id", "hard", "subtype", *CASE_METRICS}
-        return [c for c in rows[0] if c not in skip] if rows else []
+        if not rows:
+            return []
+        skip = {"id", "hard", "subtype", *_score_columns(list(rows[0]))}
+        return [c for c in rows[0] if c not in skip]
 
 
 def compare_runs(

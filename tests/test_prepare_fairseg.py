@@ -74,7 +74,7 @@ def test_readme_layout_items_labels_and_split(tmp_path, capsys):
     # case 7: race 1, gender 1, ethnicity -1, language 2, marital 0, age 47
     assert {k: v for k, v in items[fairseg_id(7)].items() if k not in ("id", "image", "label")} == {
         "race": "Black", "gender": "Male", "ethnicity": "unknown", "language": "Others",
-        "maritalstatus": "Married or Partnered", "age": 47.0,
+        "maritalstatus": "Married or Partnered", "age": "47",
     }  # fmt: skip
     # case 11: race 2, gender 1, ethnicity -1, language -1, marital 4; case 0: marital -1; case 4 lacks the key
     assert [items[fairseg_id(11)][k] for k in ("race", "language", "maritalstatus")] == [
@@ -115,8 +115,8 @@ def test_training_layout_lists_honoured_with_ten_percent_validation(tmp_path):
     assert not tested & {it["id"] for n in ("training", "validation") for it in datalist[n]}
     items = _items(datalist)
     # case 5: race code 7 (White), hispanic code 1, age 45 * 365 days; case 10: race code 3, hispanic 0
-    assert [items[fairseg_id(5)][k] for k in ("race", "ethnicity", "age")] == ["White", "Hispanic", 45.0]
-    assert [items[fairseg_id(10)][k] for k in ("race", "ethnicity", "age")] == ["Black", "Non-Hispanic", 50.0]
+    assert [items[fairseg_id(5)][k] for k in ("race", "ethnicity", "age")] == ["White", "Hispanic", "45"]
+    assert [items[fairseg_id(10)][k] for k in ("race", "ethnicity", "age")] == ["Black", "Non-Hispanic", "50"]
     assert datalist["coding"] == ["training"]
 
 

@@ -67,6 +67,7 @@ from scripts.split_2d import (  # noqa: E402
     TRAIN_ONLY_VALIDATION,
     UNKNOWN,
     PrepareError,
+    age_text,
     check_targets,
     count_lines,
     split_items,
@@ -191,7 +192,7 @@ def read_case(path: Path, case_id: str, coding: str | None) -> Case:
         check_arrays(path, data, layout)
         item = {"id": case_id, "image": f"images/{case_id}.png", "label": f"labels/{case_id}.png"}
         item.update({name: decode_attribute(path, data, name, codes) for name in ATTRIBUTES})
-        item["age"] = decode_age(path, data, codes)
+        item["age"] = age_text(decode_age(path, data, codes))
     return Case(path, layout, item)
 
 

@@ -80,6 +80,12 @@ def split_items(items: Sequence[dict], key: str, seed: int, fractions=DEFAULT_FR
     return split_groups({it["id"]: [it] for it in items}, {it["id"]: str(it[key]) for it in items}, seed, fractions)
 
 
+def age_text(age: float | str) -> str:
+    """An age written as text (``"59"``, ``"63.42"``, ``"unknown"``): every item's ``age`` has one type, since MONAI's
+    collate refuses a batch that mixes numbers and text."""
+    return age if isinstance(age, str) else f"{age:g}"
+
+
 def majority_value(items: Iterable[dict], key: str) -> str:
     """The most common ``item[key]`` (ties: the first in sorted order): the stratum of a group of items."""
     counts = Counter(str(it[key]) for it in items)

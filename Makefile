@@ -16,11 +16,22 @@ BUNDLE_RUN := $(PY) -m monai.bundle run
 DEMO_RUN = $(abspath $(DEMO_DIR))/run
 DEMO_ARGS = --dataset_dir $(DEMO_DIR)/data --output_dir $(DEMO_RUN) --ckpt_dir $(DEMO_RUN)/models --seed $(DEMO_SEED)
 
-.PHONY: help setup demo demo-weights verify test lint format clean-demo check-data benchmark-fairness calibrate-cohort recipe-sweep bench-dmoe bench-speed bench-gpu
+# the 2D demo: the synthetic 2D cohort (64x64 PNG), configs/profiles/2d*.json stacked on the 3D configs
+DEMO2D_DIR ?= demo-2d
+DEMO2D_CASES ?= 1000
+DEMO2D_EPOCHS ?= 12
+DEMO2D_RUN = $(abspath $(DEMO2D_DIR))/run
+DEMO2D_ARGS = --dataset_dir $(DEMO2D_DIR)/data --output_dir $(DEMO2D_RUN) --ckpt_dir $(DEMO2D_RUN)/models --seed $(DEMO_SEED)
+CFG2D_TRAIN = "['bundle/configs/train.json','bundle/configs/profiles/2d.json']"
+CFG2D_EVAL = "['bundle/configs/train.json','bundle/configs/evaluate.json','bundle/configs/profiles/2d.json','bundle/configs/profiles/2d_evaluate.json']"
+CFG2D_INFER = "['bundle/configs/inference.json','bundle/configs/profiles/2d_inference.json']"
+
+.PHONY: help setup demo demo-2d demo-weights verify test lint format clean-demo check-data benchmark-fairness calibrate-cohort recipe-sweep bench-dmoe bench-speed bench-gpu
 
 help:
 	@echo "make demo   - set up .venv, generate the synthetic cohort, train FairDRO, evaluate, infer"
 	@echo "make test   - set up .venv and run the test suite (pytest) and lint"
+	@echo "make demo-2d - the same bundle in 2D: synthetic 64x64 cohort, train, evaluate with the report, infer (< 3 min)"
 	@echo "make demo-weights - train the shipped weights (synthetic cohort, seed 0) into bundle/models/ + large_files.yml"
 	@echo "make verify - every official bundle check (metadata, files, net in/out, export, hashes, config properties)"
 	@echo "make lint   - ruff check + format check"
@@ -84,6 +95,29 @@ demo: setup
 	@echo "  NIfTI masks:       $(DEMO_RUN)/inference/"
 	@echo "  DICOM SEG/RTSTRUCT: $(DEMO_RUN)/dicom/"
 
+demo-2d: setup
+	@echo "== 1/5 synthetic 2D cohort (64x64 PNG, hidden 'ring' minority in every stage) -> $(DEMO2D_DIR)/data"
+	$(PY) bundle/scripts/synthetic.py --spatial-dims 2 --out $(DEMO2D_DIR)/data --n-cases $(DEMO2D_CASES) --seed $(DEMO_SEED)
+	@echo "== 2/5 cohort check"
+	$(PY) bundle/scripts/check_data.py --datalist $(DEMO2D_DIR)/data/datalist.json --subgroups T1,T2,T3,T4 -q
+	@echo "== 3/5 training FairDRO in 2D for $(DEMO2D_EPOCHS) epochs -> $(DEMO2D_DIR)/run"
+	$(BUNDLE_RUN) training --config_file $(CFG2D_TRAIN) $(DEMO2D_ARGS) --epochs $(DEMO2D_EPOCHS)
+	@echo "== 4/5 evaluation with the fairness report (testing split)"
+	$(BUNDLE_RUN) evaluating --config_file $(CFG2D_EVAL) $(DEMO2D_ARGS)
+	@echo "== 5/5 inference on the held-out images (PNG + NIfTI masks)"
+	$(BUNDLE_RUN) inference --config_file $(CFG2D_INFER) --dataset_dir $(DEMO2D_DIR)/data \
+		--output_dir $(DEMO2D_RUN)/inference --ckpt_path $(DEMO2D_RUN)/models/model.pt
+	@echo
+	@echo "Headline fairness numbers (testing split):"
+	@$(PY) bundle/scripts/fairness_stats.py summary $(DEMO2D_RUN)
+	@echo
+	@echo "Outputs:"
+	@echo "  cohort:            $(DEMO2D_DIR)/data/datalist.json"
+	@echo "  trained model:     $(DEMO2D_RUN)/models/model.pt"
+	@echo "  fairness report:   $(DEMO2D_RUN)/fairness/report.html"
+	@echo "  per-case metrics:  $(DEMO2D_RUN)/fairness/per_case.csv, $(DEMO2D_RUN)/fairness/metrics.json"
+	@echo "  masks (PNG+NIfTI): $(DEMO2D_RUN)/inference/"
+
 # the shipped weights: default FairDRO config, synthetic cohort, fixed seed; then TorchScript and large_files.yml.
 # RELEASE_URL: where a published GitHub release puts the assets (written into large_files.yml)
 WEIGHTS_RUN = $(DEMO_DIR)/weights_run
@@ -143,7 +177,7 @@ format: setup
 	$(PY) -m ruff format bundle tests bench tools deploy
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) $(DEMO2D_DIR)
 
 # MONAI Label 0.8.5 in its own venv: it needs pydicom 2.x and numpy<2 (pydicom-seg), which the main venv cannot
 # share. monai is pinned to 1.5.2 there: under monai 1.6.1 every Spacingd crashes in MONAI Label (it walks the

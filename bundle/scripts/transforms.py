@@ -127,7 +127,7 @@ class CaseIdd(MapTransform):
             if hasattr(src, "meta"):
                 src = src.meta.get("filename_or_obj", "")
             name = os.path.basename(str(src)) if src is not None else ""
-            for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
+            for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".png", ".jpg", ".jpeg", ".npz"):
                 if name.endswith(ext):
                     name = name[: -len(ext)]
                     break
@@ -454,3 +454,51 @@ class InvertForegroundd(MapTransform):
                 where = tuple(slice(a, b + 1) for a, b in zip(*box))
                 mask[where] |= positive_in_box(diff, window, affine, box, settings)
         return mask
+
+
+class ReloadOriginald(MapTransform):
+    """Replace each key's array with the file it was loaded from, on that file's own grid.
+
+    Used by the 2D evaluation (``configs/profiles/2d_evaluate.json``): a label resized to the network's size with
+    nearest-neighbour interpolation and inverted back is not the label that was given (a few pixels move at the
+    edges), so the scores are taken against the label file itself. The file is read with MONAI's ``LoadImage``
+    (``ensure_channel_first``), as the pipeline read it.
+
+    Args:
+        keys: keys whose MetaTensor carries ``filename_or_obj`` in its metadata (e.g. ``"label"``).
+
+    Raises:
+        ValueError: a key's value has no file name in its metadata.
+    """
+
+    def __init__(self, keys: Any, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        from monai.transforms import LoadImage
+
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            name = d[key].meta.get("filename_or_obj") if isinstance(d[key], MetaTensor) else None
+            if not name:
+                raise ValueError(f"'{key}' carries no file name in its metadata, so its original cannot be reloaded.")
+            d[key] = self.loader(str(name))
+        return d
+
+
+class LabelMapMetad(MapTransform):
+    """Mark each key's array as a one-channel label map whose channel MONAI added (``original_channel_dim`` "no
+    channel"), so that writers save an ``(1, H, W)`` mask predicted from an RGB image as one grey plane; the
+    metadata of the RGB source says its channels were last, and MONAI's NIfTI writer then fails on the mask.
+
+    Args:
+        keys: keys of label maps, shape ``(1, *spatial)``.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["original_channel_dim"] = float("nan")
+        return d

@@ -19,6 +19,15 @@ SHARED = ["spacing", "hu_window", "patch_size", "subgroup_key", "subgroups", "fe
 REF = re.compile(r"@([A-Za-z_][\w#:]*)")
 #: hardware overlays, stacked on train.json or inference.json
 PROFILES = sorted((CONFIGS / "profiles").glob("*.json"))
+#: the 2D overlays stack in their own order (bundle docs, 2d.md); data-set overlays (FairSeg, HAM10000) go last
+PROFILES_2D = ("2d.json", "2d_evaluate.json", "2d_inference.json")
+DATASET_OVERLAYS = [p for p in PROFILES if "settings_help#dataset_" in "".join(json.loads(p.read_text()))]
+HARDWARE_PROFILES = [p for p in PROFILES if p.name not in PROFILES_2D and p not in DATASET_OVERLAYS]
+STACKS_2D = [
+    ["train.json", "profiles/2d.json"],
+    ["train.json", "evaluate.json", "profiles/2d.json", "profiles/2d_evaluate.json"],
+    ["inference.json", "profiles/2d_inference.json"],
+]
 
 
 def _load(name):
@@ -47,8 +56,10 @@ def _config_stacks():
         stacks.append(["inference.json", "inference_dicom.json"])
     for variant in sorted((CONFIGS / "variants").glob("*.json")):
         stacks.append(["train.json", f"variants/{variant.name}"])
-    for profile in PROFILES:
+    for profile in HARDWARE_PROFILES:
         stacks += [["train.json", f"profiles/{profile.name}"], ["inference.json", f"profiles/{profile.name}"]]
+    for stack in STACKS_2D:
+        stacks += [stack] + [[*stack, f"profiles/{overlay.name}"] for overlay in DATASET_OVERLAYS]
     return stacks
 
 

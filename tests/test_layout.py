@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 SCRIPTS = BUNDLE / "scripts"
 #: the data-preparation command lines that ship with the bundle although no config imports them
-DATA_PREP_CLIS = ("synthetic", "prepare_cohort", "check_data")
+DATA_PREP_CLIS = ("synthetic", "prepare_cohort", "check_data", "prepare_fairseg", "prepare_ham10000")
 #: while the DICOM node is being moved to deploy/ and split (issue 18, node part), its old file may still be here;
 #: once it is gone this clause does nothing and can be deleted
 MOVING_OUT = {SCRIPTS / "dicom_node.py"}

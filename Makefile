@@ -26,7 +26,7 @@ CFG2D_TRAIN = "['bundle/configs/train.json','bundle/configs/profiles/2d.json']"
 CFG2D_EVAL = "['bundle/configs/train.json','bundle/configs/evaluate.json','bundle/configs/profiles/2d.json','bundle/configs/profiles/2d_evaluate.json']"
 CFG2D_INFER = "['bundle/configs/inference.json','bundle/configs/profiles/2d_inference.json']"
 
-.PHONY: help setup demo demo-2d demo-weights verify test lint format clean-demo check-data benchmark-fairness calibrate-cohort recipe-sweep bench-dmoe bench-speed bench-gpu
+.PHONY: help setup demo demo-2d demo-weights verify test lint format clean-demo check-data benchmark-fairness benchmark-hidden-failures calibrate-cohort recipe-sweep bench-dmoe bench-speed bench-gpu
 
 help:
 	@echo "make demo   - set up .venv, generate the synthetic cohort, train FairDRO, evaluate, infer"
@@ -37,6 +37,7 @@ help:
 	@echo "make lint   - ruff check + format check"
 	@echo "make check-data DATALIST=path/to/datalist.json - report every problem in a cohort"
 	@echo "make benchmark-fairness - the fairness ablation, 46 cached runs (about 6 h on 2 CPUs); BENCH=smoke: 2 min"
+	@echo "make benchmark-hidden-failures - positive-control search for the DRO benchmark: 56 cached 2D runs (about 4 h on 2 CPUs); BENCH=smoke: 1 min"
 	@echo "make recipe-sweep - FairDRO's apply and min_ess chosen on the validation split (5 cached runs, about 45 min)"
 	@echo "make calibrate-cohort - the hidden minority's levels with ERM and the oracle (16 cached runs, about 2.5 h)"
 	@echo "make bench-dmoe - dMoE dispatch / overhead benchmark table"
@@ -153,6 +154,11 @@ recipe-sweep: setup
 BENCH ?= full
 benchmark-fairness: setup
 	$(PY) bench/fairness_ablation.py --bench $(BENCH) $(ABLATION_ARGS)
+
+# issue 29, first part: can a benchmark see a loss effect? The oracle gaps on 2D settings (runs cached in
+# bench/results/hidden_failures; HIDDEN_ARGS='--commit --threads 1' commits each run, '--max-runs N' time-boxes)
+benchmark-hidden-failures: setup
+	$(PY) bench/hidden_failures.py --bench $(BENCH) $(HIDDEN_ARGS)
 
 bench-dmoe: setup
 	$(PY) bench/bench_dmoe.py

@@ -7,6 +7,12 @@ A run is (variant, seed, cohort, config overrides). Its **key** is a hash of
   ``ConfigParser``, with the overrides applied and the run-local paths and help texts left out;
 - the cohort's arguments (``synthetic.generate_cohort``) and the seed.
 
+A cohort with ``"spatial_dims": 2`` is the 2D cohort (``synthetic_2d.generate_cohort``, with the other arguments):
+its runs stack ``profiles/2d.json`` after the variant (and ``profiles/2d_evaluate.json`` after ``evaluate.json``
+when evaluating). A cohort without that key is the 3D cohort, and its runs' files and keys are those of before the
+2D path. Overrides may name nested keys (``optimizer#weight_decay``); an override of a key that training lacks is
+applied to the evaluation only.
+
 So a change that leaves results equal (a faster kernel, a moved file, a reworded help text) keeps every finished
 run, and a change to one variant's overlay reruns only that variant's runs. A run also records the key of its
 training alone (train + variant + the overrides of training keys): when only the evaluation changed (``evaluate.json``)
@@ -24,6 +30,7 @@ logs stay in a scratch folder (``--work``), never in the repository.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -45,6 +52,17 @@ BENCH_VERSION = 3
 #: configuration keys that never change a result (paths of this run, documentation)
 _NEUTRAL_KEYS = ("settings_help", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "bundle_root", "run_name")
 _SMALL_FILES = ("per_case.csv", "metrics.json")
+#: the spatial dimensions a cohort may name (``cohort["spatial_dims"]``; 3 when it names none)
+SPATIAL_DIMS = (2, 3)
+PROFILE_2D = ("profiles/2d.json", "profiles/2d_evaluate.json")
+
+
+def spatial_dims(cohort: dict[str, Any]) -> int:
+    """The cohort's spatial dimensions: ``cohort["spatial_dims"]`` (2 or 3), 3 when absent."""
+    dims = cohort.get("spatial_dims", 3)
+    if isinstance(dims, bool) or dims not in SPATIAL_DIMS:
+        raise ValueError(f"cohort spatial_dims must be one of {list(SPATIAL_DIMS)}, got {dims!r}.")
+    return int(dims)
 
 
 @dataclass(frozen=True)
@@ -61,8 +79,12 @@ class RunSpec:
         c = self.cohort
         return f"{self.variant}_{c.get('minority', 'none')}_l{c.get('difficulty', 'd')}_s{self.seed}"
 
-    def config_files(self) -> list[str]:
-        return [str(CONFIGS / "train.json"), str(CONFIGS / "variants" / f"{self.variant}.json")]
+    def config_files(self, evaluation: bool = False) -> list[str]:
+        """The config files of the run's training (``evaluation``: of its evaluation), in stacking order."""
+        files = ["train.json", f"variants/{self.variant}.json"] + (["evaluate.json"] if evaluation else [])
+        if spatial_dims(self.cohort) == 2:
+            files += PROFILE_2D[: 2 if evaluation else 1]
+        return [str(CONFIGS / f) for f in files]
 
 
 def cohort_name(cohort: dict[str, Any]) -> str:
@@ -79,7 +101,7 @@ def resolved_config(spec: RunSpec, evaluation: bool = True) -> dict[str, Any]:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(spec.config_files() + ([str(CONFIGS / "evaluate.json")] if evaluation else []))
+    parser.read_config(spec.config_files(evaluation))
     for key, value in spec.overrides.items():
         if evaluation or key in parser:
             parser[key] = value
@@ -146,15 +168,18 @@ def git_commit() -> str:
 
 
 def ensure_cohort(cohort: dict[str, Any], data_root: Path) -> Path:
-    """Generate the cohort once (deterministic by its arguments) under ``data_root``; returns its folder."""
-    sys.path.insert(0, str(BUNDLE))
-    from scripts import synthetic
+    """Generate the cohort once (deterministic by its arguments) under ``data_root``; returns its folder.
 
+    ``spatial_dims`` 2: ``synthetic_2d.generate_cohort`` with the other arguments; else ``synthetic``'s."""
+    sys.path.insert(0, str(BUNDLE))
+    from scripts import synthetic, synthetic_2d
+
+    generator = synthetic_2d if spatial_dims(cohort) == 2 else synthetic
     folder = data_root / cohort_name(cohort)
     if not (folder / "datalist.json").is_file():
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        synthetic.generate_cohort(tmp, **cohort)
+        generator.generate_cohort(tmp, **{k: v for k, v in cohort.items() if k != "spatial_dims"})
         tmp.replace(folder)
     return folder
 
@@ -202,7 +227,7 @@ def bundle_command(
 ) -> list[str]:
     """The ``monai.bundle run`` command line of a run's ``training`` or ``evaluating`` (weights in
     ``work/models``; output in ``output_dir``, default ``work``), with the run's overrides and ``extra`` arguments."""
-    files = spec.config_files() + ([str(CONFIGS / "evaluate.json")] if workflow == "evaluating" else [])
+    files = spec.config_files(workflow == "evaluating")
     cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", json.dumps(files),
            "--dataset_dir", str(data), "--output_dir", str(output_dir or work), "--ckpt_dir", str(work / "models"),
            "--seed", str(spec.seed), *extra]  # fmt: skip
@@ -282,10 +307,35 @@ def decide(spec: RunSpec, out_root: Path, work_root: Path, sources: list[Path] =
     return ("rerun" if read_meta(run_dir) else "run"), None
 
 
-def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources: list[Path] = ()) -> tuple[Path, bool]:
+def copy_per_case(src: Path, dst: Path, columns: tuple[str, ...] | None = None) -> None:
+    """Copy ``per_case.csv``, keeping only ``columns`` (in their order) when given; every one must be in ``src``."""
+    if columns is None:
+        shutil.copyfile(src, dst)
+        return
+    with src.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{src} lacks the column(s) {missing}; it has {reader.fieldnames}.")
+        rows = [{c: row[c] for c in columns} for row in reader]
+    with dst.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(
+    spec: RunSpec,
+    out_root: Path,
+    data_root: Path,
+    work_root: Path,
+    sources: list[Path] = (),
+    per_case_columns: tuple[str, ...] | None = None,
+) -> tuple[Path, bool]:
     """Run ``spec`` unless ``out_root/<name>`` already holds it with the same key, or one of ``sources`` does
     (copied); returns (folder, ran). When only the evaluation changed (the same training key, here or in a source)
-    and that run's weights are still on disk, they are evaluated again without training (:func:`decide`)."""
+    and that run's weights are still on disk, they are evaluated again without training (:func:`decide`).
+    ``per_case_columns``: the columns of ``per_case.csv`` kept in the run folder (default: all)."""
     run_dir = out_root / spec.name
     action, found = decide(spec, out_root, work_root, list(sources))
     if action == "cached":
@@ -303,8 +353,8 @@ def run(spec: RunSpec, out_root: Path, data_root: Path, work_root: Path, sources
         run_dir.mkdir(parents=True, exist_ok=True)
         summary = parse_train_log((work / "run.log").read_text())
         (run_dir / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for name in _SMALL_FILES:
-        shutil.copyfile(work / "fairness" / name, run_dir / name)
+    copy_per_case(work / "fairness" / "per_case.csv", run_dir / "per_case.csv", per_case_columns)
+    shutil.copyfile(work / "fairness" / "metrics.json", run_dir / "metrics.json")
     meta = {"key": run_key(spec), "train_key": run_key(spec, evaluation=False), "bench_version": BENCH_VERSION,
             "commit": git_commit(), "variant": spec.variant, "seed": spec.seed, "cohort": spec.cohort,
             "overrides": spec.overrides, **times, "weights": str((work / "models").resolve()),

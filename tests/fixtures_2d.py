@@ -25,6 +25,7 @@ line must name.
 from __future__ import annotations
 
 import csv
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -253,3 +254,19 @@ def break_ham10000(folder: Path, problem: str) -> str:
 def _read_rows(folder: Path) -> list[dict[str, str]]:
     with open(folder / "HAM10000_metadata.csv", newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------------------------------------ shared checks
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every file below ``root`` (relative path and bytes): equal digests, nothing written or changed."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def items_by_id(datalist: dict) -> dict[str, dict]:
+    """Every item of a datalist's three lists, by id."""
+    return {it["id"]: it for name in ("training", "validation", "testing") for it in datalist[name]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -16,7 +15,9 @@ from fixtures_2d import (
     break_fairseg,
     fairseg_id,
     in_test_list,
+    items_by_id,
     rewrite_npz,
+    tree_digest,
     write_fairseg,
 )
 from PIL import Image
@@ -39,17 +40,6 @@ def _run(data: Path, out: Path, *extra: str) -> int:
     return main(["--data-dir", str(data), "--out", str(out), *extra])
 
 
-def _digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _items(datalist: dict) -> dict[str, dict]:
-    return {it["id"]: it for name in ("training", "validation", "testing") for it in datalist[name]}
-
-
 def _per_race(datalist: dict, split: str) -> list[int]:
     return [sum(it["race"] == race for it in datalist[split]) for race in RACES]
 
@@ -67,7 +57,7 @@ def test_readme_layout_items_labels_and_split(tmp_path, capsys):
     assert _per_race(datalist, "training") == [6, 6, 6]
     assert _per_race(datalist, "validation") == [1, 1, 1]
     assert _per_race(datalist, "testing") == [3, 3, 3]
-    items = _items(datalist)
+    items = items_by_id(datalist)
     assert sorted(items) == [fairseg_id(i) for i in range(30)]
     keys = {"id", "image", "label", "gender", "race", "ethnicity", "language", "maritalstatus", "age"}
     assert all(set(it) == keys for it in items.values())
@@ -91,7 +81,7 @@ def test_readme_layout_pngs_hold_image_and_rim_cup_labels(tmp_path):
     data = write_fairseg(tmp_path / "data", "readme", n=6)
     out = tmp_path / "datalist.json"
     assert _run(data, out) == 0
-    item = _items(json.loads(out.read_text()))[fairseg_id(2)]
+    item = items_by_id(json.loads(out.read_text()))[fairseg_id(2)]
     assert (item["image"], item["label"]) == (f"images/{fairseg_id(2)}.png", f"labels/{fairseg_id(2)}.png")
     with np.load(data / f"{fairseg_id(2)}.npz") as source:
         image, mask = source["slo_fundus"], source["disc_cup_mask"]
@@ -113,7 +103,7 @@ def test_training_layout_lists_honoured_with_ten_percent_validation(tmp_path):
     assert _per_race(datalist, "training") == [5, 5, 5]
     assert _per_race(datalist, "validation") == [1, 1, 1]
     assert not tested & {it["id"] for n in ("training", "validation") for it in datalist[n]}
-    items = _items(datalist)
+    items = items_by_id(datalist)
     # case 5: race code 7 (White), hispanic code 1, age 45 * 365 days; case 10: race code 3, hispanic 0
     assert [items[fairseg_id(5)][k] for k in ("race", "ethnicity", "age")] == ["White", "Hispanic", "45"]
     assert [items[fairseg_id(10)][k] for k in ("race", "ethnicity", "age")] == ["Black", "Non-Hispanic", "50"]
@@ -150,7 +140,7 @@ def test_coding_option_overrides_the_layout(tmp_path, capsys):
     assert _run(data, tmp_path / "a" / "datalist.json") == 2
     assert "unknown race code 3" in capsys.readouterr().err
     assert _run(data, tmp_path / "b" / "datalist.json", "--coding", "training") == 0
-    items = _items(json.loads((tmp_path / "b" / "datalist.json").read_text()))
+    items = items_by_id(json.loads((tmp_path / "b" / "datalist.json").read_text()))
     assert [items[fairseg_id(i)]["race"] for i in range(3)] == ["Asian", "Black", "White"]
 
 
@@ -159,14 +149,14 @@ def test_coding_option_overrides_the_layout(tmp_path, capsys):
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, layout, problem):
     data = write_fairseg(tmp_path / "data", layout, n=9)
     named = break_fairseg(data, problem, layout)
-    before = _digest(data)
+    before = tree_digest(data)
     out = tmp_path / "out" / "datalist.json"
     assert _run(data, out) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert named in err and PROBLEM_WORDS[problem] in err
     assert not (tmp_path / "out").exists()
-    assert _digest(data) == before
+    assert tree_digest(data) == before
 
 
 def test_one_list_alone_refused(tmp_path, capsys):
@@ -186,9 +176,9 @@ def test_existing_out_refused_unless_overwrite_and_never_inside_data(tmp_path, c
     assert "datalist.json: exists" in capsys.readouterr().err and out.read_bytes() == first
     assert _run(data, out, "--seed", "3", "--overwrite") == 0
     assert json.loads(out.read_text())["seed"] == 3
-    before = _digest(data)
+    before = tree_digest(data)
     assert _run(data, data / "datalist.json", "--overwrite") == 2
-    assert "inside the data folder" in capsys.readouterr().err and _digest(data) == before
+    assert "inside the data folder" in capsys.readouterr().err and tree_digest(data) == before
 
 
 def test_pngs_load_with_monai(tmp_path):
@@ -197,7 +187,7 @@ def test_pngs_load_with_monai(tmp_path):
     data = write_fairseg(tmp_path / "data", "readme", n=3, shape=(32, 40))
     out = tmp_path / "datalist.json"
     assert _run(data, out) == 0
-    item = _items(json.loads(out.read_text()))[fairseg_id(0)]
+    item = items_by_id(json.loads(out.read_text()))[fairseg_id(0)]
     loader = LoadImage(image_only=True, ensure_channel_first=True)
     image, label = loader(str(tmp_path / item["image"])), loader(str(tmp_path / item["label"]))
     assert image.shape[0] == 1 and image.shape == label.shape and sorted(image.shape[1:]) == [32, 40]

@@ -3,7 +3,6 @@ lesion, stratified by age group; every bad input refused with nothing written.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -12,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_2d import HAM_PROBLEMS, UNLISTED_IMAGE, break_ham10000, ham_id, write_ham10000
+from fixtures_2d import (
+    HAM_PROBLEMS,
+    UNLISTED_IMAGE,
+    break_ham10000,
+    ham_id,
+    items_by_id,
+    tree_digest,
+    write_ham10000,
+)
 from PIL import Image
 from scripts.prepare_ham10000 import main
 
@@ -33,17 +40,6 @@ def _run(data: Path, out: Path, *extra: str) -> int:
     return main(["--data-dir", str(data), "--out", str(out), *extra])
 
 
-def _digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _items(datalist: dict) -> dict[str, dict]:
-    return {it["id"]: it for name in SPLITS for it in datalist[name]}
-
-
 def _lesions(datalist: dict, split: str, group: str) -> int:
     return len({it["lesion_id"] for it in datalist[split] if it["age_group"] == group})
 
@@ -62,7 +58,7 @@ def test_items_keys_and_values(prepared):
     assert (datalist["name"], datalist["routing_key"], datalist["seed"]) == ("HAM10000", "age_group", 0)
     assert datalist["class_names"] == ["background", "lesion"]
     assert datalist["age_bins"] == ["0-30", "30-60", "60+"]
-    items = _items(datalist)
+    items = items_by_id(datalist)
     # 32 lesions, those with j % 4 == 0 (8 of them) have two images: 40 images; the unlisted one is skipped
     assert len(items) == 40 and UNLISTED_IMAGE not in items
     keys = {"id", "image", "label", "lesion_id", "sex", "age", "age_group", "dx", "localization"}
@@ -89,7 +85,7 @@ def test_items_keys_and_values(prepared):
 
 def test_labels_are_lesion_one_background_zero(prepared):
     data, out, datalist = prepared
-    item = _items(datalist)[ham_id(5)]
+    item = items_by_id(datalist)[ham_id(5)]
     label = np.asarray(Image.open(out.parent / item["label"]))
     mask = np.asarray(Image.open(data / "HAM10000_segmentations_lesion_tsao" / f"{ham_id(5)}_segmentation.png"))
     assert label.dtype == np.uint8 and set(np.unique(label).tolist()) == {0, 1}
@@ -129,7 +125,7 @@ def test_split_deterministic_by_seed_and_age_bins_option(tmp_path):
     ids = {k: [[it["id"] for it in dl[n]] for n in SPLITS] for k, dl in runs.items()}
     assert ids["a"] == ids["b"] and ids["a"] != ids["c"]
     assert runs["d"]["age_bins"] == ["0-50", "50+"]
-    items = _items(runs["d"])
+    items = items_by_id(runs["d"])
     assert [items[ham_id(k)]["age_group"] for k in (1, 2, 3, 5)] == ["0-50", "0-50", "50+", "50+"]
 
 
@@ -137,14 +133,14 @@ def test_split_deterministic_by_seed_and_age_bins_option(tmp_path):
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, problem):
     data = write_ham10000(tmp_path / "data", n_lesions=6)
     named = break_ham10000(data, problem)
-    before = _digest(data)
+    before = tree_digest(data)
     out = tmp_path / "out" / "datalist.json"
     assert _run(data, out) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert named in err and PROBLEM_WORDS[problem] in err
     assert not (tmp_path / "out").exists()
-    assert _digest(data) == before
+    assert tree_digest(data) == before
 
 
 def test_bad_age_and_bins_refused(tmp_path, capsys):
@@ -165,9 +161,9 @@ def test_existing_out_refused_unless_overwrite(tmp_path, capsys):
     assert _run(data, out) == 0
     assert _run(data, out) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
     assert _run(data, out, "--overwrite") == 0
-    before = _digest(data)
+    before = tree_digest(data)
     assert _run(data, data / "HAM10000_images_part1" / "datalist.json", "--overwrite") == 2
-    assert "inside the data folder" in capsys.readouterr().err and _digest(data) == before
+    assert "inside the data folder" in capsys.readouterr().err and tree_digest(data) == before
 
 
 def test_image_and_label_load_with_monai(prepared):

@@ -528,6 +528,11 @@ def generate_cohort(
         "split": list(split),
         **stratified_split(items, grouping, seed, split),
     }
+    return write_datalist(out, datalist)
+
+
+def write_datalist(out: Path, datalist: dict) -> dict:
+    """Write ``out/datalist.json`` atomically (a temporary file, then a rename); returns ``datalist``."""
     tmp = out / "datalist.json.tmp"
     tmp.write_text(json.dumps(datalist, indent=2) + "\n")
     tmp.replace(out / "datalist.json")

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -286,10 +285,7 @@ def generate_cohort(
         "split": list(split),
         **synthetic.stratified_split(items, grouping, seed, split),
     }
-    tmp = out / "datalist.json.tmp"
-    tmp.write_text(json.dumps(datalist, indent=2) + "\n")
-    tmp.replace(out / "datalist.json")
-    return datalist
+    return synthetic.write_datalist(out, datalist)
 
 
 def _parser() -> argparse.ArgumentParser:

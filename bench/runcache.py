@@ -111,7 +111,7 @@ def resolved_config(spec: RunSpec, evaluation: bool = True) -> dict[str, Any]:
 
 #: the FairDRO settings that a run with plain weights (intra none or oracle, inter not groupdro) still reads
 _PLAIN_DRO_KEYS = ("_target_", "intra", "inter", "apply", "unknown", "subtype_key", "cohort", "group_key",
-                   "group_names", "num_groups")  # fmt: skip
+                   "group_names", "num_groups", "diagnose")  # fmt: skip
 
 
 def _drop_unread_dro_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +190,8 @@ _PAIR = re.compile(r"(\w+): ([-+0-9.eE]+|nan)")
 
 #: per-epoch curves kept in ``train_log.json`` besides ``val_mean_dice`` (the ESS log of the recipe)
 _CURVES = ("val_worst_group_dice", "val_worst_group_cvar", "dro_ess_frac", "dro_lam")
+#: ... and every curve of the intra-group CVaR diagnostic (``dro#diagnose``: cvar_precision_<g>, cvar_recall_<g>, ...)
+_DIAGNOSTIC_PREFIX = "cvar_"
 
 
 def parse_train_log(text: str) -> dict[str, Any]:
@@ -207,7 +209,8 @@ def parse_train_log(text: str) -> dict[str, Any]:
         dro = {k: v for k, v in curve[e].items() if k.startswith("dro_")}
         if dro:
             break
-    curves = {name: {e: v[name] for e, v in sorted(curve.items()) if name in v} for name in _CURVES}
+    names = [*_CURVES, *sorted({k for v in curve.values() for k in v if k.startswith(_DIAGNOSTIC_PREFIX)})]
+    curves = {name: {e: v[name] for e, v in sorted(curve.items()) if name in v} for name in names}
     return {"val_mean_dice": val, "last_dro": dro, "curves": {k: c for k, c in curves.items() if c}}
 
 

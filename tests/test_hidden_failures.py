@@ -492,3 +492,17 @@ def test_smoke_bench_end_to_end(tmp_path):
     assert "| smoke | smoke | - | 2/2 |" in (out / "calibration.md").read_text()
     assert not (REPO / "bench" / "results" / "hidden_failures" / "smoke").exists()  # never the committed folder
     assert ": ran (" not in bench() and (out / "calibration.md").is_file()  # a third call trains nothing
+
+
+def test_train_log_keeps_the_diagnostic_curves():
+    log = "\n".join(
+        [
+            "INFO Epoch[1] Metrics -- cvar_precision_T1: 0.2500 cvar_base_rate_T1: 0.0500 dro_ess_frac: 1.0000",
+            "INFO Epoch[1] Metrics -- val_mean_dice: 0.5000",
+            "INFO Epoch[2] Metrics -- cvar_precision_T1: 0.5000 cvar_base_rate_T1: 0.0500 dro_ess_frac: 0.5000",
+        ]
+    )
+    curves = runcache.parse_train_log(log)["curves"]
+    assert curves["cvar_precision_T1"] == {1: 0.25, 2: 0.5}
+    assert curves["cvar_base_rate_T1"] == {1: 0.05, 2: 0.05}
+    assert curves["dro_ess_frac"] == {1: 1.0, 2: 0.5}

@@ -494,6 +494,11 @@ class FairDRO:
             case, every ``refresh_every`` epochs, by :class:`scripts.bank_refresh.BankRefreshHandler`), so all
             weights come from fresh losses measured the same way; the per-step training losses then only count
             steps. 0 (default): the bank is the EMA of the training losses.
+        diagnose: report the intra-group CVaR diagnostic (:mod:`scripts.cvar_diagnostic`) at every refresh point,
+            warm-up and last epoch included, also when the weights do not use the bank (``dmoe``). A reporting
+            switch only: :class:`scripts.bank_refresh.BankRefreshHandler` reads it and measures the eval-mode
+            losses, which never reach the bank, the weights or the sampler unless a refresh is due anyway. Needs
+            ``refresh_every > 0``. Default False.
 
     Raises:
         ValueError: for an invalid hyperparameter (naming it and the value) or an invalid cohort.
@@ -522,6 +527,7 @@ class FairDRO:
         min_ess: float = 0.0,
         warmup_epochs: int | None = None,
         refresh_every: int = 0,
+        diagnose: bool = False,
     ) -> None:
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
@@ -552,6 +558,12 @@ class FairDRO:
         self.min_ess = float(min_ess)
         self.warmup_epochs = warmup_epochs
         self.refresh_every = int(refresh_every)
+        if not isinstance(diagnose, bool):
+            raise ValueError(f"diagnose must be true or false, got {diagnose!r}.")
+        if diagnose and self.refresh_every <= 0:
+            raise ValueError("diagnose needs refresh_every > 0 (the diagnostic runs on the eval-mode refresh pass).")
+        #: report the intra-group CVaR diagnostic at the refresh points (never changes a weight)
+        self.diagnose = diagnose
         #: training epochs completed (:meth:`epoch_completed`), for ``warmup_epochs``
         self.epochs_completed = 0
         #: number of eval-mode bank refreshes so far

@@ -279,3 +279,64 @@ class NodeProcess:
 
     def log_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.work.glob("node_*.log")))
+
+
+def _hold_silent(host: str, port: int, source: str, count: int, seconds: float) -> None:
+    """Keep ``count`` TCP connections from ``source`` to ``host:port`` open and silent for ``seconds``; a connection
+    the server closes is reopened at once (at most one reopen per connection per 10 ms). Prints the reopen count."""
+    import selectors
+    import socket
+
+    sel, reopened, deadline = selectors.DefaultSelector(), 0, time.monotonic() + seconds
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # SilentClients.stop: report, then exit
+
+    def open_one() -> None:
+        sock = socket.create_connection((host, port), timeout=5, source_address=(source, 0))
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ)
+
+    for _ in range(count):
+        open_one()
+    while time.monotonic() < deadline and not stop:
+        for key, _ in sel.select(timeout=0.2):
+            sock = key.fileobj
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                continue  # a TLS alert or an A-ABORT: wait for the close
+            sel.unregister(sock)
+            sock.close()
+            time.sleep(0.01)
+            open_one()
+            reopened += 1
+    print(json.dumps({"reopened": reopened}), flush=True)
+
+
+class SilentClients:
+    """``count`` silent connections to the node from ``source`` (127.0.0.2), held by a separate process for at most
+    ``seconds`` (reopened as soon as the node closes them), like a port scanner that never speaks."""
+
+    def __init__(self, port: int, count: int = 50, source: str = "127.0.0.2", seconds: float = 120.0,
+                 host: str = "127.0.0.1"):  # fmt: skip
+        args = [sys.executable, __file__, "--silent", host, str(port), source, str(count), str(seconds)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the process; returns ``{"reopened": n}`` (empty when it printed nothing)."""
+        terminate(self.proc, 10)
+        out = self.proc.stdout.read() if self.proc.stdout else ""
+        return json.loads(out) if out.strip() else {}
+
+    def __enter__(self) -> SilentClients:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--silent"]:
+    _host, _port, _source, _count, _seconds = sys.argv[2:7]
+    _hold_silent(_host, int(_port), _source, int(_count), float(_seconds))

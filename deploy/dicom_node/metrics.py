@@ -33,6 +33,9 @@ class NodeMetrics:
         self._counters = {
             key: Counter(PREFIX + name, text, registry=self.registry) for key, (name, text) in COUNTERS.items()
         }
+        self._refusals = Counter(PREFIX + "refusals", "refused connections, associations and instances, by cause",
+                                 ["cause"], registry=self.registry)  # fmt: skip
+        self._refusal_counts: dict[str, int] = {}
         self.latency = Histogram(
             PREFIX + "series_latency_seconds",
             "seconds from a series' last instance acknowledged to its RTSTRUCT acknowledged by a destination",
@@ -44,6 +47,16 @@ class NodeMetrics:
         with self._lock:
             self._counts[key] += amount
         self._counters[key].inc(amount)
+
+    def refusal(self, cause: str) -> None:
+        """One refusal, counted in ``fairdro_node_refusals_total{cause}``."""
+        with self._lock:
+            self._refusal_counts[cause] = self._refusal_counts.get(cause, 0) + 1
+        self._refusals.labels(cause=cause).inc()
+
+    def refusal_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._refusal_counts)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

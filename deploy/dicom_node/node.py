@@ -31,10 +31,11 @@ from scripts.safe_io import fsync_folder
 
 from .health import HealthServer, HealthSettings
 from .inference import BundleInference
+from .limits import Limits
 from .metrics import NodeMetrics
 from .receiver import Receiver
 from .sender import Outbox, Sender
-from .settings import Destination, DicomNodeError, read_json
+from .settings import Destination, DicomNodeError, default_work_dir, read_json
 from .spool import Spool
 from .storage import DiskGuard, Retention, owner_only_folder
 from .subgroups import SubgroupSource
@@ -76,7 +77,8 @@ class DicomNode:
         destinations: ``[{"ae_title", "host", "port"[, "tls", "tls_hostname"]}]`` that receive every result.
         send_seg: also send the DICOM SEG (the RTSTRUCT is always sent).
         quiet_seconds: a series is complete after this long without a new instance.
-        work_dir: root of ``spool/``, ``processing/``, ``results/`` and ``failed/`` (owner-only permissions).
+        work_dir: root of ``spool/``, ``processing/``, ``results/`` and ``failed/`` (owner-only permissions); None:
+            :func:`~.settings.default_work_dir` (``$XDG_STATE_HOME/fairdro-node``, ``/var/lib/fairdro-node`` as root).
         subgroup_source: keyword arguments of :class:`SubgroupSource` (or one).
         inference_config_files: the bundle's ``inference.json`` and ``inference_dicom.json``.
         inference_overrides: extra config overrides for inference (``ckpt_path``, ``features``, ...).
@@ -88,6 +90,8 @@ class DicomNode:
         failed_retention_days: failed series are deleted after this many days (None: kept until a person acts).
         health: ``{"enabled", "bind_address", "port"}`` of the HTTP health and metrics endpoint.
         tls: ``{"enabled", "certificate", "private_key", "ca_bundle", "require_client_cert", "min_version"}``.
+        limits: connection, association, transfer and ``failed/`` limits (:class:`~.limits.Limits`; missing names
+            keep their defaults).
         poll_seconds: how often the quiet timers are checked.
         housekeeping_seconds: how often retention runs and the disk floor is re-checked.
     """
@@ -101,7 +105,7 @@ class DicomNode:
         destinations: Sequence[Mapping[str, Any]] = (),
         send_seg: bool = False,
         quiet_seconds: float = 10.0,
-        work_dir: str | Path = "node",
+        work_dir: str | Path | None = None,
         subgroup_source: Mapping[str, Any] | SubgroupSource | None = None,
         inference_config_files: Sequence[str | Path] = (),
         inference_overrides: Mapping[str, Any] | None = None,
@@ -114,6 +118,7 @@ class DicomNode:
         tls: Mapping[str, Any] | TlsSettings | None = None,
         poll_seconds: float = 0.1,
         housekeeping_seconds: float = 60.0,
+        limits: Mapping[str, Any] | Limits | None = None,
     ):
         self.ae_title, self.bind_address, self.port = str(ae_title), str(bind_address), int(port)
         self.allowed_calling_aets = [str(a).strip() for a in allowed_calling_aets]
@@ -122,7 +127,8 @@ class DicomNode:
         self.housekeeping_seconds = float(housekeeping_seconds)
         if self.quiet_seconds < 0:
             raise DicomNodeError(f"quiet_seconds must be >= 0, got {quiet_seconds!r}.")
-        self.work_dir = Path(work_dir)
+        self.work_dir = default_work_dir() if work_dir in (None, "") else Path(work_dir)
+        self.limits = Limits.parse(limits)
         self.inference_config_files = [str(p) for p in inference_config_files]
         self.inference_overrides = dict(inference_overrides or {})
         self.retry = _retry_settings(retry)
@@ -144,7 +150,8 @@ class DicomNode:
         self.spool_dir, self.processing = self.work_dir / "spool", self.work_dir / "processing"
         self.results, self.failed = self.work_dir / "results", self.work_dir / "failed"
         self.disk = DiskGuard(self.work_dir, min_free_bytes)
-        self.retention = Retention(self.results, self.failed, retention_days, failed_retention_days)
+        self.retention = Retention(self.results, self.failed, retention_days, failed_retention_days,
+                                   (self.limits.max_failed_series, self.limits.max_failed_bytes))  # fmt: skip
         self.metrics = NodeMetrics()
         self._build_parts()
         self._stop = threading.Event()
@@ -154,7 +161,8 @@ class DicomNode:
     def _build_parts(self) -> None:
         self.spool = Spool(self.spool_dir, self.processing)
         self.outbox = Outbox()
-        self.receiver = Receiver(self.ae_title, self.allowed_calling_aets, self.spool, self.disk, self.metrics)
+        self.receiver = Receiver(self.ae_title, self.allowed_calling_aets, self.spool, self.disk, self.metrics,
+                                 self.limits)  # fmt: skip
         self.worker = Worker(
             self.spool, self.results, self.failed, self.outbox, self.disk, self.metrics, self.subgroup_source,
             self.inference, self.destinations, self.send_seg, self.quiet_seconds,
@@ -174,6 +182,9 @@ class DicomNode:
                 lambda: self.inference.builds)  # fmt: skip
         m.gauge("checkpoint_reloads", "warm rebuilds since start because the checkpoint file changed",
                 lambda: self.inference.reloads)  # fmt: skip
+        m.gauge("pending_connections", "connections without an A-ASSOCIATE-RQ yet (TLS handshake included)",
+                lambda: self.receiver.gate.counts()["pending"])  # fmt: skip
+        m.gauge("active_associations", "associations accepted and open", lambda: self.receiver.gate.counts()["active"])
 
     # ---------------------------------------------------------------------------------------------- lifecycle
 
@@ -187,7 +198,7 @@ class DicomNode:
         self._recover()
         self.disk.above_floor()
         context = self.tls.server_context() if self.tls.enabled else None
-        self.port = self.receiver.start(self.bind_address, self.port, context)
+        self.port = self.receiver.start(self.bind_address, self.port, context, self.tls.handshake_timeout_seconds)
         loops = {
             "watch": self._watch_loop,
             "work": lambda: self.worker.loop(self._stop, self.poll_seconds),
@@ -303,6 +314,7 @@ class DicomNode:
             "inference_builds": self.inference.builds,
             "checkpoint_reloads": self.inference.reloads,
             **self.metrics.counts(),
+            "refusals": self.metrics.refusal_counts(),
         }
 
     def liveness(self) -> dict[str, bool]:

@@ -13,7 +13,10 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from .gate import ConnectionGate, Refusals
+from .limits import Limits, TransferBudget
 from .metrics import NodeMetrics
+from .server import start_server
 from .settings import safe_uid
 from .spool import Spool
 from .storage import DiskGuard
@@ -70,21 +73,41 @@ class Receiver:
     """
 
     def __init__(self, ae_title: str, allowed_calling_aets: Sequence[str], spool: Spool, disk: DiskGuard,
-                 metrics: NodeMetrics):  # fmt: skip
+                 metrics: NodeMetrics, limits: Limits | None = None):  # fmt: skip
         self.ae_title, self.allowed_calling_aets = ae_title, list(allowed_calling_aets)
         self.spool, self.disk, self.metrics = spool, disk, metrics
+        self.limits = limits or Limits()
+        self.refusals = Refusals(metrics)
+        self.gate = ConnectionGate(self.limits, self.refusals)
+        self.budget = TransferBudget(self.limits, spool.spool_dir)
         self.server: Any = None
 
-    def start(self, bind_address: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        """Listen (non-blocking); returns the port actually bound."""
+    def _make_ae(self) -> _AllowListAE:
         ae = _AllowListAE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts  # non-CT classes reach the handler to be refused
         ae.add_supported_context(CTImageStorage, list(CT_COMPRESSED_TRANSFER_SYNTAXES))  # added to the defaults
         ae.add_supported_context(Verification)
         ae.require_calling_aet = self.allowed_calling_aets
         ae.refuse_everyone = not self.allowed_calling_aets
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
-        self.server = ae.start_server((bind_address, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+        lim = self.limits
+        ae.network_timeout, ae.acse_timeout = lim.network_timeout_seconds, lim.acse_timeout_seconds
+        ae.dimse_timeout, ae.maximum_pdu_size = lim.dimse_timeout_seconds, lim.max_pdu_size
+        # pynetdicom counts every connection thread, pending ones too; the gate applies the real limits first
+        ae.maximum_associations = lim.max_associations + lim.max_pending_connections + 1
+        return ae
+
+    def start(self, bind_address: str, port: int, ssl_context: ssl.SSLContext | None,
+              handshake_timeout: float = 10.0) -> int:  # fmt: skip
+        """Listen (non-blocking); returns the port actually bound."""
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_DATA_RECV, self._on_data),
+        ]
+        guards = {"gate": self.gate, "refusals": self.refusals, "limits": self.limits}
+        self.server = start_server(self._make_ae(), (bind_address, port), handlers, ssl_context,
+                                   handshake_timeout=handshake_timeout, **guards)  # fmt: skip
         return int(self.server.server_address[1])
 
     def stop(self) -> None:
@@ -96,16 +119,42 @@ class Receiver:
     def listening(self) -> bool:
         return self.server is not None
 
+    def _on_data(self, event: evt.Event) -> None:
+        """A PDU arrived: before the association is requested this marks the connection (junk first: malformed)."""
+        if not event.assoc.is_established and event.assoc.requestor.primitive is None:
+            self.gate.saw_data(_key(event.assoc))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """A-ASSOCIATE-RQ: the calling AE title and the association limits; A-ASSOCIATE-RJ when refused."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        if self.allowed_calling_aets and calling in [a.strip() for a in self.allowed_calling_aets]:
+            refusal = self.gate.associate(_key(assoc))
+            reject = (0x02, 0x03, 0x02)  # rejected-transient, service provider (presentation), local limit exceeded
+        else:
+            refusal = ("unknown_calling_aet", "not in allowed_calling_aets")
+            reject = (0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE title not recognised
+        if refusal is None:
+            assoc.acse_timeout = self.limits.acse_timeout_seconds  # the pending timeout no longer applies
+            assoc.dul.socket.socket.settimeout(self.limits.network_timeout_seconds)
+            for handler in [h for h, _ in assoc.get_handlers(evt.EVT_FSM_TRANSITION)]:
+                assoc.unbind(evt.EVT_FSM_TRANSITION, handler)  # the server's malformed-first-PDU watch
+            return
+        cause, detail = refusal
+        subject = f"association from calling AE {calling!r} at {assoc.requestor.address}"
+        self.refusals.refuse(cause, subject, detail)
+        self.gate.refused(_key(assoc))
+        assoc.acse.send_reject(*reject)
+        assoc.kill()
+
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        logger.warning(
-            "Refused association from calling AE %r at %s: not in allowed_calling_aets.",
-            requestor.ae_title, requestor.address,
-        )  # fmt: skip
+        subject = f"association from calling AE {requestor.ae_title!r} at {requestor.address}"
+        self.refusals.refuse("rejected_by_acse", subject, "rejected by pynetdicom's association negotiation")
 
-    def _refuse(self, status: int, sop_uid: str, why: str) -> int:
+    def _refuse(self, status: int, sop_uid: str, why: str, cause: str = "invalid_instance") -> int:
         self.metrics.inc("refused")
-        logger.warning("Refused instance %s (status 0x%04X): %s.", sop_uid, status, why)
+        self.refusals.refuse(cause, f"instance {sop_uid} (status 0x{status:04X})", why)
         return status
 
     @staticmethod
@@ -139,20 +188,31 @@ class Receiver:
         sop_class = event.context.abstract_syntax
         if sop_class != CTImageStorage:
             name = getattr(pydicom.uid.UID(sop_class), "name", sop_class)
-            return self._refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, sop_uid, f"SOP class {name} is not CT Image Storage")
+            detail = f"SOP class {name} is not CT Image Storage"
+            return self._refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, sop_uid, detail, "sop_class")
         if not self.disk.above_floor():
             self.metrics.inc("disk_refused")
-            logger.error("Instance %s answered 0xA700: free space is below min_free_bytes; not stored.", sop_uid)
+            self.refusals.count("disk_floor")
+            logger.error("Instance %s answered 0xA700 (cause=disk_floor): free space is below min_free_bytes; not "
+                         "stored.", sop_uid)  # fmt: skip
             return STATUS_OUT_OF_RESOURCES
         try:
             series, sop = self._check(event, sop_uid)
         except _Refused as refusal:
             return self._refuse(refusal.status, sop_uid, str(refusal))
+        data = event.encoded_dataset(include_meta=True)
+        if over := self.budget.check(event.assoc, series, len(data)):
+            return self._refuse(STATUS_OUT_OF_RESOURCES, sop_uid, f"series {series}: {over[1]}", over[0])
         try:
-            self.spool.write(series, sop, event.encoded_dataset(include_meta=True))
+            self.spool.write(series, sop, data)
         except OSError as err:
             self.metrics.inc("disk_refused")
             logger.error("Cannot spool instance %s of series %s: %s.", sop, series, err)
             return STATUS_OUT_OF_RESOURCES
         self.metrics.inc("stored")
         return STATUS_SUCCESS
+
+
+def _key(assoc: Any) -> tuple:
+    """The connection's key in the gate (set by the server's handler; the requestor's address otherwise)."""
+    return getattr(assoc, "fairdro_key", None) or (assoc.requestor.address, assoc.requestor.port)

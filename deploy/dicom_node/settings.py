@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,16 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 class DicomNodeError(ValueError):
     """A node setting is invalid (the message names the setting)."""
+
+
+def default_work_dir() -> Path:
+    """The node's state folder when ``work_dir`` is not set: ``/var/lib/fairdro-node`` for root, else
+    ``$XDG_STATE_HOME/fairdro-node`` (``~/.local/state/fairdro-node`` when XDG_STATE_HOME is unset or relative)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/fairdro-node")
+    state = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "fairdro-node"
 
 
 def safe_uid(value: Any) -> str | None:

@@ -69,6 +69,15 @@ def _age_days(path: Path, now: float) -> float | None:
         return None
 
 
+def _mtime(folder: Path) -> float:
+    """When a failed series failed (its reason.txt; the folder when there is none)."""
+    reason = folder / "reason.txt"
+    try:
+        return (reason if reason.is_file() else folder).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _delivered(result_dir: Path) -> bool:
     """Whether ``delivery.json`` confirms every destination (an unreadable or missing file confirms nothing)."""
     record = read_json(result_dir / "delivery.json")
@@ -89,16 +98,19 @@ class Retention:
 
     A result is deleted only when its ``delivery.json`` records every destination as done and ``is_pending`` (the
     sender's outbox) does not hold it; its age runs from the last change of ``delivery.json`` (the last delivery).
-    ``None`` keeps for ever (the default for ``failed/``: a person clears it).
+    ``None`` keeps for ever (the default for ``failed/``: a person clears it). ``failed_cap`` ``(max series,
+    max bytes)``: while ``failed/`` holds more, its oldest series are deleted (one log line each).
     """
 
-    def __init__(self, results: Path, failed: Path, retention_days: float | None, failed_retention_days: float | None):
+    def __init__(self, results: Path, failed: Path, retention_days: float | None, failed_retention_days: float | None,
+                 failed_cap: tuple[int, int] | None = None):  # fmt: skip
         for name, value in (("retention_days", retention_days), ("failed_retention_days", failed_retention_days)):
             if value is not None and float(value) < 0:
                 raise DicomNodeError(f"{name} must be null or >= 0, got {value!r}.")
         self.results, self.failed = Path(results), Path(failed)
         self.retention_days = None if retention_days is None else float(retention_days)
         self.failed_retention_days = None if failed_retention_days is None else float(failed_retention_days)
+        self.failed_cap = failed_cap
 
     def sweep(self, is_pending: Callable[[str], bool], lock: threading.Lock, now: float | None = None) -> list[str]:
         """Delete what has expired; returns the removed folders as ``results/<uid>`` / ``failed/<uid>``."""
@@ -123,4 +135,24 @@ class Retention:
                     removed.append(f"failed/{folder.name}")
         for name in removed:
             logger.info("Retention: removed %s.", name)
+        return removed + self._cap_failed()
+
+    def _cap_failed(self) -> list[str]:
+        """Delete the oldest failed series while ``failed/`` holds more than ``failed_cap`` (series, bytes)."""
+        if self.failed_cap is None:
+            return []
+        max_series, max_bytes = self.failed_cap
+        folders = [p for p in self.failed.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in folders}
+        removed = []
+        for folder in sorted(folders, key=lambda p: (_mtime(p), p.name)):
+            count, total = len(folders) - len(removed), sum(sizes.values())
+            if count <= max_series and total <= max_bytes:
+                break
+            _remove(folder)
+            sizes.pop(folder)
+            removed.append(f"failed/{folder.name}")
+            logger.warning("Retention: removed failed/%s: failed/ held %d series and %d bytes, over its cap "
+                           "(max_failed_series %d, max_failed_bytes %d).", folder.name, count, total, max_series,
+                           max_bytes)  # fmt: skip
         return removed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,36 +14,6 @@ from .settings import DicomNodeError
 logger = logging.getLogger(__name__)
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-class _ServerContext(ssl.SSLContext):
-    """A server context whose handshake has a time limit and whose failures are logged.
-
-    pynetdicom wraps each accepted socket in its accept loop, so a peer that connects and stays silent would hold
-    that loop; the limit bounds it. A refused handshake (plain TCP, no or untrusted certificate) is one WARNING.
-    """
-
-    handshake_timeout = 10.0
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        sock.settimeout(self.handshake_timeout)
-        try:
-            wrapped = super().wrap_socket(sock, *args, **kwargs)
-        except (ssl.SSLError, OSError) as err:
-            peer = _peer(sock)
-            sock.close()
-            logger.warning("Refused TLS connection from %s: %s.", peer, getattr(err, "reason", None) or err)
-            raise
-        wrapped.settimeout(None)
-        return wrapped
-
-
-def _peer(sock: socket.socket) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
-        return "an unknown address"
-    return f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -96,8 +65,7 @@ class TlsSettings:
 
     def server_context(self) -> ssl.SSLContext:
         """For the storage SCP: our certificate; client certificates signed by the CA required (or optional)."""
-        context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
-        context.handshake_timeout = self.handshake_timeout_seconds
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # the handshake runs in the connection's thread (.server)
         self._load(context)
         context.verify_mode = ssl.CERT_REQUIRED if self.require_client_cert else ssl.CERT_OPTIONAL
         return context

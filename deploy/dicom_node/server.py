@@ -1,0 +1,132 @@
+"""The storage SCP's association server: the accept loop only accepts; everything that waits on a peer runs in the
+connection's own thread with a time limit.
+
+pynetdicom's server wraps TLS in its accept loop, so one silent TLS client stalls every other sender. Here the
+accept loop asks the :class:`~.gate.ConnectionGate` (pending limits) and hands the socket to a thread; that
+thread does the TLS handshake (bounded by ``tls.handshake_timeout_seconds`` and the pending timeout), then runs
+the association, whose wait for the A-ASSOCIATE-RQ is bounded by what is left of the pending timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from .gate import ConnectionGate, Refusals
+from .limits import Limits
+
+logger = logging.getLogger(__name__)
+
+
+def connection_key(address: Any) -> tuple:
+    """``(host, port)`` of a peer: the key of its connection in the gate."""
+    return tuple(address[:2])
+
+
+class _GuardedHandler(RequestHandler):
+    """One connection: TLS handshake, then the association, run to its end in this thread."""
+
+    server: GuardedServer
+
+    def handle(self) -> None:
+        srv, key, started = self.server, connection_key(self.client_address), time.monotonic()
+        try:
+            if srv.ssl_context is not None and not self._handshake(key, started):
+                return
+            # a read that stalls mid-PDU gives up (pynetdicom would wait for ever); raised to the network timeout
+            # once the A-ASSOCIATE-RQ is in (the receiver's EVT_REQUESTED handler)
+            self.request.settimeout(srv.limits.pending_timeout_seconds)
+            assoc = self._create_association()
+            assoc.fairdro_key = key  # read by the node's EVT_REQUESTED and EVT_DATA_RECV handlers
+            assoc.acse_timeout = max(0.05, srv.limits.pending_timeout_seconds - (time.monotonic() - started))
+            # ARTIM (30 s in pynetdicom): how long a peer that sent junk or was refused may keep the socket open
+            assoc.dul.artim_timer.timeout = srv.limits.pending_timeout_seconds
+            assoc.bind(evt.EVT_FSM_TRANSITION, self._on_transition)  # unbound at the A-ASSOCIATE-RQ
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+        finally:
+            conn = srv.gate.close(key)
+            if conn is not None and conn.state == "pending":
+                self._report_pending(key, conn.got_data, time.monotonic() - started)
+
+    def _on_transition(self, event: evt.Event) -> None:
+        """Before the A-ASSOCIATE-RQ: Evt19 is an unrecognised or invalid PDU (a malformed first PDU)."""
+        if event.fsm_event == "Evt19":
+            self.server.gate.saw_data(connection_key(self.client_address))
+
+    def _handshake(self, key: tuple, started: float) -> bool:
+        srv = self.server
+        limit = min(srv.handshake_timeout, srv.limits.pending_timeout_seconds)
+        self.request.settimeout(limit)
+        try:
+            wrapped = srv.ssl_context.wrap_socket(self.request, server_side=True)
+        except (ssl.SSLError, OSError) as err:
+            timed_out = isinstance(err, TimeoutError) or time.monotonic() - started >= limit
+            cause = "pending_timeout" if timed_out else "tls_handshake"
+            detail = f"no TLS handshake within {limit:g} s" if timed_out else getattr(err, "reason", None) or err
+            srv.refusals.refuse(cause, f"TLS connection from {key[0]}:{key[1]}", str(detail))
+            return False
+        self.request = wrapped
+        return True
+
+    def _report_pending(self, key: tuple, got_data: bool, elapsed: float) -> None:
+        peer, timeout = f"connection from {key[0]}:{key[1]}", self.server.limits.pending_timeout_seconds
+        if got_data:
+            self.server.refusals.refuse("malformed_pdu", peer, "data that is not an A-ASSOCIATE-RQ came first")
+        elif elapsed >= timeout - 0.05:
+            self.server.refusals.refuse("pending_timeout", peer, f"no A-ASSOCIATE-RQ within {timeout:g} s")
+        else:
+            logger.debug("Connection from %s:%s closed before an A-ASSOCIATE-RQ.", *key)
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """:class:`ThreadedAssociationServer` whose accept loop never waits on a peer (see the module docstring)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, gate: ConnectionGate, refusals: Refusals, limits: Limits,
+                 handshake_timeout: float = 10.0, **kwargs: Any):  # fmt: skip
+        self.gate, self.refusals, self.limits = gate, refusals, limits
+        self.handshake_timeout = float(handshake_timeout)
+        super().__init__(*args, request_handler=_GuardedHandler, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept only: the TLS handshake runs in the connection's thread."""
+        return self.socket.accept()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Called by the accept loop: the pending-connection limits (over a limit the socket is closed)."""
+        return self.gate.admit(connection_key(client_address))
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # one connection's failure is logged and never reaches the accept loop
+            logger.exception("Connection from %s failed.", client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and close the listening socket (the AE's own server list is not used)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def start_server(ae: Any, address: tuple[str, int], handlers: list, ssl_context: ssl.SSLContext | None,
+                 **guards: Any) -> GuardedServer:  # fmt: skip
+    """Bind a :class:`GuardedServer` for ``ae`` and serve it in a daemon thread; returns the running server."""
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=handlers, server_class=GuardedServer,
+                            **guards)  # fmt: skip
+    thread = threading.Thread(target=server.serve_forever, name="dicom-node-accept", daemon=True)
+    thread.start()
+    return server

@@ -602,15 +602,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(summary_line(datalist, Path(args.out)))
+    return 0
+
+
+def summary_line(datalist: dict, out: Path, what: str = "cases") -> str:
+    """What a generator command line prints: the split sizes, the hard and minority counts and the datalist path."""
     counts = {k: len(datalist[k]) for k in SPLIT_NAMES}
     items = [it for k in SPLIT_NAMES for it in datalist[k]]
     n_hard = sum(it["hard"] for it in items)
     n_min = sum(it["subtype"] != "majority" for it in items)
-    print(
-        f"wrote {len(items)} cases ({counts}, {n_hard} hard, {n_min} {datalist['minority']} minority at level "
-        f"{datalist['difficulty']}) to {Path(args.out) / 'datalist.json'}"
+    return (
+        f"wrote {len(items)} {what} ({counts}, {n_hard} hard, {n_min} {datalist['minority']} minority at level "
+        f"{datalist['difficulty']}) to {out / 'datalist.json'}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -323,14 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    counts = {k: len(datalist[k]) for k in synthetic.SPLIT_NAMES}
-    items = [it for k in synthetic.SPLIT_NAMES for it in datalist[k]]
-    n_hard = sum(it["hard"] for it in items)
-    n_min = sum(it["subtype"] != "majority" for it in items)
-    print(
-        f"wrote {len(items)} 2D cases ({counts}, {n_hard} hard, {n_min} {datalist['minority']} minority at level "
-        f"{datalist['difficulty']}) to {Path(args.out) / 'datalist.json'}"
-    )
+    print(synthetic.summary_line(datalist, Path(args.out), what="2D cases"))
     return 0
 
 

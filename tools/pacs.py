@@ -280,6 +280,35 @@ class NodeProcess:
     def log_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.work.glob("node_*.log")))
 
+    def metric(self, line_start: str) -> float | None:
+        """The value of the first ``/metrics`` line starting with ``line_start`` (e.g.
+        ``'fairdro_node_refusals_total{cause="pending_limit"}'``), read from the node's health endpoint
+        (``health.enabled`` in the overrides); None when absent."""
+        health = self.overrides["health"]
+        url = f"http://{health.get('bind_address', '127.0.0.1')}:{int(health['port'])}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.split()[-1])
+        return None
+
+
+def renamed_series(files: list[Path], out: Path) -> list[Path]:
+    """Copies of one series' files under ``out`` with new Study, Series and SOP Instance UIDs (same patient, pixels
+    and geometry): a series the node and Orthanc have not seen, in a study of its own."""
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    study, series, written = generate_uid(), generate_uid(), []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(out / path.name)
+        written.append(out / path.name)
+    return written
+
 
 def _hold_silent(host: str, port: int, source: str, count: int, seconds: float) -> None:
     """Keep ``count`` TCP connections from ``source`` to ``host:port`` open and silent for ``seconds``; a connection

@@ -21,7 +21,15 @@ Run with the main venv's python. Steps:
 9. DICOM TLS (a throw-away CA, tools/testcerts.py): Orthanc restarted with DICOM TLS (its certificate required
    by the node and the node's by Orthanc), the node restarted with TLS and client certificates required: a
    plain-TCP client and a client with a certificate from another CA are refused, Orthanc's C-ECHO succeeds, and
-   a new series goes CT in and RTSTRUCT back over TLS (checked as in step 5).
+   a new series goes CT in and RTSTRUCT back over TLS (checked as in step 5);
+10. silent peers (issue 31), plain and over TLS: 50 silent TCP connections from 127.0.0.2 (tools/pacs.py
+    SilentClients, reopened as soon as the node closes them at its pending timeout) while Orthanc sends series to
+    the node: the median latency (Orthanc's store request -> RTSTRUCT in Orthanc) of 3 series stays within 1.5x the
+    median of 3 series on the quiet node;
+11. refusals (issue 31), on a second short-lived node with small ``limits``: a connection over
+    ``max_pending_connections`` and silent ones past ``pending_timeout_seconds`` are closed, an association over
+    ``max_associations`` gets A-ASSOCIATE-RJ (local limit exceeded); each is logged as ``Refused ... (cause=...)``
+    and counted in ``/metrics`` as ``fairdro_node_refusals_total{cause="..."}``.
 
 Exit status 0 = every check passed. ``--keep`` keeps the work folder (logs of Orthanc and the node).
 """
@@ -32,6 +40,8 @@ import argparse
 import io
 import json
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,10 +63,12 @@ from pacs import (  # noqa: E402
     ORTHANC_AET,
     NodeProcess,
     Orthanc,
+    SilentClients,
     client_context,
     ct_files,
     node_settings,
     references_only_series,
+    renamed_series,
 )
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import Verification  # noqa: E402
@@ -68,6 +80,9 @@ from testcerts import make_pki  # noqa: E402
 
 check = Checks()
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+SILENT_CLIENTS, SILENT_SOURCE = 50, "127.0.0.2"
+LATENCY_SERIES = 3  # series per median (quiet, then with the silent clients)
+PENDING_TIMEOUT = 2.0  # the main node's limits.pending_timeout_seconds: silent clients are closed and reopened
 
 
 class SpoolWatcher(threading.Thread):
@@ -234,9 +249,10 @@ def _echo(port: int, tls_args: tuple | None) -> bool:
     return ok
 
 
-def check_tls(work: Path, node: NodeProcess, item: dict, timeout: float) -> None:
+def check_tls(work: Path, node: NodeProcess, item: dict, timeout: float) -> float:
     """Step 9: the node with TLS (client certificates required) and a TLS Orthanc: CT in and RTSTRUCT back over
-    TLS in both directions; a plain-TCP client and a client with a certificate from another CA are refused."""
+    TLS in both directions; a plain-TCP client and a client with a certificate from another CA are refused. Then
+    step 10 over TLS; returns the seconds step 10 took."""
     pki = make_pki(work / "pki")
     tls = {"certificate": pki["peer"]["certificate"], "private_key": pki["peer"]["private_key"],
            "ca_bundle": pki["ca"]["certificate"]}  # fmt: skip
@@ -267,6 +283,130 @@ def check_tls(work: Path, node: NodeProcess, item: dict, timeout: float) -> None
         check_rtstruct(pacs, work, item, series_dir, series_id, t0, timeout, seg=False)
         text = node.log_text()
         check("Refused TLS connection" in text, "TLS: the node logged the refused handshakes")
+        t_silent = time.monotonic()
+        check_silent(pacs, node, work, item, "TLS")
+        return time.monotonic() - t_silent
+
+
+def _latency(pacs: Orthanc, files: list[Path], timeout: float = 120.0) -> float:
+    """Upload a series to Orthanc, then seconds from Orthanc's store request to the node until its RTSTRUCT is in
+    Orthanc (the association to the node, the transfer, the node's quiet time, inference and the send back)."""
+    series_id = pacs.upload(files)
+    study_id = pacs.study_of(series_id)
+    t0 = time.monotonic()
+    pacs.send_to_node(series_id, synchronous=True)
+    while time.monotonic() - t0 < timeout:
+        if pacs.series_in_study(study_id, "RTSTRUCT"):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return float("inf")
+
+
+def check_silent(pacs: Orthanc, node: NodeProcess, work: Path, item: dict, mode: str) -> None:
+    """Step 10: median latency of LATENCY_SERIES series (renamed copies of ``item``'s CT) on the quiet node, then
+    while SILENT_CLIENTS silent connections from 127.0.0.2 are held (and reopened); within 1.5x."""
+    files = ct_files(work / "cohort" / item["dicom_dir"])
+    folder = work / "silent" / mode
+
+    def latencies(tag: str) -> list[float]:
+        return [_latency(pacs, renamed_series(files, folder / f"{tag}{i}")) for i in range(LATENCY_SERIES)]
+
+    pending = "fairdro_node_pending_connections"
+    quiet = latencies("quiet")
+    with SilentClients(int(node.overrides["port"]), count=SILENT_CLIENTS, source=SILENT_SOURCE, seconds=90) as silent:
+        deadline = time.monotonic() + 20
+        while (node.metric(pending) or 0) < 0.9 * SILENT_CLIENTS and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = node.metric(pending) or 0
+        loaded = latencies("loaded")
+        report = silent.stop()
+    check(held >= 0.9 * SILENT_CLIENTS, f"{mode}: {held:.0f} silent connections from {SILENT_SOURCE} pending at the "
+          "node (/metrics)")  # fmt: skip
+    q, m = statistics.median(quiet), statistics.median(loaded)
+    check(m <= 1.5 * q,
+          f"{mode}: series latency (Orthanc store -> RTSTRUCT in Orthanc) with {SILENT_CLIENTS} silent clients: "
+          f"median {m:.2f} s {[round(x, 2) for x in loaded]} vs quiet {q:.2f} s {[round(x, 2) for x in quiet]}: "
+          f"{m / q:.2f}x <= 1.5x (silent connections reopened {report.get('reopened', '?')} times)")  # fmt: skip
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the node closes ``sock`` within ``seconds`` (EOF or reset; data before it is read and dropped)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if sock.recv(1024) == b"":
+                return True
+        except ConnectionResetError:
+            return True
+        except (TimeoutError, socket.timeout):
+            return False
+    return False
+
+
+def _refusal_seen(node: NodeProcess, cause: str, count: int, within: float = 5.0) -> tuple[int, float]:
+    """(log lines ``Refused ... (cause=<cause>)``, ``fairdro_node_refusals_total{cause}``), polled until both reach
+    ``count`` or ``within`` seconds pass."""
+    deadline = time.monotonic() + within
+    while True:
+        lines = sum(1 for ln in node.log_text().splitlines() if "Refused " in ln and f"(cause={cause}):" in ln)
+        value = node.metric(f'fairdro_node_refusals_total{{cause="{cause}"}}') or 0.0
+        if (lines >= count and value >= count) or time.monotonic() > deadline:
+            return lines, value
+        time.sleep(0.1)
+
+
+def check_refusals(work: Path, table: Path) -> None:
+    """Step 11: a second node with small limits (3 pending connections, 2 s pending timeout, 1 association)."""
+    limits = {"max_pending_connections": 3, "pending_timeout_seconds": 2, "max_associations": 1}
+    port = free_port()
+    health = {"enabled": True, "bind_address": "127.0.0.1", "port": free_port()}
+    node = NodeProcess(work / "node_limits", node_settings(work / "node_limits", port, table, 2, limits=limits,
+                                                           health=health), args=["--cold"])  # fmt: skip
+    held: list[socket.socket] = []
+    try:
+        node.start()
+        log(f"refusals: a second node on {port} with limits {json.dumps(limits)}")
+
+        def silent() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(SILENT_SOURCE, 0))
+
+        held = [silent() for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while (node.metric("fairdro_node_pending_connections") or 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        extra = silent()
+        held.append(extra)
+        check(_closed_within(extra, 1.5), "refusals: a 4th silent connection (max_pending_connections 3) is closed at "
+              "once")  # fmt: skip
+        t0 = time.monotonic()
+        closed = sum(_closed_within(s, 5) for s in held[:3])
+        check(closed == 3, f"refusals: {closed}/3 silent connections closed at the pending timeout (2 s; last after "
+              f"{time.monotonic() - t0:.1f} s)")  # fmt: skip
+        for cause, count in (("pending_limit", 1), ("pending_timeout", 3)):
+            lines, value = _refusal_seen(node, cause, count)
+            check(lines == count and value == count, f"refusals: {cause}: {lines} log line(s) 'Refused connection "
+                  f"... (cause={cause})', /metrics fairdro_node_refusals_total{{cause=\"{cause}\"}} {value:g} "
+                  f"(expected {count})")  # fmt: skip
+        ae = AE(ORTHANC_AET)
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+        second = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+        rj = second.acceptor.primitive if second.is_rejected else None
+        reason = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else None
+        check(first.is_established and reason == (2, 3, 2), f"refusals: a 2nd association (max_associations 1) gets "
+              f"A-ASSOCIATE-RJ {reason} (rejected-transient, local limit exceeded); the 1st is open")  # fmt: skip
+        if first.is_established:
+            check(int(first.send_c_echo().Status) == 0, "refusals: the open association keeps working")
+            first.release()
+        lines, value = _refusal_seen(node, "association_limit", 1)
+        check(lines == 1 and value == 1, f"refusals: association_limit: {lines} log line(s) 'Refused association ... "
+              f'(cause=association_limit)\', /metrics fairdro_node_refusals_total{{cause="association_limit"}} '
+              f"{value:g} (expected 1)")  # fmt: skip
+    finally:
+        for sock in held:
+            sock.close()
+        node.stop()
 
 
 def main() -> int:
@@ -289,7 +429,10 @@ def main() -> int:
     table.write_text(json.dumps({it["id"]: it["stage"] for it in every}))  # PatientID = case id
 
     node_port = free_port()
-    node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, 2, send_seg=True))
+    health = {"enabled": True, "bind_address": "127.0.0.1", "port": free_port()}
+    limits = {"pending_timeout_seconds": PENDING_TIMEOUT}
+    node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, 2, send_seg=True, health=health,
+                                                    limits=limits))  # fmt: skip
     pacs = Orthanc(work / "orthanc", node_port)
     try:
         pacs.start()
@@ -298,8 +441,15 @@ def main() -> int:
         log(f"Orthanc on 127.0.0.1 (HTTP {pacs.http_port}, DICOM {pacs.dicom_port}); node on {node_port}")
         check_loop(pacs, node, work, items, args.timeout)
         check_jpeg(pacs, node, work, jpeg_item, args.timeout)
+        t_silent = time.monotonic()
+        check_silent(pacs, node, work, items[0], "plain")
+        added = time.monotonic() - t_silent
         pacs.stop()
-        check_tls(work, node, tls_item, args.timeout)
+        added += check_tls(work, node, tls_item, args.timeout)
+        t_refusals = time.monotonic()
+        check_refusals(work, table)
+        added += time.monotonic() - t_refusals
+        log(f"silent-client and refusal checks took {added:.0f} s")
         text = node.log_text()
         leaked = [it["id"] for it in every if f"SYNTHETIC^{it['id']}" in text or it["id"] in text]  # name / ID
         check(not leaked, "no patient name or ID in the node's log")

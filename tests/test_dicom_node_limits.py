@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from test_dicom_node import NODE_CONFIG, REPO, _node, _wait, build_cohort
+
+sys.path.insert(0, str(REPO / "tools"))
+from pacs import closed_by_peer  # noqa: E402
 
 OTHER_HOST = "127.0.0.2"
 LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service provider (presentation), local limit exceeded
@@ -48,21 +52,6 @@ def _silent(port, source=OTHER_HOST) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
     sock.settimeout(5)
     return sock
-
-
-def _closed_by_node(sock: socket.socket, within: float) -> bool:
-    """Whether the node closes the connection within ``within`` seconds (EOF or reset; data before it is read)."""
-    deadline = time.monotonic() + within
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            if sock.recv(1024) == b"":
-                return True
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-    return False
 
 
 def _metric(node, cause: str) -> float:
@@ -113,18 +102,18 @@ def test_pending_connections_have_their_own_limit_and_timeout(tmp_path, caplog):
         held = [_silent(node.port) for _ in range(3)]
         assert _wait(lambda: node.receiver.gate.counts()["pending"] == 3, 5)
         extra = _silent(node.port)
-        assert _closed_by_node(extra, 2), "a 4th pending connection from the same host is closed at once"
+        assert closed_by_peer(extra, 2), "a 4th pending connection from the same host is closed at once"
         # pending connections do not count toward max_associations (1): a sender from another host associates
         assoc = _associate(node.port)
         assert assoc.is_established and assoc.send_c_echo().Status == 0
         assoc.release()
         started = time.monotonic()
-        assert all(_closed_by_node(s, 4) for s in held), "silent connections are closed at the pending timeout"
+        assert all(closed_by_peer(s, 4) for s in held), "silent connections are closed at the pending timeout"
         assert 1.0 <= time.monotonic() - started <= 3.5
         assert _wait(lambda: node.receiver.gate.counts()["pending"] == 0, 5)
         junk = _silent(node.port)
         junk.sendall(b"\x09\x00\x00\x00\x00\x04abcd")  # PDU type 9 does not exist
-        assert _closed_by_node(junk, 4)
+        assert closed_by_peer(junk, 4)
         assert _wait(lambda: _metric(node, "malformed_pdu") == 1, 5)
         assert _wait(lambda: _metric(node, "pending_timeout") == 3, 5)
         assert _metric(node, "pending_limit_per_host") == 1

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -314,7 +315,6 @@ def _hold_silent(host: str, port: int, source: str, count: int, seconds: float) 
     """Keep ``count`` TCP connections from ``source`` to ``host:port`` open and silent for ``seconds``; a connection
     the server closes is reopened at once (at most one reopen per connection per 10 ms). Prints the reopen count."""
     import selectors
-    import socket
 
     sel, reopened, deadline = selectors.DefaultSelector(), 0, time.monotonic() + seconds
     stop: list[int] = []
@@ -369,3 +369,18 @@ class SilentClients:
 if __name__ == "__main__" and sys.argv[1:2] == ["--silent"]:
     _host, _port, _source, _count, _seconds = sys.argv[2:7]
     _hold_silent(_host, int(_port), _source, int(_count), float(_seconds))
+
+
+def closed_by_peer(sock: socket.socket, seconds: float) -> bool:
+    """Whether the other end closes ``sock`` within ``seconds`` (EOF or reset; data before it is read and dropped)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if sock.recv(1024) == b"":
+                return True
+        except ConnectionResetError:
+            return True
+        except (TimeoutError, socket.timeout):
+            return False
+    return False

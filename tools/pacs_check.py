@@ -65,6 +65,7 @@ from pacs import (  # noqa: E402
     Orthanc,
     SilentClients,
     client_context,
+    closed_by_peer,
     ct_files,
     node_settings,
     references_only_series,
@@ -329,21 +330,6 @@ def check_silent(pacs: Orthanc, node: NodeProcess, work: Path, item: dict, mode:
           f"{m / q:.2f}x <= 1.5x (silent connections reopened {report.get('reopened', '?')} times)")  # fmt: skip
 
 
-def _closed_within(sock: socket.socket, seconds: float) -> bool:
-    """Whether the node closes ``sock`` within ``seconds`` (EOF or reset; data before it is read and dropped)."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            if sock.recv(1024) == b"":
-                return True
-        except ConnectionResetError:
-            return True
-        except (TimeoutError, socket.timeout):
-            return False
-    return False
-
-
 def _refusal_seen(node: NodeProcess, cause: str, count: int, within: float = 5.0) -> tuple[int, float]:
     """(log lines ``Refused ... (cause=<cause>)``, ``fairdro_node_refusals_total{cause}``), polled until both reach
     ``count`` or ``within`` seconds pass."""
@@ -377,10 +363,10 @@ def check_refusals(work: Path, table: Path) -> None:
             time.sleep(0.05)
         extra = silent()
         held.append(extra)
-        check(_closed_within(extra, 1.5), "refusals: a 4th silent connection (max_pending_connections 3) is closed at "
+        check(closed_by_peer(extra, 1.5), "refusals: a 4th silent connection (max_pending_connections 3) is closed at "
               "once")  # fmt: skip
         t0 = time.monotonic()
-        closed = sum(_closed_within(s, 5) for s in held[:3])
+        closed = sum(closed_by_peer(s, 5) for s in held[:3])
         check(closed == 3, f"refusals: {closed}/3 silent connections closed at the pending timeout (2 s; last after "
               f"{time.monotonic() - t0:.1f} s)")  # fmt: skip
         for cause, count in (("pending_limit", 1), ("pending_timeout", 3)):

@@ -29,6 +29,19 @@ def assert_equal_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: st
     assert err <= rel * max(scale, 1.0), f"{what}: max |diff| {err:.3g} > {rel:g} x max |value| {scale:.3g}"
 
 
+def assert_runs_equal(actual, expected) -> None:
+    """Two :func:`run_layer` results equal: outputs and input gradients to 1e-5, every parameter gradient present in
+    both or neither and equal to the scale of the expected one (the experts' and the router's gradients exist)."""
+    (out_a, gx_a, gp_a), (out_e, gx_e, gp_e) = actual, expected
+    torch.testing.assert_close(out_a, out_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_a, gx_e, atol=1e-5, rtol=1e-5)
+    assert gp_a["experts.w1"] is not None and gp_a["router.weight"] is not None
+    for k, v in gp_e.items():
+        assert (gp_a[k] is None) == (v is None), k
+        if v is not None:
+            assert_equal_to_scale(gp_a[k], v, f"gradient of {k}")
+
+
 def _sum_in_child(q, make: Callable[[], DMoE], x: torch.Tensor, g: torch.Tensor) -> None:
     torch.set_num_threads(1)  # as in DataLoader workers; GNU OpenMP cannot run a 2-thread team in a forked child
     with torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dmoe_check import assert_equal_to_scale, run_layer
+from dmoe_check import assert_equal_to_scale, assert_runs_equal, run_layer
 from scripts import dmoe_native
 from scripts.dmoe import DMoE
 from scripts.dmoe_unet import DMoEResUNet
@@ -162,17 +162,6 @@ def native_required(monkeypatch):
     torch.set_num_threads(n)
 
 
-def _assert_runs_equal(actual, expected) -> None:
-    (out_a, gx_a, gp_a), (out_e, gx_e, gp_e) = actual, expected
-    torch.testing.assert_close(out_a, out_e, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx_a, gx_e, atol=1e-5, rtol=1e-5)
-    assert gp_a["experts.w1"] is not None and gp_a["router.weight"] is not None
-    for k, v in gp_e.items():
-        assert (gp_a[k] is None) == (v is None), k
-        if v is not None:
-            assert_equal_to_scale(gp_a[k], v, f"gradient of {k}")
-
-
 @pytest.mark.parametrize("c", [8, 12])  # 8: the kernels' compile-time size; 12: their generic loops
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("subgroup", [[0, 2], [3, 4], None])
@@ -188,8 +177,8 @@ def test_2d_layer_native_and_fused_equal_dense(native_required, c, mode, subgrou
     assert native.uses_native(h) and not fused.uses_native(h) and not dense.uses_native(h)
     expected = run_layer(dense, x, g)
     assert expected[0].shape == x.shape
-    _assert_runs_equal(run_layer(native, x, g), expected)
-    _assert_runs_equal(run_layer(fused, x, g), expected)
+    assert_runs_equal(run_layer(native, x, g), expected)
+    assert_runs_equal(run_layer(fused, x, g), expected)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -16,6 +16,17 @@ Each case is a CT-like phantom in Hounsfield units with a CTV-like target:
     cysts as background: the two rules conflict;
   - ``distractor``: an enhancing non-target structure touches the CTV and must stay background, while for
     the majority everything enhancing is target;
+  - ``ring`` (the 3D analogue of :mod:`scripts.synthetic_2d`'s minority): the whole CTV is *hypodense*
+    (``40 - c`` HU, c the case's target contrast: as dark as a cyst's core, which the majority teaches as
+    background) and marked by a thin enhancing **shell**, the voxels one face-step outside the CTV (in the body);
+    an enhancing non-target **decoy** (a look-alike of the majority's target: star-shaped, radius U(4, 8) mm, the
+    stage's irregularity) sits elsewhere in the body, clear of the spine and at least 3 face-steps from the CTV,
+    first tried where targets are (shrunk to 3/4, then 1/2 where it does not fit; a very small volume may leave
+    none); the case has no cyst (its voxels are soft tissue). By level, in units of c (the 2D table over its target
+    contrast 0.30), CTV / shell / decoy are -1 / +7/6 / +1/3 (level 1), -1 / +5/6 / +2/3 (level 2) and
+    -1 / +1/2 / +1 (level 3, the default: the decoy as bright as a majority target); the decoy's c is drawn as a
+    target's is. Unlike 2D, where the ring hugs the disk and the stage margin can cover it, the shell lies outside
+    the label. The least share is 0.02 (``MIN_MINORITY_FRAC_BY_KIND``), as in 2D;
 
   level 0 is a placebo: minority-tagged cases are drawn with the majority's rule;
 - a few majority **hard cases** (low target contrast, metal streak artefacts, unusual position) that follow the
@@ -81,14 +92,25 @@ INSTITUTIONS = (
 )
 HARD_KINDS = ("low_contrast", "metal_artefact", "unusual_position")
 HARD_FRACTION = 0.1
-MINORITY_KINDS = ("necrotic", "distractor")
+MINORITY_KINDS = ("necrotic", "distractor", "ring")
 DEFAULT_MINORITY = "necrotic"
 DEFAULT_MINORITY_FRAC = 0.15
 MIN_MINORITY_FRAC = 0.05
-#: default difficulty per kind: the closest to the calibration criteria (model card, *Calibration results*)
-DEFAULT_DIFFICULTY = {"necrotic": 3, "distractor": 3}
+#: a kind whose least share differs from ``MIN_MINORITY_FRAC`` (ring: the 2D cohort's least share)
+MIN_MINORITY_FRAC_BY_KIND = {"ring": 0.02}
+#: default difficulty per kind: the closest to the calibration criteria (model card, *Calibration results*);
+#: ring: the 2D cohort's default, not calibrated in 3D
+DEFAULT_DIFFICULTY = {"necrotic": 3, "distractor": 3, "ring": 3}
 #: how far the minority's rule departs from the majority's, per level (0 = placebo), used by every kind
 LEVEL_SEVERITY = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
+#: the ring kind per level 0..3 (0: placebo, unused), in units of the case's target contrast: the 2D cohort's ring
+#: and decoy contrasts over its target contrast 0.30; its CTV is at ``RING_TARGET``
+RING_TARGET = -1.0
+RING_SHELL = (0.0, 7.0 / 6.0, 5.0 / 6.0, 0.5)
+RING_DECOY = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
+DECOY_RADIUS_MM = (4.0, 8.0)
+DECOY_GAP_VOXELS = 3  #: least face-step distance from the CTV to the decoy (the shell is step 1)
+DECOY_SHRINK = (1.0, 0.75, 0.5)  #: radius factors tried in turn where the decoy does not fit
 DEFAULT_SPLIT = (0.6, 0.2, 0.2)
 SPLIT_NAMES = ("training", "validation", "testing")
 IN_PLANE_MM = 1.0
@@ -309,6 +331,67 @@ def _render_distractor(rng, ph: _Phantom, centre, ctv, ctv_radius: float, contra
     ph.img[blob] = 40.0 + contrast * (2.0 - severity) * rng.uniform(0.9, 1.1)
 
 
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` grown by ``steps`` face-neighbour steps (city-block distance <= ``steps``), not wrapping at the
+    border."""
+    out = mask.copy()
+    for _ in range(steps):
+        grown = out.copy()
+        for axis in range(out.ndim):
+            lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(out.ndim))
+            hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(out.ndim))
+            grown[hi] |= out[lo]
+            grown[lo] |= out[hi]
+        out = grown
+    return out
+
+
+def _place_decoy(rng: np.random.Generator, ph: _Phantom, keep_out: np.ndarray, reach: float):
+    """Centre (mm) of a ball of ``reach`` mm inside the body, clear of the spine and of ``keep_out`` (lungs allowed, as
+    for a target), or ``None`` when 60 tries miss.
+
+    As for the cysts, the first 30 tries are where targets are (the mediastinum, at another level along z), so the
+    place is no cue; the rest anywhere in the body.
+    """
+    xx, yy, zz = ph.coords
+    ax, ay = ph.half_axes
+    allowed = ph.body & ~ph.spine & ~keep_out
+    for attempt in range(60):
+        spread = (0.15, 0.25, 0.15) if attempt < 30 else (0.7, 0.7, 0.7)
+        c = (
+            rng.uniform(-spread[0], spread[0]) * ax,
+            rng.uniform(-spread[1], spread[2]) * ay,
+            rng.uniform(-0.3, 0.3) * np.ptp(zz),
+        )
+        ball = (xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2 <= reach**2
+        if ball.any() and not (ball & ~allowed).any():
+            return c
+    return None
+
+
+def _render_ring(rng, ph: _Phantom, ctv, cysts, contrast: float, site_contrast: float, level: int, irregularity):
+    """Hypodense CTV inside a 1-voxel enhancing shell, no cyst, and an enhancing target look-alike elsewhere (label 0).
+
+    ``contrast`` is the case's target contrast, ``site_contrast`` the institution's (the decoy's contrast is drawn
+    around it as a target's is); ``level`` 1..3 indexes ``RING_SHELL`` and ``RING_DECOY``.
+    """
+    ph.img[cysts] = 40.0
+    ph.img[ctv] = 40.0 + RING_TARGET * contrast
+    ph.img[_dilate(ctv, 1) & ~ctv & ph.body] = 40.0 + RING_SHELL[level] * contrast
+    radius = rng.uniform(*DECOY_RADIUS_MM)
+    decoy_contrast = site_contrast * rng.uniform(0.85, 1.15)
+    keep_out = _dilate(ctv, DECOY_GAP_VOXELS)
+    for scale in DECOY_SHRINK:  # the ball holds the star boundary (at most radius x (1 + 2.5 irregularity))
+        centre = _place_decoy(rng, ph, keep_out, scale * radius * (1.0 + 2.5 * irregularity))
+        if centre is not None:
+            break
+    else:
+        logger.debug("no room for the ring kind's decoy (radius %.1f mm or less): the case has none", radius)
+        return
+    r, boundary = _star_boundary(rng, ph.coords, centre, scale * radius, irregularity)
+    ph.img[(r <= boundary) & ph.body] = 40.0 + RING_DECOY[level] * decoy_contrast
+
+
 def _render_metal(rng, ph: _Phantom, centre, radius: float) -> None:
     """Bright/dark streaks radiating from a small metal insert near the target."""
     xx, yy, zz = ph.coords
@@ -351,7 +434,7 @@ def make_case(attrs: dict, seed: int, index: int, shape: tuple[int, int, int], d
     gtv = (r <= boundary) & ph.body
     ctv = (r <= boundary + margin) & ph.body & (~ph.lung | gtv)
     contrast = inst.contrast_hu * rng.uniform(0.85, 1.15)
-    _place_cysts(rng, ph, _grow(ctv, spacing, 3.0), inst.contrast_hu)
+    cysts = _place_cysts(rng, ph, _grow(ctv, spacing, 3.0), inst.contrast_hu)
     ph.img[gtv] = 40.0 + contrast * (0.15 if kind == "low_contrast" else 1.0)
     severity = LEVEL_SEVERITY[difficulty] if attrs.get("subtype", "majority") != "majority" else 0.0
     if severity > 0:
@@ -360,6 +443,8 @@ def make_case(attrs: dict, seed: int, index: int, shape: tuple[int, int, int], d
             _render_necrotic(mrng, ph, r, boundary, gtv, contrast, severity)
         elif attrs["subtype"] == "distractor":
             _render_distractor(mrng, ph, centre, ctv, radius + margin, contrast, severity)
+        elif attrs["subtype"] == "ring":
+            _render_ring(mrng, ph, ctv, cysts, contrast, inst.contrast_hu, difficulty, STAGE_IRREGULARITY[stage])
     # soft-tissue texture and acquisition noise
     ph.img += rng.normal(0.0, inst.noise_hu, size=shape).astype(np.float32) * (ph.img > -900)
     if kind == "metal_artefact":
@@ -485,7 +570,8 @@ def generate_cohort(
         grouping: attribute the split is stratified by (``stage`` or ``institution``), with the subtype.
         dicom: also write each case as a DICOM CT series with an RTSTRUCT of the target.
         minority: hidden minority kind (``MINORITY_KINDS``).
-        minority_frac: share of minority cases inside every stage group, in [0.05, 0.5].
+        minority_frac: share of minority cases inside every stage group, in [0.05, 0.5] ([0.02, 0.5] for
+            ``ring``).
         difficulty: minority level 0..3 (0: placebo); ``None``: the kind's calibrated default.
         split: training, validation and testing fractions.
 
@@ -500,7 +586,8 @@ def generate_cohort(
     if grouping not in ("stage", "institution"):
         raise ValueError(f"grouping must be 'stage' or 'institution', got {grouping!r}.")
     difficulty = DEFAULT_DIFFICULTY.get(minority, 0) if difficulty is None else difficulty
-    _check_minority(minority, float(minority_frac), difficulty)
+    _check_minority(minority, float(minority_frac), difficulty,
+                    min_frac=MIN_MINORITY_FRAC_BY_KIND.get(minority, MIN_MINORITY_FRAC))  # fmt: skip
     split = _check_split(split)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """CT series in compressed transfer syntaxes, encoded by independent tools (dcmtk, GDCM), read like uncompressed.
 
 Lossy tolerances (HU), measured on the 48x48x24 synthetic series of the fixture and documented in
-bundle/docs/README.md ("Compressed transfer syntaxes"):
+bundle/docs/dicom.md ("Compressed transfer syntaxes"):
   * JPEG-LS near-lossless (.81), ``dcmcjpls +en +md 2``: |error| <= NEAR = 2 HU by construction of the codec.
   * JPEG 2000 lossy (.91), ``gdcmconv --j2k --lossy -q 80``: max |error| 36-38 HU, mean 5.0-5.4 HU, 99th
     percentile 20-21 HU (4 series, seeds 5 and 6); the test bounds are max 64 HU, mean 10 HU.

@@ -1,10 +1,10 @@
-"""Build the model card's example 2D reports from the test fixtures, with the commands a user runs on real data.
+"""Build the example 2D reports of ``bundle/docs/2d.md`` from the test fixtures, with the commands run on real data.
 
 Harvard-FairSeg and HAM10000 cannot be shipped (CC BY-NC-ND 4.0 and CC BY-NC 4.0, both behind a download), so the
 example in ``bundle/docs/examples/`` is made from the small stand-ins of ``tests/fixtures_2d.py``, written in each
 data set's own format (random pixels, geometric masks): the numbers show what the report contains, not how well the
 method does. Each data set goes through prepare -> check-data -> training -> evaluation -> summary -> inference,
-the same commands the card gives, with a short schedule (``--epochs``)::
+the same commands as ``bundle/docs/2d.md`` (*2D benchmarks*), with a short schedule (``--epochs``)::
 
     python tools/example_2d_reports.py [--out bundle/docs/examples] [--work .bench_work/example_2d] [--epochs 3]
 """

@@ -40,6 +40,7 @@ from .spool import Spool
 from .storage import DiskGuard, Retention, owner_only_folder
 from .subgroups import SubgroupSource
 from .tls import TlsSettings
+from .unhandled import UnhandledExceptions
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class DicomNode:
         self.retention = Retention(self.results, self.failed, retention_days, failed_retention_days,
                                    (self.limits.max_failed_series, self.limits.max_failed_bytes))  # fmt: skip
         self.metrics = NodeMetrics()
+        self.unhandled = UnhandledExceptions()
         self._build_parts()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -185,6 +187,8 @@ class DicomNode:
         m.gauge("pending_connections", "connections without an A-ASSOCIATE-RQ yet (TLS handshake included)",
                 lambda: self.receiver.gate.counts()["pending"])  # fmt: skip
         m.gauge("active_associations", "associations accepted and open", lambda: self.receiver.gate.counts()["active"])
+        m.gauge("unhandled_exceptions", "exceptions that reached threading.excepthook or sys.excepthook while serving "
+                "(logged with their traceback; none is expected)", lambda: self.unhandled.count)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- lifecycle
 
@@ -237,7 +241,9 @@ class DicomNode:
         logger.info("DICOM node %s stopped.", self.ae_title)
 
     def serve_forever(self) -> None:
-        """Start (unless started) and block until SIGINT/SIGTERM, then stop cleanly (sets the process umask 077)."""
+        """Start (unless started) and block until SIGINT/SIGTERM, then stop cleanly (sets the process umask 077).
+
+        While serving, an exception that escapes any thread is logged and counted (:mod:`.unhandled`)."""
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -246,15 +252,16 @@ class DicomNode:
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         os.umask(0o077)  # the node's own process: every file it writes is for its user only (patient data)
-        try:
-            if not self.receiver.listening:
-                self.start()
-            while not stop.wait(0.5):
-                pass
-        finally:
-            self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with self.unhandled.installed():
+            try:
+                if not self.receiver.listening:
+                    self.start()
+                while not stop.wait(0.5):
+                    pass
+            finally:
+                self.stop()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     def _watch_loop(self) -> None:
         """Queue quiet series; every ``housekeeping_seconds`` re-check the disk floor and apply retention."""

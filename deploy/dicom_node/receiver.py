@@ -9,7 +9,9 @@ from typing import Any
 
 import pydicom
 from pydicom import uid as dicom_uid
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import CTImageStorage
+from pydicom.valuerep import VR
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -40,6 +42,7 @@ CT_COMPRESSED_TRANSFER_SYNTAXES = (
     dicom_uid.JPEG2000,  # 1.2.840.10008.1.2.4.91
     dicom_uid.RLELossless,  # 1.2.840.10008.1.2.5
 )
+_VR_CODES = {vr.value.encode() for vr in VR}  # an explicit VR element has one at bytes 4-5 (as pydicom detects it)
 _NO_PEER = "*NO-PEER-ALLOWED*"  # 17 characters: longer than any AE title a peer can send, so it matches nobody
 
 
@@ -137,8 +140,6 @@ class Receiver:
         if refusal is None:
             assoc.acse_timeout = self.limits.acse_timeout_seconds  # the pending timeout no longer applies
             assoc.dul.socket.socket.settimeout(self.limits.network_timeout_seconds)
-            for handler in [h for h, _ in assoc.get_handlers(evt.EVT_FSM_TRANSITION)]:
-                assoc.unbind(evt.EVT_FSM_TRANSITION, handler)  # the server's malformed-first-PDU watch
             return
         cause, detail = refusal
         subject = f"association from calling AE {calling!r} at {assoc.requestor.address}"
@@ -176,10 +177,7 @@ class Receiver:
             raise _Refused(STATUS_DATASET_MISMATCH, "SeriesInstanceUID/SOPInstanceUID is not a valid UID")
         if sop != sop_uid:
             raise _Refused(STATUS_DATASET_MISMATCH, f"data set SOPInstanceUID is {sop}")
-        try:
-            _ = ds.pixel_array
-        except Exception as err:  # truncated pixel data, unsupported encoding, ...
-            raise _Refused(STATUS_CANNOT_UNDERSTAND, f"cannot decode pixel data ({type(err).__name__})") from err
+        _check_image(ds, str(event.context.abstract_syntax), event.encoded_dataset(include_meta=False))
         return series, sop
 
     def _on_store(self, event: evt.Event) -> int:
@@ -211,6 +209,46 @@ class Receiver:
             return STATUS_OUT_OF_RESOURCES
         self.metrics.inc("stored")
         return STATUS_SUCCESS
+
+
+def _check_image(ds: pydicom.Dataset, sop_class: str, raw: bytes) -> None:
+    """Raise :class:`_Refused` when the data set (``raw``: as received) contradicts its C-STORE or its pixel data
+    cannot be decoded."""
+    try:
+        contradiction = _contradiction(ds, sop_class, raw)
+    except Exception as err:  # an element read here (Rows, Columns, ...) cannot be decoded
+        raise _Refused(STATUS_CANNOT_UNDERSTAND, f"cannot decode the image attributes ({type(err).__name__})") from err
+    if contradiction is not None:
+        raise _Refused(*contradiction)
+    try:
+        _ = ds.pixel_array
+    except Exception as err:  # truncated pixel data, unsupported encoding, ...
+        raise _Refused(STATUS_CANNOT_UNDERSTAND, f"cannot decode pixel data ({type(err).__name__})") from err
+
+
+def _contradiction(ds: pydicom.Dataset, sop_class: str, raw: bytes) -> tuple[int, str] | None:
+    """``(C-STORE status, reason)`` when a decoded data set contradicts its C-STORE, else None: encoded in the other VR
+    encoding (explicit or implicit) than the negotiated transfer syntax, file meta elements (group 0002) inside it, a
+    SOPClassUID other than the presentation context's, or native pixel data whose length is not Rows x Columns x
+    frames x samples x bits allocated (plus one padding byte). pydicom decodes the first and the last anyway (it
+    guesses the encoding, drops excess pixel bytes), but the stored file would contradict its own file meta; the
+    worker's reader would take group 0002 in the stored file as the file meta."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not syntax.is_deflated and len(raw) >= 6 and (raw[4:6] in _VR_CODES) == syntax.is_implicit_VR:
+        return STATUS_CANNOT_UNDERSTAND, f"the data set is not encoded in the negotiated transfer syntax {syntax.name}"
+    if any(tag.group == 0x0002 for tag in ds.keys()):
+        return STATUS_CANNOT_UNDERSTAND, "the data set holds file meta elements (group 0002), which never belong in it"
+    if str(ds.get("SOPClassUID", "")) != sop_class:
+        return STATUS_DATASET_MISMATCH, f"data set SOPClassUID {ds.get('SOPClassUID')} is not the context's {sop_class}"
+    if syntax.is_encapsulated:
+        return None
+    expected, actual = get_expected_length(ds, "bytes"), len(ds.PixelData)
+    if actual not in (expected, expected + 1):
+        return (
+            STATUS_CANNOT_UNDERSTAND,
+            f"pixel data is {actual} bytes; Rows x Columns x frames x samples x bits allocated give {expected}",
+        )
+    return None
 
 
 def _key(assoc: Any) -> tuple:

@@ -5,6 +5,14 @@ pynetdicom's server wraps TLS in its accept loop, so one silent TLS client stall
 accept loop asks the :class:`~.gate.ConnectionGate` (pending limits) and hands the socket to a thread; that
 thread does the TLS handshake (bounded by ``tls.handshake_timeout_seconds`` and the pending timeout), then runs
 the association, whose wait for the A-ASSOCIATE-RQ is bounded by what is left of the pending timeout.
+
+Hostile or broken peers (found by ``make fuzz-pacs``): pynetdicom's threads raise on some malformed requests and
+timings (its reading thread, the DUL reactor, on an even presentation context ID or an event that is invalid in the
+current state, e.g. the local A-ASSOCIATE-AC after the peer aborted; the association thread on a presentation
+context without an abstract syntax), which would end them through ``threading.excepthook``; here each is caught,
+logged as one ``malformed_pdu`` refusal, and the connection closed. Once an A-ABORT or A-RELEASE-RP is sent (state
+Sta13) the node closes the connection: pynetdicom would read on until ARTIM expires, decoding and logging every junk
+PDU a peer streams. A peer that closes before its A-ASSOCIATE-RQ frees its pending slot at once.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
@@ -52,7 +61,10 @@ class _GuardedHandler(RequestHandler):
             assoc.acse_timeout = max(0.05, srv.limits.pending_timeout_seconds - (time.monotonic() - started))
             # ARTIM (30 s in pynetdicom): how long a peer that sent junk or was refused may keep the socket open
             assoc.dul.artim_timer.timeout = srv.limits.pending_timeout_seconds
-            assoc.bind(evt.EVT_FSM_TRANSITION, self._on_transition)  # unbound at the A-ASSOCIATE-RQ
+            self._requested = False  # set by _on_transition when the DUL reads an A-ASSOCIATE-RQ (Evt6)
+            assoc.bind(evt.EVT_FSM_TRANSITION, self._on_transition)
+            _guard_thread(assoc.dul, lambda err: self._thread_failed(assoc, key, "reading (DUL)", err))
+            _guard_thread(assoc, lambda err: self._thread_failed(assoc, key, "association", err))
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             assoc.join()
@@ -74,9 +86,31 @@ class _GuardedHandler(RequestHandler):
         return False
 
     def _on_transition(self, event: evt.Event) -> None:
-        """Before the A-ASSOCIATE-RQ: Evt19 is an unrecognised or invalid PDU (a malformed first PDU)."""
-        if event.fsm_event == "Evt19":
+        """Every state change of the connection (pynetdicom's DUL thread): before the A-ASSOCIATE-RQ, Evt19 (an
+        unrecognised or invalid PDU) marks a malformed first PDU, and Sta1 (the peer closed) wakes the association
+        thread waiting for the request; entering Sta13 (A-ABORT or A-RELEASE-RP sent) closes the connection at once:
+        pynetdicom would otherwise decode (and log) every PDU the peer still sends, until ARTIM expires."""
+        if event.fsm_event == "Evt6":
+            self._requested = True
+        elif event.fsm_event == "Evt19" and not self._requested:
             self.server.gate.saw_data(connection_key(self.client_address))
+        if event.next_state == "Sta13":
+            event.assoc.dul.socket.close()  # queues Evt17 (transport closed): Sta13 -> Sta1
+        elif event.next_state == "Sta1" and not self._requested:
+            event.assoc.dul.to_user_queue.put(None)  # read as "no A-ASSOCIATE-RQ": the association ends now
+
+    def _thread_failed(self, assoc: Any, key: tuple, part: str, err: Exception) -> None:
+        """pynetdicom's reading or association thread raised (see the module docstring) and has ended: one refusal
+        line, then the connection is closed and the other thread ends too."""
+        peer = f"connection from {key[0]}:{key[1]}"
+        self.server.refusals.refuse("malformed_pdu", peer, f"pynetdicom's {part} thread stopped on it "
+                                    f"({type(err).__name__}: {err}); connection closed")  # fmt: skip
+        self.server.gate.refused(key)  # counted here, not again as a pending connection
+        _stop_reading(self.request)  # the DUL reads end-of-stream and closes the connection (state Sta1)
+        if not self._requested:
+            assoc.dul.to_user_queue.put(None)  # the association thread stops waiting for an A-ASSOCIATE-RQ
+        if part == "association":
+            assoc.kill()  # waits for the DUL to reach Sta1, then ends it
 
     def _handshake(self, key: tuple, started: float) -> bool:
         srv = self.server
@@ -101,6 +135,30 @@ class _GuardedHandler(RequestHandler):
             self.server.refusals.refuse("pending_timeout", peer, f"no A-ASSOCIATE-RQ within {timeout:g} s")
         else:
             logger.debug("Connection from %s:%s closed before an A-ASSOCIATE-RQ.", *key)
+
+
+def _guard_thread(thread: threading.Thread, on_error: Callable[[Exception], None]) -> None:
+    """Run a pynetdicom thread (an association or its DUL reactor) inside ``try``: ``on_error`` gets what it raises,
+    which then never reaches ``threading.excepthook``. pynetdicom gives both threads their target at construction,
+    so the target (``Thread._target``) is wrapped before the thread starts."""
+    target = thread._target
+
+    def run() -> None:
+        try:
+            target()
+        except Exception as err:  # noqa: BLE001 (reported by on_error)
+            on_error(err)
+
+    thread._target = run
+
+
+def _stop_reading(sock: socket.socket) -> None:
+    """Shut the reading side of a connection (the DUL then reads end-of-stream and closes it); a TLS socket too,
+    at the TCP level. Closed sockets are ignored."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 class GuardedServer(ThreadedAssociationServer):

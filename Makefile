@@ -41,8 +41,8 @@ help:
 	@echo "    HIDDEN_ARGS='--part compare' - then the comparison on the chosen setting: 48 cached runs, report.md (about 2 h)"
 	@echo "make recipe-sweep - FairDRO's apply and min_ess chosen on the validation split (5 cached runs, about 45 min)"
 	@echo "make calibrate-cohort - the hidden minority's levels with ERM and the oracle (16 cached runs, about 2.5 h)"
-	@echo "make bench-dmoe - dMoE dispatch / overhead benchmark table"
-	@echo "make bench-speed - training step, sliding-window inference, data loading, memory tables"
+	@echo "make bench-dmoe - dMoE overhead table (each network in its own blocks of steps; round-robin row beside)"
+	@echo "make bench-speed - training step, sliding-window and end-to-end inference, CT preprocessing, data loading tables"
 	@echo "make bench-gpu - the GPU checks (bf16 dMoE step, CT end to end, clinical profile) into bench/results/gpu"
 	@echo "make fuzz-pacs - the DICOM node fed 2000 malformed associations and data sets on loopback (about 5 min); FUZZ_QUICK=1: the CI subset"
 

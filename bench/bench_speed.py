@@ -18,6 +18,11 @@ of a table see the same machine load; ratios are taken within the run):
   post-processing (``postprocessing_whole_volume``: ``Invertd`` of both channels on the whole grid, argmax) runs on
   the same prediction: its times, and how many voxels of the two masks differ. The last line checks the goals
   (invert + save <= 20% of the total; total <= 2x the sliding window).
+- ``prep``: the ``inference.json`` preprocessing of that CT transform by transform (load, orientation, spacing,
+  intensity window, crop), written as ``.nii.gz`` and as a DICOM series (``scripts.synthetic_dicom``), against the
+  same configs with the MONAI transforms that ``scripts/fast_preprocess.py`` stands in for (interleaved rounds); the
+  images of the two chains compared voxel by voxel, their transform records, the DICOM read on its own line, and the
+  goal (preprocessing <= 1.5 s: the NIfTI with its load, the series after its read).
 - ``data``: items/s of ``train.json``'s ``train#preprocessing`` (the deterministic load chain and the random crops) on
   synthetic volumes through ``Dataset``, ``CacheDataset`` and ``PersistentDataset``, against the volumes/s a training
   step of the dMoE network consumes.
@@ -44,6 +49,7 @@ Usage::
     python bench/bench_speed.py --quick                  # tiny sizes, one round: a smoke test (< 1 minute)
     python bench/bench_speed.py --device cuda --amp --channels-last --compile
     python bench/bench_speed.py --sections train,data --repeats 9
+    python bench/bench_speed.py --sections prep --threads 1   # the CT preprocessing only
     python bench/bench_speed.py --profile gpu --short     # the GPU profile's training step, measured on the CPU
     python bench/bench_speed.py --profile gpu --device cuda --channels-last   # the profile on a GPU, bf16 autocast
 """
@@ -87,7 +93,7 @@ from scripts import synthetic  # noqa: E402
 from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
 from scripts.losses import PerSampleDiceCELoss  # noqa: E402
 
-SECTIONS = ("train", "infer", "e2e", "data")
+SECTIONS = ("train", "infer", "e2e", "prep", "data")
 #: overlays in configs/profiles/ that --profile stacks on train.json and inference.json
 PROFILES = tuple(sorted(p.stem for p in (CONFIGS / "profiles").glob("*.json")))
 #: the profile keys the benchmark reads (network size, patch, window batch, autocast)
@@ -629,6 +635,153 @@ def bench_e2e(args, cfg: dict, modes: List[Mode], device: torch.device, workdir:
     print(e2e_goals(first) + "\n", flush=True)
 
 
+# -------------------------------------------------------------------------------------------------------- prep
+#: the columns of the preprocessing table, and the transforms (MONAI's and the bundle's) timed in each
+PREP_COLUMNS = {
+    "load": ("LoadImaged", "FastLoadImaged", "LoadDicomSeriesd"),
+    "orientation": ("Orientationd",),
+    "spacing": ("Spacingd", "FastSpacingd"),
+    "intensity": ("ScaleIntensityRanged", "FastScaleIntensityRanged"),
+    "crop": ("CropForegroundd", "FastCropForegroundd"),
+}
+PREVIOUS, SHIPPED = "MONAI transforms (previous)", "inference.json (scripts.fast_preprocess)"
+PREP_GOAL_S = 1.5
+
+
+def inference_parser(files: Sequence[str], monai_classes: bool, overrides: Optional[dict] = None) -> ConfigParser:
+    """``files`` (under configs/) stacked, as shipped or with each ``scripts.fast_preprocess`` class replaced by the
+    MONAI class it stands in for (the previous preprocessing)."""
+    from scripts.fast_preprocess import MONAI_EQUIVALENT
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in files])
+    parser.update(overrides or {})
+    if monai_classes:
+        for item in [parser["loader"], *parser["preprocessing"]["transforms"]]:
+            name = item.get("_target_", "").rsplit(".", 1)[-1] if isinstance(item, dict) else ""
+            if name in MONAI_EQUIVALENT:
+                item["_target_"] = MONAI_EQUIVALENT[name]
+    return parser
+
+
+def timed_preprocessing(pre, item: dict) -> Tuple[Dict[str, float], dict]:
+    """Run the ``Compose`` ``pre`` on ``item`` transform by transform: (seconds per column of
+    :data:`PREP_COLUMNS`, the rest under ``other``; the output)."""
+    times = {k: 0.0 for k in (*PREP_COLUMNS, "other")}
+    d = dict(item)
+    for t in pre.transforms:
+        column = next((k for k, names in PREP_COLUMNS.items() if type(t).__name__ in names), "other")
+        t0 = time.perf_counter()
+        d = t(d)
+        times[column] += time.perf_counter() - t0
+    return times, d
+
+
+def image_agreement(a: Tensor, b: Tensor) -> str:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.shape != b.shape:
+        return f"shapes differ ({list(a.shape)} vs {list(b.shape)})"
+    diff = (a - b).abs()
+    return f"{int((diff > 0).sum())} of {a.numel()} voxels differ (max |difference| {float(diff.max()):.3g})"
+
+
+def same_records(a, b) -> bool:
+    """The transform records of two images agree apart from the objects that made them (ids, class names)."""
+    strip = lambda op: {k: v for k, v in op.items() if k not in ("id", "class", "extra_info")}  # noqa: E731
+    ops = list(zip(a.applied_operations, b.applied_operations))
+    return len(a.applied_operations) == len(b.applied_operations) and all(
+        strip(x) == strip(y) and set(x.get("extra_info", {})) == set(y.get("extra_info", {})) for x, y in ops
+    )
+
+
+def prep_inputs(args, cfg: dict, workdir: Path) -> Dict[str, Tuple[List[str], dict, dict]]:
+    """The CT as .nii.gz and as a DICOM series: {input: (config files, overrides, item)}."""
+    from scripts.synthetic_dicom import write_ct_series
+
+    data_dir = workdir / "prep"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ct = ct_phantom(args.raw_shape, args.raw_spacing)
+    nifti = data_dir / "ct.nii.gz"
+    nib.Nifti1Image(ct, raw_affine(args.raw_spacing)).to_filename(nifti)
+    series = data_dir / "ct_series"
+    write_ct_series(ct, raw_affine(args.raw_spacing), series, seed=0)
+    stage = {cfg["subgroup_key"]: cfg["subgroups"][1]}
+    return {
+        "NIfTI (.nii.gz)": (["inference.json"], {}, {"image": str(nifti), "id": "ct", **stage}),
+        f"DICOM series ({args.raw_shape[2]} files)": (
+            ["inference.json", "inference_dicom.json"],
+            {"input_dir": str(series)},
+            {"image": str(series), "id": "ct", **stage},
+        ),
+    }
+
+
+def bench_prep(args, cfg: dict, workdir: Path) -> None:
+    """The preprocessing of the CT, step by step: MONAI's transforms against the shipped ones, NIfTI and DICOM."""
+    inputs = prep_inputs(args, cfg, workdir)
+    chains = {}
+    for source, (files, overrides, item) in inputs.items():
+        for path in (PREVIOUS, SHIPPED):
+            parser = inference_parser(files, path == PREVIOUS, overrides)
+            chains[(source, path)] = (parser.get_parsed_content("preprocessing"), item)
+    rounds: Dict[Tuple[str, str], List[Dict[str, float]]] = {k: [] for k in chains}
+    outputs = {}
+    for r in range(args.prep_repeats):
+        for key, (pre, item) in chains.items():  # interleaved: every chain sees the same machine load
+            times, out = timed_preprocessing(pre, item)
+            rounds[key].append(times)
+            outputs[key] = out["image"]
+            print(f"  [prep {r + 1}/{args.prep_repeats}] {key[0]}, {key[1]}: {sum(times.values()):.2f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"## Preprocessing (`inference.json` `preprocessing`: load, orientation, spacing to "
+        f"{'x'.join(f'{s:g}' for s in cfg['spacing'])} mm, HU window, foreground crop; "
+        f"{'x'.join(map(str, args.raw_shape))} CT at {'x'.join(f'{s:g}' for s in args.raw_spacing)} mm; median of "
+        f"{args.prep_repeats} interleaved round(s))\n"
+    )
+    print(PREP_NOTE)
+    cols = [*PREP_COLUMNS, "other"]
+    head = " | ".join(f"{c} (s)" for c in cols)
+    print(f"| input | transforms | {head} | total (s) | without load (s) | x previous |")
+    print("|---" * (len(cols) + 5) + "|")
+    med = {k: {c: statistics.median(t[c] for t in v) for c in cols} for k, v in rounds.items()}
+    for (source, path), m in med.items():
+        total = sum(m.values())
+        prev = sum(med[(source, PREVIOUS)].values())
+        print(f"| {source} | {path} | {' | '.join(f'{m[c]:.2f}' for c in cols)} | {total:.2f} "
+              f"| {total - m['load']:.2f} | {total / prev:.2f} |")  # fmt: skip
+    print()
+    print("\n".join(prep_notes(inputs, med, outputs)) + "\n", flush=True)
+
+
+def prep_notes(inputs: dict, med: dict, outputs: dict) -> List[str]:
+    """The lines under the preprocessing table: the DICOM read, the outputs compared, the goal."""
+    nifti, dicom = list(inputs)
+    read, read_prev = med[(dicom, SHIPPED)]["load"], med[(dicom, PREVIOUS)]["load"]
+    notes = [f"DICOM read (`LoadDicomSeriesd`, the `load` column of the DICOM rows): {read:.2f} s ({read_prev:.2f} s "
+             "in the previous row: the same reader)."]  # fmt: skip
+    for source in inputs:
+        a, b = outputs[(source, SHIPPED)], outputs[(source, PREVIOUS)]
+        notes.append(f"{source}, shipped vs previous: {image_agreement(a, b)}; transform records "
+                     f"{'agree' if same_records(a, b) else 'DIFFER'}.")  # fmt: skip
+    same_ct = image_agreement(outputs[(dicom, SHIPPED)], outputs[(nifti, SHIPPED)])
+    notes.append(f"DICOM vs NIfTI (shipped): {same_ct} (the NIfTI header holds the affine in float32, the series its "
+                 "geometry in decimal strings: the grids differ in rounding, not the CT).")  # fmt: skip
+    n_total = sum(med[(nifti, SHIPPED)].values())
+    d_total = sum(med[(dicom, SHIPPED)].values()) - med[(dicom, SHIPPED)]["load"]
+    verdict = lambda s: "met" if s <= PREP_GOAL_S else "NOT met"  # noqa: E731
+    notes.append(f"Goal (preprocessing <= {PREP_GOAL_S} s): NIfTI, load included, {n_total:.2f} s: {verdict(n_total)}; "
+                 f"DICOM after the read {d_total:.2f} s: {verdict(d_total)}.")  # fmt: skip
+    return notes
+
+
+PREP_NOTE = (
+    "`previous`: the same configs with MONAI's `LoadImaged`, `Spacingd`, `ScaleIntensityRanged` and `CropForegroundd`; "
+    "`inference.json`: the bundle's stand-ins for them (`scripts/fast_preprocess.py`). `other`: case id, subgroup, "
+    "`EnsureTyped`. For the DICOM series `load` is the read of the series (the same reader in both rows).\n"
+)
+
+
 # -------------------------------------------------------------------------------------------------------------- data
 def _epochs(loader, n: int) -> List[float]:
     out = []
@@ -749,6 +902,7 @@ def parse_args(argv: Optional[Sequence[str]], cfg: dict) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed training rounds (default 1, 2 with --compile)")
     p.add_argument("--infer-repeats", type=int, default=None, help="sliding-window rounds (default 3, quick 1)")
     p.add_argument("--e2e-repeats", type=int, default=1, help="end-to-end rounds (default 1)")
+    p.add_argument("--prep-repeats", type=int, default=None, help="preprocessing rounds (default 3, quick 1)")
     p.add_argument("--sw-batch-size", type=int, default=cfg["sw_batch_size"], help="default: inference.json")
     p.add_argument("--sw-overlap", type=float, default=cfg["sw_overlap"], help="default: inference.json")
     p.add_argument("--patch", type=_ints, default=None, help="patch / roi size, default train.json patch_size")
@@ -771,6 +925,7 @@ def parse_args(argv: Optional[Sequence[str]], cfg: dict) -> argparse.Namespace:
     q = args.quick
     args.repeats = args.repeats or (1 if q else 7)
     args.infer_repeats = args.infer_repeats or (1 if q else 3)
+    args.prep_repeats = args.prep_repeats or (1 if q else 3)
     args.patch = args.patch or list(cfg["patch_size"])
     args.raw_shape = args.raw_shape or ([96, 96, 40] if q else [512, 512, 160])
     args.cases = args.cases or (4 if q else 12)
@@ -821,6 +976,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bench_infer(args, cfg, modes, device)
         if "e2e" in args.sections:
             bench_e2e(args, cfg, modes, device, workdir)
+        if "prep" in args.sections:
+            bench_prep(args, cfg, workdir)
         if "data" in args.sections:
             bench_data(args, cfg, device, workdir, results.get("dmoe_step_s"))
     print(f"Total benchmark time {time.perf_counter() - t_start:.0f} s.")

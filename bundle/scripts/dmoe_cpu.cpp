@@ -52,6 +52,26 @@ struct Dropout {
     if (lanes == nullptr) return T(1);
     return lanes[(i / 3) * 4 + i % 3] >= threshold ? T(scale) : T(0);
   }
+
+  // factor(first + k) for k in [0, n), into f: element i reads lane i + i / 3, so after the first multiple of 3
+  // the lanes go in steps of three read, one skipped (no division per element)
+  template <typename T>
+  inline void factors(int64_t first, int64_t n, T* __restrict__ f) const {
+    if (lanes == nullptr) {
+      std::fill(f, f + n, T(1));
+      return;
+    }
+    const T keep = T(scale);
+    int64_t k = 0;
+    for (; k < n && (first + k) % 3 != 0; ++k) f[k] = factor<T>(first + k);
+    const int16_t* __restrict__ lane = lanes + ((first + k) / 3) * 4;
+    for (; k + 3 <= n; k += 3, lane += 4) {  // keep * 1 or keep * 0: the values of factor(), without branches
+      f[k] = keep * T(lane[0] >= threshold);
+      f[k + 1] = keep * T(lane[1] >= threshold);
+      f[k + 2] = keep * T(lane[2] >= threshold);
+    }
+    for (; k < n; ++k) f[k] = factor<T>(first + k);
+  }
 };
 
 // One expert MLP on one token; CT/HT > 0 fix C and H at compile time (loops unrolled), 0 takes them from Dims.
@@ -87,8 +107,9 @@ bool forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
   const Mlp<T, CT, HT> mlp(d);
   const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
   run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t) {
-    std::vector<T> buf(2 * kBlock * C + C + 2 * H);
-    T *xb = buf.data(), *yb = xb + kBlock * C, *out = yb + kBlock * C, *pre = out + C, *z = pre + H;
+    std::vector<T> buf(3 * kBlock * C + C + 2 * H);
+    T *xb = buf.data(), *yb = xb + kBlock * C, *fb = yb + kBlock * C, *out = fb + kBlock * C, *pre = out + C;
+    T* z = pre + H;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
       load_block(hp + b * C * N + n0, C, N, nb, xb);
@@ -109,8 +130,8 @@ bool forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
           for (int64_t c = 0; c < C; ++c) acc[c] += wt * out[c];
         }
       }
-      const int64_t first = (b * N + n0) * C;  // token-major index of the block's first element
-      for (int64_t k = 0; k < nb * C; ++k) yb[k] = xb[k] + drop.factor<T>(first + k) * yb[k];
+      drop.factors((b * N + n0) * C, nb * C, fb);  // from the token-major index of the block's first element
+      for (int64_t k = 0; k < nb * C; ++k) yb[k] = xb[k] + fb[k] * yb[k];
       store_block(yb, C, N, nb, yp + b * C * N + n0);
     }
   });
@@ -160,15 +181,16 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
   const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
   run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t slot) {
     Grads<T> g(accp + slot * stride, d.E, C, H);
-    std::vector<T> buf(3 * kBlock * C + 2 * C + 3 * H);
-    T *xb = buf.data(), *gb = xb + kBlock * C, *gxb = gb + kBlock * C, *rest = gxb + kBlock * C;
+    std::vector<T> buf(4 * kBlock * C + 2 * C + 3 * H);
+    T *xb = buf.data(), *gb = xb + kBlock * C, *gxb = gb + kBlock * C, *fb = gxb + kBlock * C;
+    T* rest = fb + kBlock * C;
     const PairGrad<T, CT, HT> pair{mlp, rest, rest + H, rest + 2 * H, rest + 3 * H};
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
       load_block(hp + b * C * N + n0, C, N, nb, xb);
       load_block(gyp + b * C * N + n0, C, N, nb, gb);
-      const int64_t first = (b * N + n0) * C;
-      for (int64_t k = 0; k < nb * C; ++k) gxb[k] = gb[k], gb[k] *= drop.factor<T>(first + k);  // residual; mask
+      drop.factors((b * N + n0) * C, nb * C, fb);
+      for (int64_t k = 0; k < nb * C; ++k) gxb[k] = gb[k], gb[k] *= fb[k];  // residual; mask
       for (int64_t q = 0; q < nb; ++q) {
         for (int64_t j = 0; j < K; ++j) {
           const int64_t p = (b * K + j) * N + n0 + q;
@@ -261,7 +283,9 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
           acc.data_ptr<scalar_t>(), stride);
     });
   });
-  auto parts = acc.sum(0).split_with_sizes({E * C * H, E * H, E * H * C, E * C});
+  // one accumulator (a serial call) is the total already: it starts at +0 and is never -0, so summing the single
+  // row would give the same bits
+  auto parts = (acc.size(0) == 1 ? acc[0] : acc.sum(0)).split_with_sizes({E * C * H, E * H, E * H * C, E * C});
   at::Tensor gw2 = parts[2].view({E, C, H}).transpose(1, 2).contiguous();
   return {gh, gw, parts[0].view({E, C, H}), parts[1].view({E, H}), gw2, parts[3].view({E, C})};
 }

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace fairdro_dmoe {
 
@@ -96,6 +97,36 @@ inline void ao(T* m, const T* a, const T* b, int64_t rows, int64_t cols) {
   } else {
     add_outer(m, a, b, rows, cols);
   }
+}
+
+// kLanes tokens' values of T, one per SIMD lane (GCC vector extension: element-wise arithmetic, compiled with the
+// same contraction into fused multiply-adds as scalar code); loaded and stored unaligned
+constexpr int64_t kLanes = 8;
+template <typename T>
+struct LaneVec {
+  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+};
+template <typename T>
+using Vec = typename LaneVec<T>::type;
+
+template <typename T>
+inline Vec<T> load_lanes(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_lanes(const Vec<T>& v, T* p) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// every lane = x
+template <typename T>
+inline Vec<T> splat(T x) {
+  Vec<T> v;
+  for (int64_t l = 0; l < kLanes; ++l) v[l] = x;
+  return v;
 }
 
 template <typename T>

@@ -61,6 +61,70 @@ inline void top_k_softmax(const RouterDims& d, T* lg, T* p, int64_t* sel) {
   for (int64_t j = 0; j < d.K; ++j) p[j] /= total;
 }
 
+// ------------------------------------------------------------------------------------------------- lane kernels
+// Full blocks are computed kLanes tokens at a time, one token per SIMD lane, reading the channel-first rows in place.
+// Every lane performs the operations of the per-token code above on its token in the same order (the logits'
+// partial sums of vec_mat_c<T, 8>, the first maximum in each round, std::exp, the softmax sums), so the results are
+// bit-identical to it; the router-weight gradients are added token by token in the per-token code's order.
+
+// logits of kLanes tokens (E = 8): h rows from hx (stride N), W (C, 8), offset rows from off (stride N) or none
+template <typename T>
+inline void lane_logits(const T* hx, const T* w, const T* off, int64_t C, int64_t N, Vec<T>* lg) {
+  for (int64_t e = 0; e < 8; ++e) {
+    Vec<T> acc[4] = {};
+    int64_t i = 0;
+    for (; i + 4 <= C; i += 4)
+      for (int64_t s = 0; s < 4; ++s) acc[s] += load_lanes(hx + (i + s) * N) * w[(i + s) * 8 + e];
+    for (; i < C; ++i) acc[0] += load_lanes(hx + i * N) * w[i * 8 + e];
+    acc[0] += acc[1];
+    acc[0] += acc[2];
+    acc[0] += acc[3];
+    lg[e] = (off != nullptr ? load_lanes(off + e * N) : Vec<T>{}) + acc[0];
+  }
+}
+
+// top_k_softmax for kLanes tokens: p[j] the gates, sel[j] the experts (as T)
+template <typename T>
+inline void lane_top_k_softmax(int64_t K, Vec<T>* lg, Vec<T>* p, Vec<T>* sel) {
+  Vec<T> total = {}, top = {};
+  for (int64_t j = 0; j < K; ++j) {
+    Vec<T> best = lg[0], at = {};
+    for (int64_t e = 1; e < 8; ++e) {
+      const auto more = lg[e] > best;
+      at = more ? splat(T(e)) : at;
+      best = more ? lg[e] : best;
+    }
+    sel[j] = at;
+    if (j == 0) top = best;
+    if (j == 0) {
+      p[j] = splat(T(1));
+    } else {
+      const Vec<T> d = best - top;
+      for (int64_t l = 0; l < kLanes; ++l) p[j][l] = std::exp(d[l]);
+    }
+    total += p[j];
+    for (int64_t e = 0; e < 8; ++e) lg[e] = at == splat(T(e)) ? splat(-std::numeric_limits<T>::infinity()) : lg[e];
+  }
+  for (int64_t j = 0; j < K; ++j) p[j] /= total;
+}
+
+// a full block of kLanes-token groups (E = 8, k <= 8)
+template <typename T>
+void lane_forward_block(const RouterDims& d, int64_t b, int64_t n0, const T* hp, const T* w, const T* offset, T* outw,
+                        int64_t* oute) {
+  const int64_t C = d.C, K = d.K, N = d.N;
+  Vec<T> lg[8], p[8], sel[8];
+  for (int64_t q = 0; q < kBlock; q += kLanes) {
+    const int64_t n = n0 + q;
+    lane_logits<T>(hp + b * C * N + n, w, offset != nullptr ? offset + b * 8 * N + n : nullptr, C, N, lg);
+    lane_top_k_softmax<T>(K, lg, p, sel);
+    for (int64_t j = 0; j < K; ++j) {
+      store_lanes(p[j], outw + (b * K + j) * N + n);
+      for (int64_t l = 0; l < kLanes; ++l) oute[(b * K + j) * N + n + l] = static_cast<int64_t>(sel[j][l]);
+    }
+  }
+}
+
 template <typename T, int64_t ET>
 void forward_impl(const RouterDims d, const T* hp, const T* wp, const int64_t* sub, const T* offset, T* outw,
                   int64_t* oute) {
@@ -72,6 +136,10 @@ void forward_impl(const RouterDims d, const T* hp, const T* wp, const int64_t* s
     T *xb = buf.data(), *ob = xb + kBlock * C, *pb = ob + kBlock * E, *lg = pb + kBlock * K;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
+      if (ET == 8 && nb == kBlock && K <= 8) {
+        lane_forward_block(d, b, n0, hp, wp + sub[b] * C * E, offset, outw, oute);
+        continue;
+      }
       load_block(hp + b * C * N + n0, C, N, nb, xb);
       if (offset != nullptr) load_block(offset + b * E * N + n0, E, N, nb, ob);
       for (int64_t q = 0; q < nb; ++q) {
@@ -102,6 +170,58 @@ inline void token_backward(const RouterDims& d, const T* x, const T* gp, const T
   }
 }
 
+// Whether lane_backward_block gives token_backward's bits for k gates. token_backward's sum over the k gates is one
+// fused multiply-add per gate in order where GCC 12 (-O3 -mavx2 -mfma) leaves that loop scalar: for k up to 3 in
+// float32 and k = 1 in float64; for more gates it vectorises the products (rounded apart, added in order), which the
+// lanes do not copy, so those cases keep the per-token code (tests/test_dmoe_lanes.py compares the two paths).
+template <typename T>
+constexpr bool lane_backward_matches(int64_t k) {
+  return std::is_same_v<T, float> ? k <= 3 : k == 1;
+}
+
+// token_backward for a full block, kLanes tokens at a time (k <= 8): the gate and logit gradients, the offset
+// gradient and gx per lane; then the router-weight gradients token by token, in token_backward's order
+template <typename T>
+void lane_backward_block(const RouterDims& d, int64_t b, int64_t n0, const T* gpp, const T* hp, const T* w,
+                         const int64_t* ep, const T* pp, T* ghp, T* gop, T* gw) {
+  const int64_t C = d.C, E = d.E, K = d.K, N = d.N;
+  Vec<T> gl[8], sel[8];
+  for (int64_t q = 0; q < kBlock; q += kLanes) {
+    const int64_t n = n0 + q;
+    Vec<T> dot = {}, p[8];
+    for (int64_t j = 0; j < K; ++j) {
+      p[j] = load_lanes(pp + (b * K + j) * N + n);
+      dot += p[j] * load_lanes(gpp + (b * K + j) * N + n);
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      gl[j] = p[j] * (load_lanes(gpp + (b * K + j) * N + n) - dot);
+      for (int64_t l = 0; l < kLanes; ++l) sel[j][l] = T(ep[(b * K + j) * N + n + l]);
+    }
+    if (gop != nullptr) {
+      for (int64_t e = 0; e < E; ++e) {
+        Vec<T> go = {};
+        for (int64_t j = 0; j < K; ++j) go = sel[j] == splat(T(e)) ? gl[j] : go;
+        store_lanes(go, gop + (b * E + e) * N + n);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      Vec<T> gx = {};
+      for (int64_t j = 0; j < K; ++j) {
+        Vec<T> wc;
+        for (int64_t l = 0; l < kLanes; ++l) wc[l] = w[c * E + static_cast<int64_t>(sel[j][l])];
+        gx += gl[j] * wc;
+      }
+      store_lanes(gx, ghp + (b * C + c) * N + n);
+    }
+    for (int64_t l = 0; l < kLanes; ++l)
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t e = static_cast<int64_t>(sel[j][l]);
+        const T g = gl[j][l];
+        for (int64_t c = 0; c < C; ++c) gw[c * E + e] += hp[(b * C + c) * N + n + l] * g;
+      }
+  }
+}
+
 template <typename T>
 void backward_impl(const RouterDims d, const T* gpp, const T* hp, const T* wp, const int64_t* sub, const int64_t* ep,
                    const T* pp, T* ghp, T* gop, T* accp, bool serial) {
@@ -115,6 +235,10 @@ void backward_impl(const RouterDims d, const T* gpp, const T* hp, const T* wp, c
     T *pb = gob + kBlock * E, *gb = pb + kBlock * K;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0), a = sub[b];
+      if (nb == kBlock && lane_backward_matches<T>(K)) {
+        lane_backward_block(d, b, n0, gpp, hp, wp + a * C * E, ep, pp, ghp, gop, acc + a * C * E);
+        continue;
+      }
       load_block(hp + b * C * N + n0, C, N, nb, xb);
       load_block(gpp + b * K * N + n0, K, N, nb, gb);
       load_block(pp + b * K * N + n0, K, N, nb, pb);

@@ -295,6 +295,11 @@ def search(settings: list[Setting], table_settings: list[Setting], out: Path, wo
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("search", "compare"), default="search", help="search: the positive-"
+                        "control search (part 1); compare: the comparison on the chosen setting "
+                        "(bench/hidden_failures_compare.py)")  # fmt: skip
+    parser.add_argument("--setting", default=None, metavar="NAME", help="--part compare: use this searched setting "
+                        "instead of the rule's choice")  # fmt: skip
     parser.add_argument("--bench", choices=("full", "smoke"), default="full")
     parser.add_argument("--settings", nargs="+", metavar="NAME", help="run only these settings (extra ones too)")
     parser.add_argument("--max-runs", type=int, default=None, metavar="N", help="stop after N new runs")
@@ -322,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     work = args.work.resolve()
     out = (args.out or (work / "smoke_results" if args.bench == "smoke" else RESULTS)).resolve()
+    if args.part == "compare":
+        return _compare(args, out, work)
     if args.dry_run:
         return dry_run(settings, out, work / "runs")
     if args.commit and fa.git_toplevel(out) is None:
@@ -343,6 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         logger.error("failed: %s", ", ".join(failed))
     return 1 if failed else 0
+
+
+def _compare(args, out: Path, work: Path) -> int:
+    """``--part compare``: the comparison on the chosen setting (``bench/hidden_failures_compare.py``)."""
+    import hidden_failures_compare
+
+    if not args.dry_run:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        if not args.no_nice and not args.report_only:
+            os.nice(10)
+        if args.threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    return hidden_failures_compare.main(args, out, work)
 
 
 if __name__ == "__main__":

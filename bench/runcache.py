@@ -97,16 +97,22 @@ def resolved_config(spec: RunSpec, evaluation: bool = True) -> dict[str, Any]:
     """The merged configuration of a run (train + variant + evaluate + overrides), without neutral keys.
 
     ``evaluation=False``: the training's configuration only (train + variant, and the overrides that name one of
-    its keys)."""
+    its keys or a new key of one of its sections, such as ``dro#diagnose``)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(spec.config_files(evaluation))
     for key, value in spec.overrides.items():
-        if evaluation or key in parser:
+        if evaluation or key in parser or _new_key_of_a_section(parser, key):
             parser[key] = value
     config = parser.get()
     return {k: v for k, v in config.items() if k not in _NEUTRAL_KEYS}
+
+
+def _new_key_of_a_section(parser, key: str) -> bool:
+    """Whether ``key`` (``a#b``) adds a key to a section (a dict) that the configuration has."""
+    parent = key.rpartition("#")[0]
+    return bool(parent) and parent in parser and isinstance(parser[parent], dict)
 
 
 #: the FairDRO settings that a run with plain weights (intra none or oracle, inter not groupdro) still reads
@@ -235,8 +241,15 @@ def bundle_command(
            "--dataset_dir", str(data), "--output_dir", str(output_dir or work), "--ckpt_dir", str(work / "models"),
            "--seed", str(spec.seed), *extra]  # fmt: skip
     for key, value in spec.overrides.items():
-        cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+        cmd += [f"--{key}", _cli_value(value)]
     return cmd
+
+
+def _cli_value(value: Any) -> str:
+    """An override as ``monai.bundle run`` reads it back (Python literals: ``True``, not JSON's ``true``)."""
+    if isinstance(value, str):
+        return value
+    return repr(value) if isinstance(value, bool) else json.dumps(value)
 
 
 def execute(spec: RunSpec, data: Path, work: Path) -> dict[str, float]:
@@ -244,8 +257,33 @@ def execute(spec: RunSpec, data: Path, work: Path) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.time()
+    if spec.variant == JTT:
+        identify_error_set(spec, data, work)
     _bundle(bundle_command(spec, "training", data, work), work / "run.log")
     return {"train_s": round(time.time() - t0, 1), "evaluate_s": reevaluate(spec, data, work)}
+
+
+#: the variant whose training needs a first stage: an identification model and its error set (``variants/jtt.json``)
+JTT = "jtt"
+#: what ``variants/jtt.json`` trains the identification model for when the run does not set ``jtt#epochs``
+JTT_DEFAULT_EPOCHS = 10
+
+
+def identification_spec(spec: RunSpec) -> RunSpec:
+    """JTT's first stage as a run of its own: the ``dmoe`` variant (ERM on the same network) with the same seed,
+    cohort and recipe, trained for ``jtt#epochs`` epochs (the ``jtt#`` settings themselves left out)."""
+    overrides = {k: v for k, v in spec.overrides.items() if not k.startswith("jtt#")}
+    overrides["epochs"] = spec.overrides.get("jtt#epochs", JTT_DEFAULT_EPOCHS)
+    return RunSpec("dmoe", spec.seed, spec.cohort, overrides)
+
+
+def identify_error_set(spec: RunSpec, data: Path, work: Path) -> Path:
+    """Train JTT's identification model into ``work/identify`` and write its error set there (``jtt_identify``);
+    the run's training then reads it (``jtt#identify_dir`` defaults to ``<output_dir>/identify``)."""
+    ident = work / "identify"
+    _bundle(bundle_command(identification_spec(spec), "training", data, ident), work / "run.log")
+    _bundle(bundle_command(spec, "jtt_identify", data, work), work / "run.log")
+    return ident / "error_set.json"
 
 
 def reevaluate(spec: RunSpec, data: Path, work: Path) -> float:
@@ -259,7 +297,8 @@ def reevaluate(spec: RunSpec, data: Path, work: Path) -> float:
 def copy_run(src: Path, dst: Path) -> None:
     """Copy a finished run's small files (another benchmark's identical run is thus never trained twice)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in (*_SMALL_FILES, "train_log.json", "run.json"):  # run.json last: marks the copy finished
+    names = (*_SMALL_FILES, "train_log.json", "jtt_error_set.json", "run.json")  # run.json last: marks it finished
+    for name in names:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
 
@@ -358,13 +397,16 @@ def run(
         (run_dir / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
     copy_per_case(work / "fairness" / "per_case.csv", run_dir / "per_case.csv", per_case_columns)
     shutil.copyfile(work / "fairness" / "metrics.json", run_dir / "metrics.json")
+    if (work / "identify" / "error_set.json").is_file():  # JTT: which training cases its first stage flagged
+        shutil.copyfile(work / "identify" / "error_set.json", run_dir / "jtt_error_set.json")
     meta = {"key": run_key(spec), "train_key": run_key(spec, evaluation=False), "bench_version": BENCH_VERSION,
             "commit": git_commit(), "variant": spec.variant, "seed": spec.seed, "cohort": spec.cohort,
             "overrides": spec.overrides, **times, "weights": str((work / "models").resolve()),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the run finished
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    for folder in (work / "checkpoints", work / "identify" / "checkpoints", work / "identify" / "models"):
+        shutil.rmtree(folder, ignore_errors=True)
     return run_dir, True
 
 

@@ -17,10 +17,11 @@ GIB = 1 << 30
 
 @dataclass(frozen=True)
 class Limits:
-    """Connection, association, transfer and ``failed/`` limits; every value must be > 0.
+    """Connection, association, transfer and ``failed/`` limits, and the full-disk retry; every value must be > 0.
 
     ``max_pending*`` and ``pending_timeout_seconds`` bound connections that have not sent an A-ASSOCIATE-RQ yet
-    (TLS handshake included); they do not count toward ``max_associations*``.
+    (TLS handshake included); they do not count toward ``max_associations*``. ``disk_full_retry_seconds``: a series
+    whose inference or result writing ran out of space stays in ``processing/`` and is tried again after this long.
     """
 
     max_associations: int = 16
@@ -38,6 +39,7 @@ class Limits:
     max_bytes_per_series: int = 8 * GIB
     max_failed_series: int = 500
     max_failed_bytes: int = 20 * GIB
+    disk_full_retry_seconds: float = 60.0
 
     @classmethod
     def parse(cls, value: Mapping[str, Any] | Limits | None) -> Limits:

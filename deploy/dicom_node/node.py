@@ -165,7 +165,7 @@ class DicomNode:
                                  self.limits)  # fmt: skip
         self.worker = Worker(
             self.spool, self.results, self.failed, self.outbox, self.disk, self.metrics, self.subgroup_source,
-            self.inference, self.destinations, self.send_seg, self.quiet_seconds,
+            self.inference, self.destinations, self.send_seg, self.quiet_seconds, self.limits.disk_full_retry_seconds,
         )  # fmt: skip
         self.sender = Sender(self.ae_title, self.results, self.outbox, self.send_seg, self.retry, self.tls,
                              self.destinations, self.metrics)  # fmt: skip

@@ -1,7 +1,9 @@
-"""The node's disk: owner-only folders, the free-space floor, and retention of delivered and failed series."""
+"""The node's disk: owner-only folders, the free-space floor, full-disk errors, and retention of delivered and failed
+series."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -16,6 +18,23 @@ logger = logging.getLogger(__name__)
 
 OWNER_ONLY = 0o700
 DAY_SECONDS = 86400.0
+#: errors that mean "no space left" (a full file system, or the user's quota): transient, gone when space returns
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full_error(err: BaseException | None) -> OSError | None:
+    """The no-space ``OSError`` (:data:`DISK_FULL_ERRNOS`) in an exception chain, if any.
+
+    MONAI and ignite wrap errors raised by transforms and handlers, so the chain (``__cause__``, then
+    ``__context__``) is followed to its end.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def owner_only_folder(path: Path) -> None:

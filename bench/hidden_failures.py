@@ -1,5 +1,7 @@
 """Hidden-failures benchmark, part 1: the positive-control search (issue 29, item 1), reference variants only.
 
+(``--part compare`` runs part 2, the comparison on the chosen setting: ``bench/hidden_failures_compare.py``.)
+
 Can an oracle that knows the hidden minority beat the same network trained with ERM? Only where it can does a tie
 between FairDRO and ERM mean "no effect". This script searches for a setting where both oracle gaps pass:
 

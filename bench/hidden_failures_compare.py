@@ -13,7 +13,8 @@ intervals must contain 0. (The search's own placebo is at the base recipe.)
 **JTT's settings** (T, tau, lambda_up; :data:`JTT_GRID`, 6 points) are chosen on *validation* worst-group (stage)
 Dice, the best epoch's (the checkpoint rule), seed 0: never on the testing split, never on ``subtype``.
 
-**The comparison**: on the backbone ``erm``, ``erm_cvar``, ``groupdro``, ``oracle``; on the dMoE network ``dmoe``,
+Run order: JTT's grid, the comparison, the placebo. **The comparison**: on the backbone ``erm``, ``erm_cvar``,
+``groupdro``, ``oracle``; on the dMoE network ``dmoe``,
 ``fairdro``, ``jtt`` (the chosen point), ``oracle_dmoe``; 5 seeds each. ``dmoe`` and ``fairdro`` run with
 ``dro#diagnose: true`` (the intra-group CVaR diagnostic at every bank refresh; it trains bit-identically), so their
 runs are not the search's (other keys); the other reference variants' seeds 0 and 1 are copied from the search.
@@ -183,14 +184,16 @@ class Comparison:
         return hft.choose_jtt(points), points
 
     def stages(self) -> list[tuple[str, Path, list[runcache.RunSpec], list[Path]]]:
-        """``(stage, folder, specs, copy sources)`` in run order: the placebo, JTT's grid, the comparison."""
-        placebo = placebo_setting(self.setting, self.plan)
-        stages = [("placebo", self.folder / "placebo", list(placebo.specs), [])]
+        """``(stage, folder, specs, copy sources)`` in run order: JTT's grid, the comparison (its answer first), then
+        the placebo at the chosen recipe."""
+        stages = []
         for name, spec in jtt_specs(self.setting, self.plan).items():
             stages.append((f"jtt_grid/{name}", self.folder / "jtt_grid" / name, [spec], []))
         point, _ = self.jtt_choice()
         specs = comparison_specs(self.setting, point, self.plan)
         stages.append(("runs", self.folder / "runs", specs, [self.search_folder]))
+        placebo = placebo_setting(self.setting, self.plan)
+        stages.append(("placebo", self.folder / "placebo", list(placebo.specs), []))
         return stages
 
     # -- running -------------------------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ class Comparison:
         failed, new = [], 0
         for stage, folder, specs, sources in self.stages():
             if stage == "runs":  # JTT's grid has just finished: re-plan with its chosen point
-                specs = self.stages()[-1][2]
+                specs = next(st[2] for st in self.stages() if st[0] == "runs")
             for spec in specs:
                 if max_runs is not None and new >= max_runs:
                     logger.info("stopping after %d new run(s) (--max-runs)", new)

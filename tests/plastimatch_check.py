@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
+from conftest import needs_tool
 from scipy.ndimage import map_coordinates
 
-needs_plastimatch = pytest.mark.skipif(
-    shutil.which("plastimatch") is None, reason="plastimatch not installed (apt-get install plastimatch)"
-)
+needs_plastimatch = needs_tool("plastimatch")
 
 
 def plastimatch_mask(rtstruct: Path, info, out: Path, roi: str = "CTV", *extra: str) -> tuple[np.ndarray, int]:

@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import needs_tool
 from dicom_node import CT_COMPRESSED_TRANSFER_SYNTAXES
 from monai.bundle import ConfigParser, ConfigWorkflow
 from pydicom.uid import CTImageStorage
@@ -45,13 +46,7 @@ ENCODINGS = {
     "jpeg2000_lossy": (["gdcmconv", "--j2k", "--lossy", "-q", "80"], "1.2.840.10008.1.2.4.91", "s16", None),
     "rle": (["dcmcrle"], "1.2.840.10008.1.2.5", "s16", 0.0),
     "deflated": (["dcmconv", "+td"], "1.2.840.10008.1.2.1.99", "s16", 0.0),
-}
-PACKAGE = {"gdcmconv": "libgdcm-tools"}  # every other encoder is from dcmtk
-
-
-def _needs(tool: str):
-    reason = f"{tool} not installed (apt-get install {PACKAGE.get(tool, 'dcmtk')}; .ci/run installs it)"
-    return pytest.mark.skipif(shutil.which(tool) is None, reason=reason)
+}  # the encoders' Debian packages: tools/system-packages.txt (needs_tool)
 
 
 def _ct_files(folder: Path) -> list[Path]:
@@ -93,7 +88,7 @@ def series(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_needs(ENCODINGS[n][0][0])) for n in ENCODINGS], ids=list(ENCODINGS)
+    "name", [pytest.param(n, marks=needs_tool(ENCODINGS[n][0][0])) for n in ENCODINGS], ids=list(ENCODINGS)
 )
 def test_compressed_series_reads_like_uncompressed(series, name, tmp_path):
     command, syntax, source, tol = ENCODINGS[name]
@@ -114,7 +109,7 @@ def test_compressed_series_reads_like_uncompressed(series, name, tmp_path):
         assert error.max() <= tol, error.max()
 
 
-@_needs("dcmcjpeg")
+@needs_tool("dcmcjpeg")
 def test_jpeg_extended_12bit_is_refused_clearly(series, tmp_path):
     """No Apache-compatible decoder reads 12-bit JPEG Extended (.51): readers and the node must say so."""
     out = _encode(series.sources["u12"], tmp_path / "jpeg_extended", ["dcmcjpeg", "+ee"])
@@ -141,7 +136,7 @@ def _infer(series_dir: Path, out: Path, subgroup: str, **overrides) -> np.ndarra
 
 
 @pytest.mark.slow
-@_needs("dcmcjpeg")
+@needs_tool("dcmcjpeg")
 def test_inference_on_jpeg_lossless_series_equals_uncompressed(series, tmp_path):
     compressed = _encode(series.sources["s16"], tmp_path / "jpeg70", ["dcmcjpeg", "+e1"])
     plain = _infer(series.sources["s16"], tmp_path / "out_plain", "T2")
@@ -154,7 +149,7 @@ def test_node_offers_every_decodable_syntax_for_ct():
 
 
 @pytest.mark.slow
-@_needs("dcmcjpeg")
+@needs_tool("dcmcjpeg")
 def test_node_stores_jpeg_lossless_as_received_and_answers(series, tmp_path):
     compressed = _encode(series.sources["s16"], tmp_path / "jpeg70", ["dcmcjpeg", "+e1"])
     datasets = [pydicom.dcmread(p) for p in sorted(compressed.iterdir())]
@@ -286,7 +281,7 @@ def test_inference_on_vendor_export_folder_as_exported_equals_plain(ge_reference
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_needs(ENCODINGS[n][0][0])) for n in ENCODINGS], ids=list(ENCODINGS)
+    "name", [pytest.param(n, marks=needs_tool(ENCODINGS[n][0][0])) for n in ENCODINGS], ids=list(ENCODINGS)
 )
 def test_inference_on_compressed_ge_series_equals_plain(ge_reference, name, tmp_path):
     """The real GE series encoded at test time in each syntax: lossless masks equal, lossy ones Dice >= 0.99."""

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import needs_tool
 from monai.data import DataLoader, Dataset, decollate_batch
 from monai.transforms import Compose, EnsureTyped, Invertd, Orientationd, Spacingd
 from scripts.dicom_seg import SegError, read_seg, write_seg
@@ -66,7 +67,7 @@ def test_seg_of_another_series_is_refused(cases, tmp_path):
         write_seg(mask[:-1], info, tmp_path / "bad.dcm")
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install dicom3tools)")
+@needs_tool("dciodvfy")
 def test_dciodvfy_reports_no_errors(cases, tmp_path):
     info, mask = cases["oblique"]
     path = write_seg(mask, info, tmp_path / "seg.dcm")

@@ -8,18 +8,17 @@ The kernels are built on first use (about 20 s). Where a C++ compiler exists the
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
+from conftest import needs_tool
 from dmoe_check import assert_equal_to_scale, assert_runs_equal, run_layer, sum_in_forked_child
 from scripts import dmoe_native
 from scripts.dmoe import DMoE, _lane_mask, lane_draws
 from scripts.dmoe_native import native_experts, native_route
 
 G = 4
-HAS_COMPILER = any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
-pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the native dMoE kernels cannot be built")
+pytestmark = needs_tool("c++")  # torch builds the kernels with c++ (or $CXX)
 
 
 @pytest.fixture(autouse=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tool_skip_reason
 from dmoe_check import assert_equal_to_scale, assert_runs_equal, run_layer
 from scripts import dmoe_native
 from scripts.dmoe import DMoE
@@ -23,7 +23,6 @@ REFERENCE_SHAPE = (1, 1, 40, 36, 20)
 REFERENCE_SEED = 0
 REFERENCE_SUBGROUP = 2
 G = 4
-HAS_COMPILER = any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
 
 
 def shipped_3d_network() -> DMoEResUNet:
@@ -152,8 +151,9 @@ def make_layer(c: int, native: bool, dispatch: str) -> DMoE:
 @pytest.fixture
 def native_required(monkeypatch):
     """The native kernels built (``FAIRDRO_DMOE_NATIVE=1``: a failed build fails the test), two torch threads."""
-    if not HAS_COMPILER:
-        pytest.skip("no C++ compiler: the native dMoE kernels cannot be built")
+    reason = tool_skip_reason("c++")  # torch builds the kernels with c++ (or $CXX)
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setenv(dmoe_native.ENV_VAR, "1")
     assert dmoe_native.available()
     n = torch.get_num_threads()

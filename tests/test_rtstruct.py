@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 import subprocess
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import needs_tool
 from plastimatch_check import needs_plastimatch, plastimatch_mask
 from scipy.ndimage import binary_fill_holes
 from scripts.dicom_series import read_series_info
@@ -329,7 +329,7 @@ def test_we_read_plastimatch_written_rtstructs(written, tmp_path, variant):
     assert score >= 0.97
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (apt-get install dicom3tools)")
+@needs_tool("dciodvfy")
 def test_dciodvfy_reports_no_errors(written):
     _, _, path = written[("oblique", "0.9x0.9x2.5mm")]
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)

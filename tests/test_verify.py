@@ -1,8 +1,11 @@
-"""`make verify` (tools/verify_bundle.py): passes on the shipped bundle, fails loudly on a broken copy."""
+"""`make verify` (tools/verify_bundle.py): passes on the shipped bundle with no network, fails loudly on a broken
+copy."""
 
 import io
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from scripts.safe_io import read_large_files, sha256_file
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(REPO / "tools"))
+from bundle_schema import SCHEMA_ENV, SHIPPED_SCHEMA  # noqa: E402
 from verify_bundle import (  # noqa: E402
     CHECKS,
     CHECKS_2D,
@@ -21,10 +25,50 @@ from verify_bundle import (  # noqa: E402
     _checks,
     _stacks,
     check_changelog_2d,
+    check_metadata,
+    check_metadata_2d,
     verify_bundle,
 )
 
 CHECK_NAMES_2D = ("verify_metadata 2d", "changelog 2d", "verify_net_in_out 2d", "ckpt_export 2d")
+BLOCKED = "network blocked by tests/test_verify.py"
+#: a sitecustomize that blocks every internet socket of a Python started with it on PYTHONPATH (local sockets work)
+OFFLINE_SITE = f"""import socket
+
+def _blocked(*args, **kwargs):
+    raise OSError({BLOCKED!r})
+
+_connect = socket.socket.connect
+
+def _connect_local(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _blocked()
+    return _connect(self, address)
+
+socket.getaddrinfo = _blocked
+socket.socket.connect = _connect_local
+"""
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network here, nor in any Python started from here; BUNDLE_META_SCHEMA unset. Returns the environment."""
+    site = tmp_path / "offline_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(OFFLINE_SITE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv(SCHEMA_ENV, raising=False)
+    connect = socket.socket.connect
+
+    def blocked(*args, **kwargs):
+        raise OSError(BLOCKED)
+
+    def connect_local(sock, address):
+        return blocked() if sock.family in (socket.AF_INET, socket.AF_INET6) else connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", blocked)  # this process too
+    monkeypatch.setattr(socket.socket, "connect", connect_local)
+    return dict(os.environ)
 
 
 def _copy_bundle(tmp_path: Path) -> Path:
@@ -40,10 +84,12 @@ def _verify(bundle_dir: Path, schema: Path) -> tuple[bool, str]:
 
 
 @pytest.mark.slow
-def test_verify_passes_on_the_repo_bundle(meta_schema):
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "verify_bundle.py"), "--bundle-dir", str(BUNDLE),
-                          "--schema", str(meta_schema)], capture_output=True, text=True, check=False)  # fmt: skip
+def test_verify_passes_on_the_repo_bundle_with_no_network(offline):
+    """`make verify`'s command, with every internet socket blocked: the shipped schema, nothing downloaded."""
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "verify_bundle.py"), "--bundle-dir", str(BUNDLE)],
+                         capture_output=True, text=True, check=False, env=offline)  # fmt: skip
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert f"PASS verify_metadata: valid against {SHIPPED_SCHEMA}" in res.stdout
     for check in ("files", "verify_metadata", "changelog", "hashes", "verify_net_in_out", "ckpt_export"):
         assert f"PASS {check}:" in res.stdout, check
     assert "PASS workflow train:" in res.stdout and "PASS workflow inference+inference_dicom:" in res.stdout
@@ -54,6 +100,31 @@ def test_verify_passes_on_the_repo_bundle(meta_schema):
         if (BUNDLE / "configs" / "profiles" / profile).is_file():
             assert f"PASS workflow {name}:" in res.stdout, name
     assert "FAIL" not in res.stdout and "ALL CHECKS PASSED" in res.stdout
+
+
+def test_the_metadata_checks_need_no_network(offline, tmp_path):
+    # the block works: where the schema file is absent, MONAI's verify_metadata tries to download it, and fails
+    absent = tmp_path / "absent" / "schema.json"
+    res = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                          str(BUNDLE / "configs" / "metadata.json"), "--filepath", str(absent)],
+                         capture_output=True, text=True, check=False, env=offline)  # fmt: skip
+    assert res.returncode != 0 and BLOCKED in res.stdout + res.stderr, res.stderr[-2000:]
+    assert check_metadata(BUNDLE) == f"valid against {SHIPPED_SCHEMA}"
+    assert check_metadata_2d(BUNDLE) == f"valid against {SHIPPED_SCHEMA}"
+
+
+def test_bundle_meta_schema_overrides_the_shipped_schema(offline, tmp_path, monkeypatch):
+    stricter = json.loads(SHIPPED_SCHEMA.read_text())
+    stricter["required"].append("no_such_key")  # no metadata has it: only this schema fails ours
+    path = tmp_path / "stricter.json"
+    path.write_text(json.dumps(stricter))
+    monkeypatch.setenv(SCHEMA_ENV, str(path))
+    with pytest.raises(CheckFailed, match="verify_metadata` exited with 1"):
+        check_metadata(BUNDLE)
+    assert check_metadata(BUNDLE, schema=str(SHIPPED_SCHEMA)) == f"valid against {SHIPPED_SCHEMA}"  # --schema wins
+    monkeypatch.setenv(SCHEMA_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(CheckFailed, match=rf"\${SCHEMA_ENV}=.*missing.json cannot be read"):
+        check_metadata(BUNDLE)
 
 
 def test_verify_fails_on_a_tampered_weight_file(tmp_path, meta_schema):
@@ -104,7 +175,6 @@ def test_large_files_yml_lists_the_shipped_weights_with_their_hashes():
 def test_monai_download_large_files_reads_the_yml(tmp_path):
     """MONAI's own loader parses large_files.yml; the files are already there with the right hash, so the command
     succeeds offline (download_url skips an existing file whose hash matches)."""
-    pytest.importorskip("yaml", reason="MONAI reads .yml with PyYAML, which is not installed in this environment")
     from monai.bundle import ConfigParser
 
     yml = BUNDLE / "large_files.yml"

@@ -5,8 +5,9 @@ usage errors):
 
 1. ``files``: the required files (``LICENSE``, ``configs/metadata.json``, ``models/model.pt``) and the preferred
    ones (``configs/inference.json``, ``docs/README.md``, ``docs/data_license.txt``) exist.
-2. ``verify_metadata``: ``python -m monai.bundle verify_metadata`` against ``--schema`` (offline) or, without
-   it, the schema downloaded from the metadata's ``schema`` URL.
+2. ``verify_metadata``: ``python -m monai.bundle verify_metadata`` against ``--schema``, else the file named by
+   ``$BUNDLE_META_SCHEMA``, else the schema shipped in ``tools/schemas/`` (``tools/bundle_schema.py``); nothing is
+   downloaded, so ``make verify`` needs no network.
 3. ``changelog``: the metadata ``version`` is a key of its ``changelog``.
 4. ``hashes``: ``models/model.pt`` and ``models/model.ts`` (when present) have entries in ``large_files.yml``,
    and every entry's file exists with the recorded hash (the message names the file and both hashes).
@@ -31,7 +32,7 @@ temporary file.
 A repository tool (``make verify``), as model-zoo keeps its checks in ``ci/``; it imports the checked bundle's own
 ``scripts`` package from ``--bundle-dir``. Command line::
 
-    python tools/verify_bundle.py --bundle-dir bundle [--schema PATH_TO/meta_schema_20240725.json]
+    python tools/verify_bundle.py --bundle-dir bundle [--schema PATH_TO/meta_schema.json]
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+
+from bundle_schema import meta_schema_path
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "models/model.pt")
@@ -94,13 +97,17 @@ def _config_list(files: list[str]) -> str:
 
 
 def check_metadata(bundle_dir: Path, schema: str | None = None, meta_name: str = "metadata.json", **_) -> str:
+    """``verify_metadata`` against ``schema``, else ``meta_schema_path()``; an existing file, so MONAI never
+    downloads one."""
+    try:
+        path = Path(schema) if schema else meta_schema_path()
+    except (OSError, ValueError) as e:
+        raise CheckFailed(str(e)) from e
+    if not path.is_file():
+        raise CheckFailed(f"the schema {path} does not exist (MONAI would try to download it there)")
     meta = str(bundle_dir / "configs" / meta_name)
-    if schema:
-        _monai_cmd(bundle_dir, "verify_metadata", "--meta_file", meta, "--filepath", str(Path(schema).resolve()))
-        return f"valid against {schema} (offline)"
-    with tempfile.TemporaryDirectory() as tmp:  # no local copy: MONAI downloads the metadata's schema URL
-        _monai_cmd(bundle_dir, "verify_metadata", "--meta_file", meta, "--filepath", str(Path(tmp) / "schema.json"))
-    return "valid against the schema downloaded from the metadata's `schema` URL"
+    _monai_cmd(bundle_dir, "verify_metadata", "--meta_file", meta, "--filepath", str(path.resolve()))
+    return f"valid against {path}"
 
 
 def check_changelog(bundle_dir: Path, meta_name: str = "metadata.json", **_) -> str:
@@ -382,7 +389,9 @@ def verify_bundle(bundle_dir: str | Path, schema: str | None = None, out=None) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle-dir", default=str(REPO / "bundle"), help="the bundle folder")
-    parser.add_argument("--schema", default=None, help="local meta_schema_*.json (default: download it)")
+    parser.add_argument(
+        "--schema", default=None, help="a meta_schema_*.json (default: $BUNDLE_META_SCHEMA, else tools/schemas/)"
+    )
     args = parser.parse_args(argv)
     if not Path(args.bundle_dir).is_dir():
         parser.error(f"--bundle-dir {args.bundle_dir} is not a folder")

@@ -37,6 +37,7 @@ help:
 	@echo "make lint   - ruff check + format check"
 	@echo "make check-data DATALIST=path/to/datalist.json - report every problem in a cohort"
 	@echo "make benchmark-fairness - the fairness ablation, 46 cached runs (about 6 h on 2 CPUs); BENCH=smoke: 2 min"
+	@echo "    DATALIST=your/datalist.json SUBGROUP_KEY=stage [FOLDS=5 PATIENT_KEY=... PROFILE=2d ...] - on your own data"
 	@echo "make benchmark-hidden-failures - positive-control search for the DRO benchmark: 56 cached 2D runs (about 4 h on 2 CPUs); BENCH=smoke: 1 min"
 	@echo "    HIDDEN_ARGS='--part compare' - then the comparison on the chosen setting: 48 cached runs, report.md (about 2 h)"
 	@echo "make recipe-sweep - FairDRO's apply and min_ess chosen on the validation split (5 cached runs, about 45 min)"
@@ -154,8 +155,21 @@ recipe-sweep: setup
 
 # BENCH=full: the ablation plan into bench/results/ablation (runs cached); BENCH=smoke: 3 tiny runs in .bench_work
 BENCH ?= full
+# with DATALIST: the same benchmark on your own datalist (bench/benchmark_datalist.py, bundle/docs/your_data.md):
+# SUBGROUP_KEY (required), VARIANTS, SEEDS, FOLDS (k-fold cross-validation), PATIENT_KEY, PROFILE (2d, fairseg,
+# ham10000, gpu), EPOCHS, OUT (runs, cache, report), EXPORT (the winner as a bundle), DATALIST_ARGS (other options)
+VARIANTS ?= erm,dmoe,fairdro
+SEEDS ?= 3
+OUT ?= runs/benchmark-$(basename $(notdir $(DATALIST)))
 benchmark-fairness: setup
+ifdef DATALIST
+	@test -n "$(SUBGROUP_KEY)" || { echo "usage: make benchmark-fairness DATALIST=path/to/datalist.json SUBGROUP_KEY=stage [FOLDS=5 ...]"; exit 2; }
+	$(PY) bench/benchmark_datalist.py --datalist $(DATALIST) --subgroup-key $(SUBGROUP_KEY) --variants $(VARIANTS) \
+		--seeds $(SEEDS) --out $(OUT) $(if $(FOLDS),--folds $(FOLDS)) $(if $(PATIENT_KEY),--patient-key $(PATIENT_KEY)) \
+		$(if $(PROFILE),--profile $(PROFILE)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(EXPORT),--export $(EXPORT)) $(DATALIST_ARGS)
+else
 	$(PY) bench/fairness_ablation.py --bench $(BENCH) $(ABLATION_ARGS)
+endif
 
 # issue 29: can a benchmark see a loss effect? Part 1 (default): the oracle gaps on 2D settings; part 2
 # (HIDDEN_ARGS='--part compare'): 8 variants x 5 seeds on the chosen setting, report.md (runs cached in

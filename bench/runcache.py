@@ -13,6 +13,14 @@ when evaluating). A cohort without that key is the 3D cohort, and its runs' file
 2D path. Overrides may name nested keys (``optimizer#weight_decay``); an override of a key that training lacks is
 applied to the evaluation only.
 
+A cohort with a ``"datalist"`` key is a user's cohort (``bench/benchmark_datalist.py``): ``datalist`` names the user's
+datalist file and ``data_dir`` the folder holding the ``datalist.json`` the run trains and is evaluated on (one fold of
+a cross-validation, written there before the run). Its key leaves those two paths out and holds instead
+:func:`datalist_fingerprint`: the sha256 of the user's datalist and the size and modification time of every file it
+lists, so a changed cohort reruns and an unchanged one does not. Its runs are named ``<variant>_<fold>_s<seed>`` and
+stack the cohort's ``profiles`` (e.g. ``profiles/fairseg.json``, ``profiles/gpu.json``) last. A cohort without
+``"datalist"`` is keyed as before.
+
 So a change that leaves results equal (a faster kernel, a moved file, a reworded help text) keeps every finished
 run, and a change to one variant's overlay reruns only that variant's runs. A run also records the key of its
 training alone (train + variant + the overrides of training keys): when only the evaluation changed (``evaluate.json``)
@@ -55,6 +63,10 @@ _SMALL_FILES = ("per_case.csv", "metrics.json")
 #: the spatial dimensions a cohort may name (``cohort["spatial_dims"]``; 3 when it names none)
 SPATIAL_DIMS = (2, 3)
 PROFILE_2D = ("profiles/2d.json", "profiles/2d_evaluate.json")
+#: the cohort key naming a user's datalist (a cohort without it is a synthetic one)
+DATALIST_KEY = "datalist"
+#: the cohort keys of a user's cohort that are paths on this machine, left out of its key
+_DATALIST_PATH_KEYS = (DATALIST_KEY, "dataset_dir", "data_dir")
 
 
 def spatial_dims(cohort: dict[str, Any]) -> int:
@@ -77,6 +89,8 @@ class RunSpec:
     @property
     def name(self) -> str:
         c = self.cohort
+        if DATALIST_KEY in c:
+            return f"{self.variant}_{c['fold']}_s{self.seed}"
         return f"{self.variant}_{c.get('minority', 'none')}_l{c.get('difficulty', 'd')}_s{self.seed}"
 
     def config_files(self, evaluation: bool = False) -> list[str]:
@@ -84,6 +98,7 @@ class RunSpec:
         files = ["train.json", f"variants/{self.variant}.json"] + (["evaluate.json"] if evaluation else [])
         if spatial_dims(self.cohort) == 2:
             files += PROFILE_2D[: 2 if evaluation else 1]
+        files += list(self.cohort.get("profiles", ()))
         return [str(CONFIGS / f) for f in files]
 
 
@@ -130,11 +145,49 @@ def _drop_unread_dro_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "dro": {k: v for k, v in dro.items() if k in _PLAIN_DRO_KEYS}}
 
 
+def _listed_files(item: Any) -> list[str]:
+    """The file paths of a datalist item (``image`` and ``label``, each a path or a list of paths)."""
+    if not isinstance(item, dict):
+        return []
+    values = [item.get("image"), item.get("label")]
+    flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+    return [v for v in flat if isinstance(v, str)]
+
+
+def datalist_fingerprint(datalist: str | Path, dataset_dir: str | Path | None = None) -> dict[str, Any]:
+    """The sha256 of a datalist file and a sha256 over the path, size and modification time (ns) of every file it
+    lists (relative paths resolve against ``dataset_dir``, default the datalist's folder; a missing file counts as
+    size -1). Any changed byte of the datalist, or any rewritten image or label, changes it."""
+    path = Path(datalist)
+    raw = path.read_bytes()
+    base = Path(dataset_dir) if dataset_dir is not None else path.parent
+    data = json.loads(raw)
+    lines = set()
+    for items in (v for v in (data.values() if isinstance(data, dict) else []) if isinstance(v, list)):
+        for file in (f for item in items for f in _listed_files(item)):
+            resolved = Path(file) if os.path.isabs(file) else base / file
+            try:
+                st = resolved.stat()
+                lines.add(f"{resolved}\t{st.st_size}\t{st.st_mtime_ns}")
+            except OSError:
+                lines.add(f"{resolved}\t-1\t-1")
+    files = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "files": files, "n_files": len(lines)}
+
+
+def _key_cohort(cohort: dict[str, Any]) -> dict[str, Any]:
+    """The cohort as its runs' keys hold it: a user's cohort without its paths, with its datalist's fingerprint."""
+    if DATALIST_KEY not in cohort:
+        return cohort
+    kept = {k: v for k, v in cohort.items() if k not in _DATALIST_PATH_KEYS}
+    return {**kept, "data": datalist_fingerprint(cohort[DATALIST_KEY], cohort.get("dataset_dir"))}
+
+
 def run_key(spec: RunSpec, evaluation: bool = True) -> str:
     """Cache key of a run (see the module notes); ``evaluation=False``: the key of its training alone (the weights
     stay valid while it holds, so a change to the evaluation only re-evaluates)."""
     config = _drop_unread_dro_settings(resolved_config(spec, evaluation))
-    blob = {"bench_version": BENCH_VERSION, "config": config, "cohort": spec.cohort, "seed": spec.seed}
+    blob = {"bench_version": BENCH_VERSION, "config": config, "cohort": _key_cohort(spec.cohort), "seed": spec.seed}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -176,7 +229,14 @@ def git_commit() -> str:
 def ensure_cohort(cohort: dict[str, Any], data_root: Path) -> Path:
     """Generate the cohort once (deterministic by its arguments) under ``data_root``; returns its folder.
 
-    ``spatial_dims`` 2: ``synthetic_2d.generate_cohort`` with the other arguments; else ``synthetic``'s."""
+    ``spatial_dims`` 2: ``synthetic_2d.generate_cohort`` with the other arguments; else ``synthetic``'s. A user's
+    cohort (``"datalist"``) is not generated: its folder is ``cohort["data_dir"]``, where its caller wrote the run's
+    ``datalist.json``."""
+    if DATALIST_KEY in cohort:
+        folder = Path(cohort["data_dir"])
+        if not (folder / "datalist.json").is_file():
+            raise FileNotFoundError(f"{folder / 'datalist.json'} does not exist: write the run's datalist first.")
+        return folder
     sys.path.insert(0, str(BUNDLE))
     from scripts import synthetic, synthetic_2d
 

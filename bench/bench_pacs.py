@@ -15,6 +15,10 @@ The latency includes the node's ``quiet_seconds`` (the series-complete timer) an
 queued before it, which is printed with the table. Run: ``make bench-pacs`` (or ``python bench/bench_pacs.py
 --series 10 --quiet 2``). JSON: ``load`` is the warm run (the node's default), ``load_cold`` the cold one. Exit
 status 1 if any result is missing or mixed, or the workflow was not built N times cold and once warm.
+
+The node's ``limits.max_associations`` and ``max_associations_per_host`` are raised to N where lower (``node_limits``
+in the JSON): the N store jobs are N associations from one host, and over a limit the node refuses an association
+(A-ASSOCIATE-RJ), which Orthanc does not retry.
 """
 
 from __future__ import annotations
@@ -79,6 +83,13 @@ def seconds_stats(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)), "max": float(max(values))}
+
+
+def burst_limits(n: int) -> dict[str, int]:
+    """The node's association limits (total and per host) from ``deploy/dicom_node.json``, raised to ``n`` where
+    lower, so that ``n`` associations from one host at once are all accepted."""
+    defaults = json.loads((REPO / "deploy" / "dicom_node.json").read_text())["limits"]
+    return {key: max(n, int(defaults[key])) for key in ("max_associations", "max_associations_per_host")}
 
 
 def node_timings(node: NodeProcess, uploaded: list) -> list[dict]:
@@ -196,13 +207,15 @@ def main() -> int:
     table = work / "subgroups.json"
     table.write_text(json.dumps({it["id"]: it["stage"] for it in items}))
     node_port = free_port()
-    node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, args.quiet))
+    limits = burst_limits(n)
+    node = NodeProcess(work / "node", node_settings(work / "node", node_port, table, args.quiet, limits=limits))
     results: dict = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": f"python bench/bench_pacs.py --series {n} --quiet {args.quiet:g}",
         "quiet_s": args.quiet,
+        "node_limits": limits,
     }
     failed = False
     with Orthanc(work / "orthanc", node_port, concurrent_jobs=n) as pacs:

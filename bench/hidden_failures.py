@@ -304,6 +304,8 @@ def _parser() -> argparse.ArgumentParser:
                         "instead of the rule's choice")  # fmt: skip
     parser.add_argument("--bench", choices=("full", "smoke"), default="full")
     parser.add_argument("--settings", nargs="+", metavar="NAME", help="run only these settings (extra ones too)")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", help="--part compare: run only these variants' runs "
+                        "(JTT's grid only with jtt), so that two processes can share the comparison")  # fmt: skip
     parser.add_argument("--max-runs", type=int, default=None, metavar="N", help="stop after N new runs")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run and the table")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is cached")

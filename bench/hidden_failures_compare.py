@@ -197,14 +197,14 @@ class Comparison:
         return stages
 
     # -- running -------------------------------------------------------------------------------------------------
-    def run(self, max_runs: int | None, commit_repo: Path | None) -> list[str]:
+    def run(self, max_runs: int | None, commit_repo: Path | None, variants: tuple[str, ...] | None = None) -> list[str]:
         """Run every stage in order (JTT's point is chosen once its grid is done), rewriting the report after each
-        new run; returns the failed runs."""
+        new run; ``variants``: only these variants' runs (another process runs the rest); returns the failed runs."""
         failed, new = [], 0
         for stage, folder, specs, sources in self.stages():
             if stage == "runs":  # JTT's grid has just finished: re-plan with its chosen point
                 specs = next(st[2] for st in self.stages() if st[0] == "runs")
-            for spec in specs:
+            for spec in [s for s in specs if variants is None or s.variant in variants]:
                 if max_runs is not None and new >= max_runs:
                     logger.info("stopping after %d new run(s) (--max-runs)", new)
                     return failed
@@ -283,10 +283,16 @@ def main(args, out: Path, work: Path) -> int:
             print(f"hidden_failures --part compare: {exc}")
             return 2
     comparison = Comparison(choice, out, work, plan)
+    variants = tuple(args.variants) if args.variants else None
+    unknown = sorted(set(variants or ()) - set(plan.backbone + plan.dmoe + plan.placebo_variants))
+    if unknown:
+        print(f"hidden_failures --part compare: unknown variant(s) {unknown}; the comparison's: "
+              f"{list(plan.backbone + plan.dmoe)}")  # fmt: skip
+        return 2
     if args.dry_run:
         return comparison.dry_run()
     repo = fa.git_toplevel(out) if args.commit else None
-    failed = [] if args.report_only else comparison.run(args.max_runs, repo)
+    failed = [] if args.report_only else comparison.run(args.max_runs, repo, variants)
     files = comparison.write_report()
     if repo is not None and args.report_only:
         fa.git_commit_paths(files, f"hidden failures: compare {choice.setting.name} report", repo, attempts=10)

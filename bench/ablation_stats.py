@@ -221,17 +221,29 @@ def _draw_differences(
     def worst(x: np.ndarray) -> np.ndarray:  # [n_boot] lowest stage mean of each draw
         return np.min(np.stack([x[:, s].mean(axis=1) for s in slots], axis=1), axis=1)
 
-    m = minority[idx].astype(float)
+    return worst(xa) - worst(xb), drawn_minority_mean(xa - xb, idx, minority)
+
+
+def drawn_minority_mean(x: np.ndarray, idx: np.ndarray, minority: np.ndarray) -> np.ndarray:
+    """[n_boot] mean of ``x`` ([n_boot, n_cases], slot values of the drawn cases ``idx``) over each draw's minority
+    cases (NaN for a draw without one)."""
+    m = np.asarray(minority, dtype=bool)[idx].astype(float)
     n_min = m.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        min_diff = ((xa - xb) * m).sum(axis=1) / np.where(n_min > 0, n_min, np.nan)
-    return worst(xa) - worst(xb), min_diff
+        return (x * m).sum(axis=1) / np.where(n_min > 0, n_min, np.nan)
 
 
 def _seed_weights(rng: np.random.Generator, n_runs: int, n_boot: int) -> np.ndarray:
     """[n_boot, n_runs] weights of a resample of the runs with replacement (counts / n_runs; rows sum to 1)."""
     picks = rng.integers(0, n_runs, size=(n_boot, n_runs))
     return (picks[:, :, None] == np.arange(n_runs)).sum(axis=1) / n_runs  # count of each run in each draw
+
+
+def seed_case_draws(avg: Mapping[str, Any], rng: np.random.Generator, idx: np.ndarray) -> np.ndarray:
+    """[n_boot, n_cases] Dice of one variant (:func:`seed_average`) in each two-level draw: its runs resampled with
+    replacement (``rng``) and averaged case by case, then the drawn cases ``idx`` ([n_boot, n_cases])."""
+    runs = np.asarray(avg["per_run"], dtype=float)
+    return np.take_along_axis(_seed_weights(rng, runs.shape[0], idx.shape[0]) @ runs, idx, axis=1)
 
 
 def seed_case_bootstrap(
@@ -248,12 +260,10 @@ def seed_case_bootstrap(
         ``{"worst_group_dice": {"ci"}, "minority_dice": {"ci"}, "bootstrap": settings}``.
     """
     _check_pairing(a, b)
-    ra, rb = np.asarray(a["per_run"], dtype=float), np.asarray(b["per_run"], dtype=float)
     rng = np.random.default_rng([seed, 1])
-    wa, wb = _seed_weights(rng, ra.shape[0], n_boot), _seed_weights(rng, rb.shape[0], n_boot)
     idx = stratified_indices(list(a["group"]), n_boot, seed)
-    xa = np.take_along_axis(wa @ ra, idx, axis=1)
-    xb = np.take_along_axis(wb @ rb, idx, axis=1)
+    xa = seed_case_draws(a, rng, idx)
+    xb = seed_case_draws(b, rng, idx)
     worst_diff, min_diff = _draw_differences(xa, xb, idx, list(a["group"]), np.asarray(a["minority"], dtype=bool))
     return {
         "worst_group_dice": {"ci": _interval(worst_diff, confidence)},

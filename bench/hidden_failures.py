@@ -342,10 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     table_settings = default + [s for s in settings if s.name not in {d.name for d in default}]
     failed = []
     if not args.report_only:
-        if not args.no_nice:
-            os.nice(10)
-        if args.threads is not None:
-            os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the runs' processes inherit it (run.json records it)
+        _prepare_runs(args)
         failed = search(settings, table_settings, out, work, args)
     files = write_table(table_settings, out, args.bench)
     if args.commit and args.report_only:
@@ -362,11 +359,18 @@ def _compare(args, out: Path, work: Path) -> int:
 
     if not args.dry_run:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        if not args.no_nice and not args.report_only:
-            os.nice(10)
-        if args.threads is not None:
-            os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        if not args.report_only:
+            _prepare_runs(args)
     return hidden_failures_compare.main(args, out, work)
+
+
+def _prepare_runs(args) -> None:
+    """Lower this process's CPU priority (unless ``--no-nice``) and set the runs' ``OMP_NUM_THREADS``
+    (``--threads``): the runs' processes inherit both (run.json records the threads)."""
+    if not args.no_nice:
+        os.nice(10)
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
 
 if __name__ == "__main__":

@@ -108,16 +108,6 @@ def _minority(avg: Mapping[str, Any]) -> float:
     return float(stats.minority_dice(avg["dice"], avg["minority"]))
 
 
-def _draw_minority(avg: Mapping[str, Any], rng: np.random.Generator, idx: np.ndarray, n_boot: int) -> np.ndarray:
-    """[n_boot] minority Dice of each draw: the variant's seeds resampled, then the drawn cases."""
-    per_run = np.asarray(avg["per_run"], dtype=float)
-    weights = stats._seed_weights(rng, per_run.shape[0], n_boot)
-    x = np.take_along_axis(weights @ per_run, idx, axis=1)
-    m = np.asarray(avg["minority"], dtype=bool)[idx]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (x * m).sum(axis=1) / np.where(m.sum(axis=1) > 0, m.sum(axis=1), np.nan)
-
-
 def recovered_share(method_runs, ref_runs, oracle_runs, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
     """The share of the oracle's minority-Dice gain over the reference that the method recovers.
 
@@ -131,7 +121,7 @@ def recovered_share(method_runs, ref_runs, oracle_runs, n_boot: int = N_BOOT, se
         stats._check_pairing(avgs[0], other)
     rng = np.random.default_rng([seed, 2])
     idx = stats.stratified_indices(list(avgs[0]["group"]), n_boot, seed)
-    m, r, o = (_draw_minority(a, rng, idx, n_boot) for a in avgs)
+    m, r, o = (stats.drawn_minority_mean(stats.seed_case_draws(a, rng, idx), idx, a["minority"]) for a in avgs)
     gain_ci = stats._interval(o - r, 0.95)
     applicable = bool(gain_ci) and (gain_ci[0] > 0 or gain_ci[1] < 0)
     est_m, est_r, est_o = (_minority(a) for a in avgs)

@@ -181,6 +181,36 @@ def test_comparison_plan_diagnoses_dmoe_and_fairdro_only_and_jtt_waits_for_its_p
     assert len(placebo.specs) == 8
 
 
+def test_variants_split_the_comparison_between_two_processes(tmp_path, monkeypatch):
+    setting = next(s for s in hf.SETTINGS if s.name == "early_stop")
+    choice = hfc.Choice(setting, "named", "fails", ())
+    asked: list[tuple[str, str]] = []
+
+    def fake_run(spec, folder, *args, **kwargs):
+        asked.append((folder.relative_to(tmp_path / "out" / "compare_early_stop").parts[0], spec.variant))
+        raise RuntimeError("not trained in this test")
+
+    monkeypatch.setattr(hfc.runcache, "run", fake_run)
+    comparison = hfc.Comparison(choice, tmp_path / "out", tmp_path / "work")
+    failed_a = comparison.run(None, None, ("jtt", "oracle", "oracle_dmoe"))
+    a, asked[:] = list(asked), []
+    failed_b = comparison.run(None, None, ("erm", "erm_cvar", "groupdro", "dmoe", "fairdro"))
+    # JTT's 6 grid points and the oracles' 10 runs and 4 placebo runs go to the first; jtt's own 5 runs wait for
+    # its grid; everything else to the second: no run twice, none left out
+    assert a.count(("jtt_grid", "jtt")) == 6 and len(a) == 6 + 10 + 4 and len(failed_a) == 20
+    assert {v for _, v in asked} == {"erm", "erm_cvar", "groupdro", "dmoe", "fairdro"}
+    assert len(asked) == 25 + 4 == len(failed_b)
+    assert sorted(a + asked) == sorted([("jtt_grid", "jtt")] * 6 + [("runs", s.variant) for s in
+                                       hfc.comparison_specs(setting, None)] + [("placebo", v) for v in
+                                       hf.VARIANTS for _ in hf.SEEDS])  # fmt: skip
+
+
+def test_unknown_variant_is_refused(tmp_path, capsys):
+    args = hf._parser().parse_args(["--part", "compare", "--bench", "smoke", "--variants", "dmoe", "fairdr0"])
+    assert hfc.main(args, tmp_path, tmp_path) == 2
+    assert "unknown variant(s) ['fairdr0']" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the run cache's JTT path
 # ---------------------------------------------------------------------------------------------------------------

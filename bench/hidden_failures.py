@@ -1,6 +1,7 @@
 """Hidden-failures benchmark, part 1: the positive-control search (issue 29, item 1), reference variants only.
 
-(``--part compare`` runs part 2, the comparison on the chosen setting: ``bench/hidden_failures_compare.py``.)
+(``--part compare`` runs part 2, the comparison on the chosen setting: ``bench/hidden_failures_compare.py``;
+``--part carry3d`` the 3D carry-back of its design: ``bench/hidden_failures_3d.py``.)
 
 Can an oracle that knows the hidden minority beat the same network trained with ERM? Only where it can does a tie
 between FairDRO and ERM mean "no effect". This script searches for a setting where both oracle gaps pass:
@@ -297,9 +298,10 @@ def search(settings: list[Setting], table_settings: list[Setting], out: Path, wo
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("search", "compare"), default="search", help="search: the positive-"
-                        "control search (part 1); compare: the comparison on the chosen setting "
-                        "(bench/hidden_failures_compare.py)")  # fmt: skip
+    parser.add_argument("--part", choices=("search", "compare", "carry3d"), default="search", help="search: the "
+                        "positive-control search (part 1); compare: the comparison on the chosen setting "
+                        "(bench/hidden_failures_compare.py); carry3d: the 3D carry-back "
+                        "(bench/hidden_failures_3d.py)")  # fmt: skip
     parser.add_argument("--setting", default=None, metavar="NAME", help="--part compare: use this searched setting "
                         "instead of the rule's choice")  # fmt: skip
     parser.add_argument("--bench", choices=("full", "smoke"), default="full")
@@ -331,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     work = args.work.resolve()
     out = (args.out or (work / "smoke_results" if args.bench == "smoke" else RESULTS)).resolve()
-    if args.part == "compare":
-        return _compare(args, out, work)
+    if args.part in PARTS:
+        return _part(args, out, work)
     if args.dry_run:
         return dry_run(settings, out, work / "runs")
     if args.commit and fa.git_toplevel(out) is None:
@@ -353,15 +355,21 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _compare(args, out: Path, work: Path) -> int:
-    """``--part compare``: the comparison on the chosen setting (``bench/hidden_failures_compare.py``)."""
-    import hidden_failures_compare
+#: the parts that live in a module of their own: ``--part`` -> module
+PARTS = {"compare": "hidden_failures_compare", "carry3d": "hidden_failures_3d"}
 
+
+def _part(args, out: Path, work: Path) -> int:
+    """``--part compare``: the comparison on the chosen setting (``bench/hidden_failures_compare.py``); ``--part
+    carry3d``: the 3D carry-back (``bench/hidden_failures_3d.py``)."""
+    import importlib
+
+    module = importlib.import_module(PARTS[args.part])
     if not args.dry_run:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         if not args.report_only:
             _prepare_runs(args)
-    return hidden_failures_compare.main(args, out, work)
+    return module.main(args, out, work)
 
 
 def _prepare_runs(args) -> None:

@@ -253,9 +253,12 @@ def verdict(report: Mapping[str, Any]) -> str:
     """One paragraph: the control, then per label-free method its gain and recovered share, in words."""
     control = report["positive_control"]
     passed = {g: bool(control[g].get("passes")) for g in hfr.GAPS}
+    state = "passes" if all(passed.values()) else "does not pass"
+    if any(control[g].get("estimate") is None for g in hfr.GAPS):
+        state = "is not measured yet (an oracle or its reference has no finished run)"
     words = [f"On {report['setting']['name']} ({report['runs_done']} of {report['runs_planned']} runs), the "
-             f"positive control {'passes' if all(passed.values()) else 'does not pass'}: oracle - erm "
-             f"{_diff_text(control['backbone'])}, oracle_dmoe - dmoe {_diff_text(control['dmoe'])}."]  # fmt: skip
+             f"positive control {state}: oracle - erm {_diff_text(control['backbone'])}, oracle_dmoe - dmoe "
+             f"{_diff_text(control['dmoe'])}."]  # fmt: skip
     for method, entry in report["methods"].items():
         diff = (entry.get("vs_reference") or {}).get("minority_dice")
         if not diff:

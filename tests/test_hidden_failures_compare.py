@@ -104,6 +104,31 @@ def test_choose_jtt_takes_the_best_validation_epoch_and_the_earlier_point_on_tie
     assert hft.choose_jtt(points) is None  # not every point ran yet
 
 
+def test_verdict_words_each_pair_by_its_own_control():
+    share = {"estimate": 0.5, "ci": [0.2, 0.8], "oracle_gain": 0.1, "oracle_gain_ci": [0.02, 0.18], "applicable": True}
+    report = {
+        "setting": {"name": "s"}, "runs_done": 3, "runs_planned": 40,
+        "positive_control": {"backbone": {"estimate": None, "passes": None},
+                             "dmoe": {"estimate": 0.1, "ci": [0.02, 0.18], "passes": True}},
+        "methods": {
+            "erm_cvar": {"reference": "erm", "share": {"oracle_gain": None},
+                         "vs_reference": {"minority_dice": {"estimate": -0.01, "ci": [-0.05, 0.03]}}},
+            "fairdro": {"reference": "dmoe", "share": share,
+                        "vs_reference": {"minority_dice": {"estimate": 0.05, "ci": [0.01, 0.09]}}},
+            "jtt": {"reference": "dmoe", "vs_reference": None, "share": {"oracle_gain": None}},
+        },
+    }  # fmt: skip
+    text = hft.verdict(report)
+    assert "positive control is not measured yet" in text and "oracle_dmoe - dmoe +0.100 [+0.020, +0.180]" in text
+    assert "erm_cvar does not measurably change minority Dice against erm (-0.010 [-0.050, +0.030])" in text
+    assert "share of the oracle's gain: - (underpowered: this pair's positive control fails)" in text
+    fairdro = "fairdro raises minority Dice against dmoe (+0.050 [+0.010, +0.090]); recovered share of the oracle's"
+    assert f"{fairdro} gain: 50% [20%, 80%]." in text
+    assert "jtt" not in text  # no finished run: left out
+    report["positive_control"]["backbone"] = {"estimate": 0.01, "ci": [-0.02, 0.04], "passes": False}
+    assert "the positive control does not pass: oracle - erm +0.010 [-0.020, +0.040]" in hft.verdict(report)
+
+
 def test_diagnostic_summary_by_hand():
     log_a = {
         "curves": {

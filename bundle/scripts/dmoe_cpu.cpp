@@ -98,12 +98,199 @@ struct Mlp {
   }
 };
 
+// Per-thread gradient accumulators of the expert parameters, laid out [w1 | b1 | w2 transposed | b2]: (E, C, H),
+// (E, H), (E, C, H), (E, C).
+template <typename T>
+struct Grads {
+  T *w1, *b1, *w2t, *b2;
+  Grads(T* acc, int64_t E, int64_t C, int64_t H)
+      : w1(acc), b1(acc + E * C * H), w2t(acc + E * (C * H + H)), b2(acc + E * (2 * C * H + H)) {}
+};
+
+// ------------------------------------------------------------------------------------ C = 8, H = 32 in registers
+// The first two stages of the default network. The same operations as Mlp and PairGrad on every element, in the
+// same order (the partial sums of vec_mat_c, the accumulations pair by pair), so the results are bit-identical to the
+// generic code; the hidden layer (4 vectors of 8) and the output (1 vector) stay in registers instead of going
+// through small buffers, and the backward adds each expert's parameter gradients for all its pairs of a block while
+// they are held in registers (the pairs of one expert in the order the generic code adds them).
+
+// false: C = 8, H = 32 takes the per-pair code of Mlp and PairGrad too (set_register_path: the tests compare them)
+std::atomic<bool> register_path{true};
+
+template <typename T>
+struct Hidden8 {
+  Vec<T> pre[4], z[4];
+};
+
+// Mlp::hidden: pre = b1 + ((sum over even channels) + (sum over odd channels)), z = max(pre, 0)
+template <typename T>
+inline Hidden8<T> hidden8(const T* __restrict__ x, const T* __restrict__ w1, const T* __restrict__ b1) {
+  Vec<T> a0[4] = {}, a1[4] = {};
+  for (int64_t i = 0; i < 8; i += 2)
+    for (int64_t v = 0; v < 4; ++v) {
+      a0[v] += x[i] * load_lanes(w1 + i * 32 + v * 8);
+      a1[v] += x[i + 1] * load_lanes(w1 + (i + 1) * 32 + v * 8);
+    }
+  Hidden8<T> r;
+  for (int64_t v = 0; v < 4; ++v) {
+    a0[v] += a1[v];
+    r.pre[v] = load_lanes(b1 + v * 8) + a0[v];
+    r.z[v] = r.pre[v] < splat(T(0)) ? splat(T(0)) : r.pre[v];  // std::max(pre, 0)
+  }
+  return r;
+}
+
+// Mlp::output: b2 + (((s0 + s1) + s2) + s3), s the partial sums over the hidden units h = s mod 4
+template <typename T>
+inline Vec<T> output8(const Vec<T>* z, const T* __restrict__ w2, const T* __restrict__ b2) {
+  alignas(64) T zs[32];
+  for (int64_t v = 0; v < 4; ++v) store_lanes(z[v], zs + v * 8);
+  Vec<T> o[4] = {};
+  for (int64_t i = 0; i < 32; i += 4)
+    for (int64_t s = 0; s < 4; ++s) o[s] += zs[i + s] * load_lanes(w2 + (i + s) * 8);
+  o[0] += o[1];
+  o[0] += o[2];
+  o[0] += o[3];
+  return load_lanes(b2) + o[0];
+}
+
+// the generic forward's pairs of one block (kBlock tokens at most) for C = 8, H = 32: the mixture into yb
+template <typename T>
+void forward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* xb, const T* wp, const int64_t* ep,
+                    const Params<T>& P, bool skip_zero, std::atomic<bool>& valid, T* outs, T* yb) {
+  const int64_t N = d.N, K = d.K;
+  for (int64_t q = 0; q < nb; ++q) {
+    Vec<T> acc = {};
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t p = (b * K + j) * N + n0 + q;
+      const T wt = wp[p];
+      if (skip_zero && wt == T(0)) continue;
+      const int64_t ex = ep[p];
+      if (ex < 0 || ex >= d.E) {
+        valid.store(false, std::memory_order_relaxed);
+        continue;
+      }
+      const Hidden8<T> hd = hidden8(xb + q * 8, P.w1 + ex * 256, P.b1 + ex * 32);
+      const Vec<T> out = output8(hd.z, P.w2 + ex * 256, P.b2 + ex * 8);
+      if (outs != nullptr) store_lanes(out, outs + p * 8);
+      acc += wt * out;
+    }
+    store_lanes(acc, yb + q * 8);
+  }
+}
+
+// per pair of a block, kept between the two passes of backward_block8
+template <typename T>
+struct PairBuf {
+  alignas(64) T z[32];
+  alignas(64) T gz[32];
+  alignas(64) T go[8];
+};
+
+// acc rows (R rows of 32) += a(s)[i] * v(s) for the listed pairs s, in list order, the R rows held in registers
+template <typename T, int64_t R, typename A, typename V>
+inline void add_rows(T* __restrict__ acc, const int64_t* list, int64_t m, const A& a, const V& v) {
+  Vec<T> r[R][4];
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t u = 0; u < 4; ++u) r[i][u] = load_lanes(acc + i * 32 + u * 8);
+  for (int64_t t = 0; t < m; ++t) {
+    const T* av = a(list[t]);
+    const T* vv = v(list[t]);
+    for (int64_t i = 0; i < R; ++i) {
+      const T ai = av[i];
+      for (int64_t u = 0; u < 4; ++u) r[i][u] += ai * load_lanes(vv + u * 8);
+    }
+  }
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t u = 0; u < 4; ++u) store_lanes(r[i][u], acc + i * 32 + u * 8);
+}
+
+// backward_impl's pairs of one block for C = 8, H = 32. Pass 1, pair by pair: the hidden layer again, the gate
+// gradient, the hidden gradient and the token gradient (into gxb, which holds the residual gradient); pass 2, expert by
+// expert: the parameter gradients of its pairs in pair order (q, then j), as PairGrad adds them
+template <typename T>
+void backward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* xb, const T* gb, const T* wp,
+                     const int64_t* ep, const Params<T>& P, bool skip_zero, const T* outs, Grads<T>& g, T* gxb,
+                     T* gwp, PairBuf<T>* pb, int64_t* lists, int64_t* counts) {
+  const int64_t N = d.N, K = d.K, E = d.E;
+  std::fill(counts, counts + E, int64_t(0));
+  for (int64_t q = 0; q < nb; ++q) {
+    const T* gy = gb + q * 8;
+    Vec<T> gx = load_lanes(gxb + q * 8);
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t p = (b * K + j) * N + n0 + q;
+      const T wt = wp[p];
+      if (skip_zero && wt == T(0)) {
+        gwp[p] = T(0);
+        continue;
+      }
+      const int64_t ex = ep[p], slot = q * K + j;
+      const Hidden8<T> hd = hidden8(xb + q * 8, P.w1 + ex * 256, P.b1 + ex * 32);
+      const T* out = outs + p * 8;
+      T dot = T(0);
+      for (int64_t c = 0; c < 8; ++c) dot += out[c] * gy[c];
+      gwp[p] = dot;
+      const Vec<T> go = wt * load_lanes(gy);
+      alignas(64) T gos[8];
+      store_lanes(go, gos);
+      Vec<T> a0[4] = {}, a1[4] = {};
+      const T* w2t = P.w2t + ex * 256;
+      for (int64_t c = 0; c < 8; c += 2)
+        for (int64_t u = 0; u < 4; ++u) {
+          a0[u] += gos[c] * load_lanes(w2t + c * 32 + u * 8);
+          a1[u] += gos[c + 1] * load_lanes(w2t + (c + 1) * 32 + u * 8);
+        }
+      PairBuf<T>& pr = pb[slot];
+      for (int64_t u = 0; u < 4; ++u) {
+        a0[u] += a1[u];
+        const Vec<T> gz = splat(T(0)) + a0[u];
+        store_lanes(hd.pre[u] > splat(T(0)) ? gz : splat(T(0)), pr.gz + u * 8);
+        store_lanes(hd.z[u], pr.z + u * 8);
+      }
+      store_lanes(go, pr.go);
+      Vec<T> o[4] = {};
+      const T* w1t = P.w1t + ex * 256;
+      for (int64_t h = 0; h < 32; h += 4)
+        for (int64_t s = 0; s < 4; ++s) o[s] += pr.gz[h + s] * load_lanes(w1t + (h + s) * 8);
+      o[0] += o[1];
+      o[0] += o[2];
+      o[0] += o[3];
+      gx += o[0];
+      lists[ex * kBlock * K + counts[ex]++] = slot;
+    }
+    store_lanes(gx, gxb + q * 8);
+  }
+  for (int64_t ex = 0; ex < E; ++ex) {
+    const int64_t m = counts[ex];
+    if (m == 0) continue;
+    const int64_t* list = lists + ex * kBlock * K;
+    Vec<T> b2 = load_lanes(g.b2 + ex * 8);
+    Vec<T> b1[4];
+    for (int64_t u = 0; u < 4; ++u) b1[u] = load_lanes(g.b1 + ex * 32 + u * 8);
+    for (int64_t t = 0; t < m; ++t) {
+      b2 += load_lanes(pb[list[t]].go);
+      for (int64_t u = 0; u < 4; ++u) b1[u] += load_lanes(pb[list[t]].gz + u * 8);
+    }
+    store_lanes(b2, g.b2 + ex * 8);
+    for (int64_t u = 0; u < 4; ++u) store_lanes(b1[u], g.b1 + ex * 32 + u * 8);
+    for (int64_t c = 0; c < 8; c += 2) {
+      add_rows<T, 2>(
+          g.w2t + ex * 256 + c * 32, list, m, [&](int64_t s) { return pb[s].go + c; },
+          [&](int64_t s) { return pb[s].z; });
+      add_rows<T, 2>(
+          g.w1 + ex * 256 + c * 32, list, m, [&](int64_t s) { return xb + (s / K) * 8 + c; },
+          [&](int64_t s) { return pb[s].gz; });
+    }
+  }
+}
+
 // returns false (the output is then garbage) if an expert index lies outside [0, E): checked as the pairs are met,
 // so valid inputs pay one predictable branch per pair instead of extra passes over the indices
 template <typename T, int64_t CT, int64_t HT>
 bool forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Params<T> P, bool skip_zero,
                   Dropout drop, bool serial, T* yp, T* outs) {
   std::atomic<bool> valid{true};
+  const bool registers = register_path.load();
   const Mlp<T, CT, HT> mlp(d);
   const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
   run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t) {
@@ -113,21 +300,25 @@ bool forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
       load_block(hp + b * C * N + n0, C, N, nb, xb);
-      std::fill(yb, yb + nb * C, T(0));
-      for (int64_t q = 0; q < nb; ++q) {
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t p = (b * K + j) * N + n0 + q;
-          const T wt = wp[p];
-          if (skip_zero && wt == T(0)) continue;
-          if (ep[p] < 0 || ep[p] >= d.E) {
-            valid.store(false, std::memory_order_relaxed);
-            continue;
+      if (CT == 8 && HT == 32 && registers) {
+        forward_block8(d, b, n0, nb, xb, wp, ep, P, skip_zero, valid, outs, yb);
+      } else {
+        std::fill(yb, yb + nb * C, T(0));
+        for (int64_t q = 0; q < nb; ++q) {
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t p = (b * K + j) * N + n0 + q;
+            const T wt = wp[p];
+            if (skip_zero && wt == T(0)) continue;
+            if (ep[p] < 0 || ep[p] >= d.E) {
+              valid.store(false, std::memory_order_relaxed);
+              continue;
+            }
+            mlp.hidden(xb + q * C, P, ep[p], pre, z);
+            mlp.output(z, P, ep[p], out);
+            if (outs != nullptr) std::copy(out, out + C, outs + p * C);  // kept for the backward
+            T* __restrict__ acc = yb + q * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += wt * out[c];
           }
-          mlp.hidden(xb + q * C, P, ep[p], pre, z);
-          mlp.output(z, P, ep[p], out);
-          if (outs != nullptr) std::copy(out, out + C, outs + p * C);  // kept for the backward
-          T* __restrict__ acc = yb + q * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += wt * out[c];
         }
       }
       drop.factors((b * N + n0) * C, nb * C, fb);  // from the token-major index of the block's first element
@@ -137,15 +328,6 @@ bool forward_impl(const Dims d, const T* hp, const T* wp, const int64_t* ep, Par
   });
   return valid.load();
 }
-
-// Per-thread gradient accumulators of the expert parameters, laid out [w1 | b1 | w2 transposed | b2]: (E, C, H),
-// (E, H), (E, C, H), (E, C).
-template <typename T>
-struct Grads {
-  T *w1, *b1, *w2t, *b2;
-  Grads(T* acc, int64_t E, int64_t C, int64_t H)
-      : w1(acc), b1(acc + E * C * H), w2t(acc + E * (C * H + H)), b2(acc + E * (2 * C * H + H)) {}
-};
 
 template <typename T, int64_t CT, int64_t HT>
 struct PairGrad {
@@ -177,6 +359,7 @@ template <typename T, int64_t CT, int64_t HT>
 void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const int64_t* ep, Params<T> P,
                    bool skip_zero, Dropout drop, bool serial, const T* outs, T* ghp, T* gwp, T* accp,
                    int64_t stride) {
+  const bool registers = register_path.load();
   const Mlp<T, CT, HT> mlp(d);
   const int64_t C = mlp.C(), H = mlp.H(), N = d.N, K = d.K, nblk = (N + kBlock - 1) / kBlock;
   run_blocks(d.B * nblk, serial, [&](int64_t i0, int64_t i1, int64_t slot) {
@@ -185,17 +368,25 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
     T *xb = buf.data(), *gb = xb + kBlock * C, *gxb = gb + kBlock * C, *fb = gxb + kBlock * C;
     T* rest = fb + kBlock * C;
     const PairGrad<T, CT, HT> pair{mlp, rest, rest + H, rest + 2 * H, rest + 3 * H};
+    const bool fast = CT == 8 && HT == 32 && registers;
+    std::vector<PairBuf<T>> pbuf(fast ? kBlock * K : 0);
+    std::vector<int64_t> lists(fast ? d.E * kBlock * K : 0), counts(fast ? d.E : 0);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0);
       load_block(hp + b * C * N + n0, C, N, nb, xb);
       load_block(gyp + b * C * N + n0, C, N, nb, gb);
       drop.factors((b * N + n0) * C, nb * C, fb);
       for (int64_t k = 0; k < nb * C; ++k) gxb[k] = gb[k], gb[k] *= fb[k];  // residual; mask
-      for (int64_t q = 0; q < nb; ++q) {
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t p = (b * K + j) * N + n0 + q;
-          const bool skip = skip_zero && wp[p] == T(0);
-          gwp[p] = skip ? T(0) : pair(xb + q * C, gb + q * C, wp[p], P, ep[p], outs + p * C, g, gxb + q * C);
+      if (CT == 8 && HT == 32 && registers) {
+        backward_block8(d, b, n0, nb, xb, gb, wp, ep, P, skip_zero, outs, g, gxb, gwp, pbuf.data(), lists.data(),
+                        counts.data());
+      } else {
+        for (int64_t q = 0; q < nb; ++q) {
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t p = (b * K + j) * N + n0 + q;
+            const bool skip = skip_zero && wp[p] == T(0);
+            gwp[p] = skip ? T(0) : pair(xb + q * C, gb + q * C, wp[p], P, ep[p], outs + p * C, g, gxb + q * C);
+          }
         }
       }
       store_block(gxb, C, N, nb, ghp + b * C * N + n0);
@@ -203,8 +394,10 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
   });
 }
 
-// C = 8, H = 32 (the first two stages of the default network, most of the work) get compile-time sizes; every other
-// size the generic loops (with AVX2, GCC 12 compiled the C = 16 specialisation 3-4x slower than the generic loops)
+
+// C = 8, H = 32 (the first two stages of the default network, most of the work) get compile-time sizes and the
+// register code; every other size the generic loops (with AVX2, GCC 12 compiled the C = 16 specialisation 3-4x slower
+// than the generic loops)
 template <typename F>
 void by_size(int64_t C, int64_t H, F&& f) {
   using std::integral_constant;
@@ -290,6 +483,11 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
   return {gh, gw, parts[0].view({E, C, H}), parts[1].view({E, H}), gw2, parts[3].view({E, C})};
 }
 
+// switch the C = 8, H = 32 register code on (default) or off; returns the previous setting
+bool set_register_path(bool enabled) {
+  return register_path.exchange(enabled);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fairdro_dmoe, m) {
@@ -299,6 +497,7 @@ TORCH_LIBRARY(fairdro_dmoe, m) {
   m.def(
       "experts_backward(Tensor gy, Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2,"
       " bool skip_zero, Tensor draws, int threshold, float scale, Tensor outs) -> Tensor[]");
+  m.def("set_register_path(bool enabled) -> bool", &set_register_path);
 }
 
 TORCH_LIBRARY_IMPL(fairdro_dmoe, CPU, m) {

@@ -26,6 +26,12 @@ Usage::
     python bench/bench_dmoe.py --f32      # also f=32 at 128x128x64, the clinical profile's network and patch
     python bench/bench_dmoe.py --threads 1 --cpu-time   # CPU time of one thread: stable on a shared machine
     python bench/bench_dmoe.py --device cuda --amp      # on a GPU, bf16 autocast (the GPU goal: <= 1.2x)
+    python bench/bench_dmoe.py --default-malloc         # glibc's default malloc settings (before scripts.allocator)
+
+Importing the networks (``scripts.dmoe``) sets glibc's malloc thresholds for the process
+(:func:`scripts.allocator.keep_freed_memory`), as in a user's training run, so every network here is timed under
+them; ``--default-malloc`` sets ``FAIRDRO_DEFAULT_MALLOC=1`` before that import to time glibc's defaults instead (the
+rows then carry "glibc default malloc", so the two runs' rows make one table).
 
 Note: 96x96x48 is padded internally to 96x96x64 (the network needs multiples of 32).
 """
@@ -45,8 +51,10 @@ import torch
 from monai.losses import DiceCELoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+if "--default-malloc" in sys.argv[1:]:
+    os.environ["FAIRDRO_DEFAULT_MALLOC"] = "1"  # before scripts.dmoe sets the malloc thresholds on import
 
-from scripts import dmoe_native  # noqa: E402
+from scripts import allocator, dmoe_native  # noqa: E402
 from scripts.dmoe import ExpertBank  # noqa: E402
 from scripts.dmoe_unet import DMoEResUNet  # noqa: E402
 
@@ -183,6 +191,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for every network")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings (FAIRDRO_DEFAULT_MALLOC=1 before the networks are imported)",
+    )
     args = parser.parse_args()
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -227,8 +240,10 @@ def measure(args: argparse.Namespace, f: int, patch: Tuple[int, int, int], clock
     rows = [(name, train[name], infer[name]) for name in names]
     rows.append((ROUND_ROBIN if len(names) > 2 else f"{DEFAULT}, round-robin", rr_train[DEFAULT], rr_infer[DEFAULT]))
     size = "x".join(map(str, patch))
+    tag = ", glibc default malloc" if args.default_malloc else ""
     return [
-        f"| {f} | {size} | {name} | {tr[0]:.3f} | {tr[1]:.2f} ({tr[2]:.2f}) | {ti[0]:.3f} | {ti[1]:.2f} ({ti[2]:.2f}) |"
+        f"| {f} | {size} | {name}{tag} "
+        f"| {tr[0]:.3f} | {tr[1]:.2f} ({tr[2]:.2f}) | {ti[0]:.3f} | {ti[1]:.2f} ({ti[2]:.2f}) |"
         for name, tr, ti in rows
     ]
 
@@ -244,10 +259,11 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = "bf16 autocast" if args.amp else "fp32"
     kernels = "native CPU kernels on" if native else "native CPU kernels off"
+    malloc = "malloc thresholds set (scripts.allocator)" if allocator.keep_freed_memory() else "glibc default malloc"
     print(
-        f"torch {torch.__version__}, {where}, {precision}, {kind}, batch 2, {kernels}; each network in blocks of "
-        f"{args.steps} steps (after 1 untimed), {args.blocks} rounds of blocks; round-robin row: {args.repeats} "
-        f"rounds\n"
+        f"torch {torch.__version__}, {where}, {precision}, {kind}, batch 2, {kernels}, {malloc}; each network in "
+        f"blocks of {args.steps} steps (after 1 untimed), {args.blocks} rounds of blocks; round-robin row: "
+        f"{args.repeats} rounds\n"
     )
     print("| f | patch | network | train step (s) | x backbone | eval fwd (s) | x backbone |")
     print("|---|---|---|---|---|---|---|")

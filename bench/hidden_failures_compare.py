@@ -191,7 +191,8 @@ class Comparison:
             stages.append((f"jtt_grid/{name}", self.folder / "jtt_grid" / name, [spec], []))
         point, _ = self.jtt_choice()
         specs = comparison_specs(self.setting, point, self.plan)
-        stages.append(("runs", self.folder / "runs", specs, [self.search_folder]))
+        sources = [self.search_folder] + ([self.folder / "jtt_grid" / point_name(point)] if point else [])
+        stages.append(("runs", self.folder / "runs", specs, sources))  # jtt's seed 0 is its grid point's run
         placebo = placebo_setting(self.setting, self.plan)
         stages.append(("placebo", self.folder / "placebo", list(placebo.specs), []))
         return stages

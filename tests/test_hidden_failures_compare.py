@@ -230,6 +230,20 @@ def test_variants_split_the_comparison_between_two_processes(tmp_path, monkeypat
                                        hf.VARIANTS for _ in hf.SEEDS])  # fmt: skip
 
 
+def test_jtt_seed_0_is_copied_from_its_grid_point(tmp_path):
+    setting = next(s for s in hf.SETTINGS if s.name == "early_stop")
+    comparison = hfc.Comparison(hfc.Choice(setting, "named", "fails", ()), tmp_path / "out", tmp_path / "work")
+    runs = next(st for st in comparison.stages() if st[0] == "runs")
+    assert runs[3] == [tmp_path / "out" / "early_stop"]  # no JTT point chosen yet: the search's folder only
+    chosen = dict(hfc.JTT_GRID[3])
+    comparison.jtt_choice = lambda: (chosen, [])
+    runs = next(st for st in comparison.stages() if st[0] == "runs")
+    grid = tmp_path / "out" / "compare_early_stop" / "jtt_grid" / "T5_tau0.5_up5"
+    assert runs[3] == [tmp_path / "out" / "early_stop", grid]
+    jtt0 = next(s for s in runs[2] if s.variant == "jtt" and s.seed == 0)
+    assert jtt0 == hfc.jtt_specs(setting)["T5_tau0.5_up5"]  # the same run, so the same cache key
+
+
 def test_unknown_variant_is_refused(tmp_path, capsys):
     args = hf._parser().parse_args(["--part", "compare", "--bench", "smoke", "--variants", "dmoe", "fairdr0"])
     assert hfc.main(args, tmp_path, tmp_path) == 2

@@ -29,6 +29,11 @@ with T = B*N.
 
 Subgroup index convention (shared with the bundle's transforms): ``0 .. G-1`` are the named subgroups, ``G``
 (== ``num_subgroups``) means "unknown", and ``None`` means unknown for every case.
+
+Side effect on import: this module calls :func:`scripts.allocator.keep_freed_memory` once, which sets glibc's malloc
+mmap and trim thresholds for the whole process so that the large tensors of every training step and forward are
+reused instead of being returned to the system and faulted in again (same results; no effect outside glibc, with
+``FAIRDRO_DEFAULT_MALLOC=1``, or when the user tuned malloc through its environment variables).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .allocator import keep_freed_memory
 from .dmoe_kernels import expert_routing, pair_keys, sparse_experts
 from .dmoe_native import lane_threshold, native_experts, native_route, usable_for
 
@@ -56,6 +62,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+keep_freed_memory()  # the process's malloc settings (see the module docstring)
 
 DISPATCH_MODES = ("auto", "dense", "sparse")
 #: on CPU, ``dispatch="auto"`` uses the dense mechanism when its (T, E*4C) hidden tensor is at most this large

@@ -26,6 +26,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using namespace fairdro_dmoe;
@@ -395,6 +399,66 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
 }
 
 
+// the 8 x 8 tile at s (row stride ss) transposed to d (row stride ds) in AVX registers; false (nothing done) where
+// there is no such code: other types, or no AVX
+template <typename T>
+inline bool transpose_tile(const T*, int64_t, T*, int64_t) {
+  return false;
+}
+
+#if defined(__AVX__)
+template <>
+inline bool transpose_tile<float>(const float* s, int64_t ss, float* d, int64_t ds) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ss);
+  for (int i = 0; i < 8; i += 2) {  // t[i]: rows i, i+1 interleaved by pairs of columns, low and high halves
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // u[i + m]: columns m and m + 4 of rows i .. i+3
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_ps(d + m * ds, _mm256_permute2f128_ps(u[m], u[m + 4], 0x20));
+    _mm256_storeu_ps(d + (m + 4) * ds, _mm256_permute2f128_ps(u[m], u[m + 4], 0x31));
+  }
+  return true;
+}
+#endif
+
+// dst[e] = src[e] transposed for each of the n matrices (rows, cols) of src, in tiles of 8 x 8 so that both sides are
+// read and written a cache line at a time (torch's strided copy of the same transpose took several times as long, a
+// fixed cost that dominated the backward of the deep stages, whose few voxels make little other work). Copies only
+template <typename T>
+void transpose_each(const T* __restrict__ src, T* __restrict__ dst, int64_t n, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 8;
+  for (int64_t e = 0; e < n; ++e) {
+    const T* s = src + e * rows * cols;
+    T* d = dst + e * rows * cols;
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+        const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+        if (r1 - r0 == kTile && c1 - c0 == kTile && transpose_tile(s + r0 * cols + c0, cols, d + c0 * rows + r0, rows))
+          continue;
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) d[c * rows + r] = s[r * cols + c];
+      }
+  }
+}
+
+// the (E, rows, cols) tensor t transposed to (E, cols, rows), contiguous
+at::Tensor transposed(const at::Tensor& tensor) {
+  const at::Tensor t = tensor.contiguous();
+  at::Tensor out = at::empty({t.size(0), t.size(2), t.size(1)}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "dmoe_transpose", [&] {
+    transpose_each(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2));
+  });
+  return out;
+}
+
 // C = 8, H = 32 (the first two stages of the default network, most of the work) get compile-time sizes and the
 // register code; every other size the generic loops (with AVX2, GCC 12 compiled the C = 16 specialisation 3-4x slower
 // than the generic loops)
@@ -465,7 +529,7 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
   const int64_t E = d.E, C = d.C, H = d.H, stride = E * (2 * C * H + H + C);
   at::Tensor acc = at::zeros({accumulator_slots(serial(d)), stride}, h.options());
   at::Tensor gh = at::empty_like(h), gw = at::empty_like(w);
-  at::Tensor w1t = w1.transpose(1, 2).contiguous(), w2t = w2.transpose(1, 2).contiguous();
+  at::Tensor w1t = transposed(w1), w2t = transposed(w2);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dmoe_experts_backward", [&] {
     const Params<scalar_t> P = params<scalar_t>(w1, b1, w2, b2, w1t, w2t);
     by_size(C, H, [&](auto ct, auto ht) {
@@ -479,7 +543,7 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
   // one accumulator (a serial call) is the total already: it starts at +0 and is never -0, so summing the single
   // row would give the same bits
   auto parts = (acc.size(0) == 1 ? acc[0] : acc.sum(0)).split_with_sizes({E * C * H, E * H, E * H * C, E * C});
-  at::Tensor gw2 = parts[2].view({E, C, H}).transpose(1, 2).contiguous();
+  at::Tensor gw2 = transposed(parts[2].view({E, C, H}));
   return {gh, gw, parts[0].view({E, C, H}), parts[1].view({E, H}), gw2, parts[3].view({E, C})};
 }
 

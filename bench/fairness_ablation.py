@@ -50,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation_stats as stats  # noqa: E402
@@ -497,6 +497,21 @@ def git_tracked(path: Path, repo: Path) -> bool:
     return bool(files) and not dirty.stdout.strip()
 
 
+def record_run(run_dir: Path, ran: bool, write: Callable[[], list[Path]], message: str, repo: Path | None) -> None:
+    """After a run of a benchmark: rewrite its tables (``write`` returns their files) when the run was trained, or is
+    a copy that ``repo`` does not track yet, and commit the run's folder with them when ``repo`` is given."""
+    if ran or (repo is not None and not git_tracked(run_dir, repo)):
+        files = write()
+        if repo is not None:
+            git_commit_paths([run_dir, *files], message, repo, attempts=10)
+
+
+def _write_tables(tables, out: Path, bench: str, failed: list[str]) -> list[Path]:
+    report = build_report(tables, out, bench)
+    report["failed_runs"] = failed
+    return write_report(report, out)
+
+
 def reusable(bench: str, out: Path) -> list[Path]:
     """Folders of other benchmarks beside ``out`` whose identical runs (same key) are copied instead of trained: the
     cohort calibration (ERM and the oracle, seed 0) and the recipe sweep (FairDRO, seed 0, one folder per setting)."""
@@ -562,12 +577,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(spec.name)
                 continue
             print(f"{spec.name}: {'ran' if ran else 'cached'} ({time.time() - t:.0f} s)", flush=True)
-            if ran or (args.commit and not git_tracked(run_dir, repo)):  # a copy from another benchmark: new here
-                report = build_report(tables, out, args.bench)
-                report["failed_runs"] = failed
-                files = write_report(report, out)
-                if args.commit:
-                    git_commit_paths([run_dir, *files], f"ablation: {spec.name}", repo)
+            record_run(
+                run_dir, ran, lambda: _write_tables(tables, out, args.bench, failed), f"ablation: {spec.name}", repo
+            )  # a copy from another benchmark is new here too
     report = build_report(tables, out, args.bench)
     report["failed_runs"] = failed
     files = write_report(report, out)

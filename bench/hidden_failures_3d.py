@@ -229,11 +229,8 @@ class CarryBack:
                 continue
             run_dir, ran = result
             new += int(ran)
-            if ran or (commit_repo is not None and not fa.git_tracked(run_dir, commit_repo)):
-                files = self.write_report()
-                if commit_repo is not None:
-                    fa.git_commit_paths([run_dir, *files], f"hidden failures: {self.carry.name}/{spec.name}",
-                                        commit_repo, attempts=10)  # fmt: skip
+            fa.record_run(run_dir, ran, self.write_report, f"hidden failures: {self.carry.name}/{spec.name}",
+                          commit_repo)  # fmt: skip
         return failed
 
     def _run_one(self, spec: runcache.RunSpec) -> tuple[Path, bool] | None:

@@ -321,6 +321,18 @@ def paired_comparison(
 # ---------------------------------------------------------------------------------------------------------------
 # verdict
 # ---------------------------------------------------------------------------------------------------------------
+def finite(node: Any) -> Any:
+    """``node`` for strict JSON: every non-finite float replaced by ``None``, mapping keys as strings, tuples as
+    lists (the reports' ``json.dumps(..., allow_nan=False)``)."""
+    if isinstance(node, dict):
+        return {str(k): finite(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [finite(v) for v in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    return node
+
+
 def format_interval(ci: Sequence[float]) -> str:
     """An interval as ``[+0.012, +0.034]`` (the form of every interval in the report)."""
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"

@@ -37,7 +37,6 @@ provisional.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -324,19 +323,9 @@ def _comparisons(report: dict[str, Any], pooled: Mapping[str, Mapping[int, Rows]
             report["comparisons"][other] = compare(ours, list(by_seed.values()), key, groups, settings)
 
 
-def _finite(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _finite(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_finite(v) for v in node]
-    if isinstance(node, float) and not math.isfinite(node):
-        return None
-    return node
-
-
 def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     """``report.md`` and ``report.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json.dumps(stats.finite(report), indent=2, allow_nan=False) + "\n")
     (out / "report.md").write_text(datalist_report_md.render_markdown(report))
     return [out / f for f in REPORT_FILES]

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import subprocess
@@ -432,17 +431,6 @@ def render_markdown(report: dict[str, Any], has_plot: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finite(node: Any) -> Any:
-    """``node`` with every non-finite float replaced by ``None`` (strict JSON)."""
-    if isinstance(node, dict):
-        return {k: _finite(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_finite(v) for v in node]
-    if isinstance(node, float) and not math.isfinite(node):
-        return None
-    return node
-
-
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     """``report.md``, ``report.json`` and ``dose_response.png`` (when there is a point) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +439,7 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     if not has_plot:
         png.unlink(missing_ok=True)
     (out / "report.md").write_text(render_markdown(report, has_plot))
-    (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json.dumps(stats.finite(report), indent=2, allow_nan=False) + "\n")
     return [out / f for f in REPORT_FILES if (out / f).is_file()]
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation_stats as stats  # noqa: E402
-import fairness_ablation as fa  # noqa: E402
 
 logger = logging.getLogger("hidden_failures")
 
@@ -280,7 +279,7 @@ def write_calibration(table: Mapping[str, Any], out: Path) -> list[Path]:
     """``calibration.md`` and ``calibration.json`` in ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.md").write_text(render_markdown(table))
-    text = json.dumps(fa._finite(table), indent=2, allow_nan=False, default=str)
+    text = json.dumps(stats.finite(table), indent=2, allow_nan=False, default=str)
     (out / "calibration.json").write_text(text + "\n")
     logger.info("calibration table: %d of %d runs, %s", table["runs_done"], table["runs_planned"], out)
     return [out / f for f in FILES]

@@ -215,13 +215,6 @@ def winner(summaries: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> 
 # ------------------------------------------------------------------------------------------------ verdict
 
 
-def _ci_text(entry: Mapping[str, Any] | None) -> str:
-    ci = (entry or {}).get("ci")
-    if not ci:
-        return "no interval"
-    return f"{stats.format_interval(ci)}, {'excludes 0' if ci[0] > 0 or ci[1] < 0 else 'includes 0'}"
-
-
 def _standing(est: float, ci: Sequence[float] | None) -> str:
     if ci and ci[0] > 0:
         return "beats"
@@ -253,12 +246,12 @@ def verdict(report: Mapping[str, Any]) -> str:
         f"{lead}, FairDRO {_standing(wg['estimate'], two_level.get('ci'))} the strongest baseline, {strongest}, on "
         f"worst-group Dice over {key}: "
         f"{sums[OURS]['worst_group_dice']:.3f} vs {sums[strongest]['worst_group_dice']:.3f}, difference "
-        f"{wg['estimate']:+.3f} (95% interval over seeds and cases {_ci_text(two_level)}; over cases alone "
-        f"{_ci_text(wg)}), {comp['n_cases']} testing cases, "
+        f"{wg['estimate']:+.3f} (95% interval over seeds and cases {stats.ci_words(two_level)}; over cases alone "
+        f"{stats.ci_words(wg)}), {comp['n_cases']} testing cases, "
         f"{variants[OURS]['seeds_done']} and {variants[strongest]['seeds_done']} seed(s)."
     )
     if comp["minority_dice"]["estimate"] is not None:
-        text += f" Minority Dice: {comp['minority_dice']['estimate']:+.3f} ({_ci_text(comp['minority_dice'])})."
+        text += f" Minority Dice: {comp['minority_dice']['estimate']:+.3f} ({stats.ci_words(comp['minority_dice'])})."
     small = report["groupings"][key]["too_small"]
     if small:
         text += f" Too small to compare (< {report['settings']['min_group_cases']} testing cases): {', '.join(small)}."

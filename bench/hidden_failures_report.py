@@ -92,10 +92,19 @@ def oracle_gap(
     if est_a is None or est_b is None:
         return empty
     ci = stats.seed_case_bootstrap(a, b, n_boot=n_boot, seed=seed)["minority_dice"]["ci"]
-    excludes = bool(ci) and (ci[0] > 0 or ci[1] < 0)
     estimate = est_a - est_b
-    return {**empty, "estimate": estimate, "ci": ci, "excludes_0": excludes,
-            "passes": bool(estimate >= MIN_GAP and excludes)}  # fmt: skip
+    return {
+        **empty,
+        "estimate": estimate,
+        "ci": ci,
+        "excludes_0": stats.excludes_0(ci),
+        "passes": gap_passes(estimate, ci),
+    }
+
+
+def gap_passes(estimate: float, ci: Sequence[float] | None) -> bool:
+    """The positive-control rule: an oracle gap of at least :data:`MIN_GAP` whose interval excludes 0."""
+    return bool(estimate >= MIN_GAP and stats.excludes_0(ci))
 
 
 def placebo_check(row: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -321,22 +321,39 @@ def paired_comparison(
 # ---------------------------------------------------------------------------------------------------------------
 # verdict
 # ---------------------------------------------------------------------------------------------------------------
+def finite(node: Any) -> Any:
+    """``node`` for strict JSON: every non-finite float replaced by ``None``, mapping keys as strings, tuples as
+    lists (the reports' ``json.dumps(..., allow_nan=False)``)."""
+    if isinstance(node, dict):
+        return {str(k): finite(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [finite(v) for v in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    return node
+
+
 def format_interval(ci: Sequence[float]) -> str:
     """An interval as ``[+0.012, +0.034]`` (the form of every interval in the report)."""
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def _ci_words(entry: Mapping[str, Any] | None) -> str:
+def excludes_0(ci: Sequence[float] | None) -> bool:
+    """Whether an interval lies wholly on one side of 0."""
+    return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+
+
+def ci_words(entry: Mapping[str, Any] | None) -> str:
     """``[low, high], excludes 0`` (or ``includes 0``) for an entry's ``ci``; ``no interval`` without one."""
     ci = (entry or {}).get("ci")
     if not ci:
         return "no interval"
-    return f"{format_interval(ci)}, {'excludes 0' if ci[0] > 0 or ci[1] < 0 else 'includes 0'}"
+    return f"{format_interval(ci)}, {'excludes 0' if excludes_0(ci) else 'includes 0'}"
 
 
 def _fmt_ci(entry: Mapping[str, Any]) -> str:
     lead = "95% bootstrap interval " if entry.get("ci") else ""
-    return f"{entry['estimate']:+.3f} ({lead}{_ci_words(entry)})"
+    return f"{entry['estimate']:+.3f} ({lead}{ci_words(entry)})"
 
 
 def _beats(name: str, entry: Mapping[str, Any] | None) -> str:
@@ -400,6 +417,6 @@ def _seed_sentence(seeds: Mapping[str, Any]) -> str:
     """The two-level (seeds, then cases) intervals of :func:`seed_case_bootstrap`, as one sentence."""
     return (
         "Resampling the seeds as well as the cases (two-level bootstrap), the 95% intervals are "
-        f"{_ci_words(seeds.get('worst_group_dice'))} on worst-group Dice and "
-        f"{_ci_words(seeds.get('minority_dice'))} on minority Dice."
+        f"{ci_words(seeds.get('worst_group_dice'))} on worst-group Dice and "
+        f"{ci_words(seeds.get('minority_dice'))} on minority Dice."
     )

@@ -37,7 +37,6 @@ provisional.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -216,13 +215,6 @@ def winner(summaries: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> 
 # ------------------------------------------------------------------------------------------------ verdict
 
 
-def _ci_text(entry: Mapping[str, Any] | None) -> str:
-    ci = (entry or {}).get("ci")
-    if not ci:
-        return "no interval"
-    return f"{stats.format_interval(ci)}, {'excludes 0' if ci[0] > 0 or ci[1] < 0 else 'includes 0'}"
-
-
 def _standing(est: float, ci: Sequence[float] | None) -> str:
     if ci and ci[0] > 0:
         return "beats"
@@ -254,12 +246,12 @@ def verdict(report: Mapping[str, Any]) -> str:
         f"{lead}, FairDRO {_standing(wg['estimate'], two_level.get('ci'))} the strongest baseline, {strongest}, on "
         f"worst-group Dice over {key}: "
         f"{sums[OURS]['worst_group_dice']:.3f} vs {sums[strongest]['worst_group_dice']:.3f}, difference "
-        f"{wg['estimate']:+.3f} (95% interval over seeds and cases {_ci_text(two_level)}; over cases alone "
-        f"{_ci_text(wg)}), {comp['n_cases']} testing cases, "
+        f"{wg['estimate']:+.3f} (95% interval over seeds and cases {stats.ci_words(two_level)}; over cases alone "
+        f"{stats.ci_words(wg)}), {comp['n_cases']} testing cases, "
         f"{variants[OURS]['seeds_done']} and {variants[strongest]['seeds_done']} seed(s)."
     )
     if comp["minority_dice"]["estimate"] is not None:
-        text += f" Minority Dice: {comp['minority_dice']['estimate']:+.3f} ({_ci_text(comp['minority_dice'])})."
+        text += f" Minority Dice: {comp['minority_dice']['estimate']:+.3f} ({stats.ci_words(comp['minority_dice'])})."
     small = report["groupings"][key]["too_small"]
     if small:
         text += f" Too small to compare (< {report['settings']['min_group_cases']} testing cases): {', '.join(small)}."
@@ -324,19 +316,9 @@ def _comparisons(report: dict[str, Any], pooled: Mapping[str, Mapping[int, Rows]
             report["comparisons"][other] = compare(ours, list(by_seed.values()), key, groups, settings)
 
 
-def _finite(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _finite(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_finite(v) for v in node]
-    if isinstance(node, float) and not math.isfinite(node):
-        return None
-    return node
-
-
 def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     """``report.md`` and ``report.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json.dumps(stats.finite(report), indent=2, allow_nan=False) + "\n")
     (out / "report.md").write_text(datalist_report_md.render_markdown(report))
     return [out / f for f in REPORT_FILES]

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import subprocess
@@ -50,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation_stats as stats  # noqa: E402
@@ -432,17 +431,6 @@ def render_markdown(report: dict[str, Any], has_plot: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _finite(node: Any) -> Any:
-    """``node`` with every non-finite float replaced by ``None`` (strict JSON)."""
-    if isinstance(node, dict):
-        return {k: _finite(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_finite(v) for v in node]
-    if isinstance(node, float) and not math.isfinite(node):
-        return None
-    return node
-
-
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     """``report.md``, ``report.json`` and ``dose_response.png`` (when there is a point) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +439,7 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     if not has_plot:
         png.unlink(missing_ok=True)
     (out / "report.md").write_text(render_markdown(report, has_plot))
-    (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json.dumps(stats.finite(report), indent=2, allow_nan=False) + "\n")
     return [out / f for f in REPORT_FILES if (out / f).is_file()]
 
 
@@ -495,6 +483,21 @@ def git_tracked(path: Path, repo: Path) -> bool:
     files = subprocess.run(["git", "ls-files", "--", rel], cwd=repo, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", rel], cwd=repo, capture_output=True, text=True)
     return bool(files) and not dirty.stdout.strip()
+
+
+def record_run(run_dir: Path, ran: bool, write: Callable[[], list[Path]], message: str, repo: Path | None) -> None:
+    """After a run of a benchmark: rewrite its tables (``write`` returns their files) when the run was trained, or is
+    a copy that ``repo`` does not track yet, and commit the run's folder with them when ``repo`` is given."""
+    if ran or (repo is not None and not git_tracked(run_dir, repo)):
+        files = write()
+        if repo is not None:
+            git_commit_paths([run_dir, *files], message, repo, attempts=10)
+
+
+def _write_tables(tables, out: Path, bench: str, failed: list[str]) -> list[Path]:
+    report = build_report(tables, out, bench)
+    report["failed_runs"] = failed
+    return write_report(report, out)
 
 
 def reusable(bench: str, out: Path) -> list[Path]:
@@ -562,12 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(spec.name)
                 continue
             print(f"{spec.name}: {'ran' if ran else 'cached'} ({time.time() - t:.0f} s)", flush=True)
-            if ran or (args.commit and not git_tracked(run_dir, repo)):  # a copy from another benchmark: new here
-                report = build_report(tables, out, args.bench)
-                report["failed_runs"] = failed
-                files = write_report(report, out)
-                if args.commit:
-                    git_commit_paths([run_dir, *files], f"ablation: {spec.name}", repo)
+            record_run(
+                run_dir, ran, lambda: _write_tables(tables, out, args.bench, failed), f"ablation: {spec.name}", repo
+            )  # a copy from another benchmark is new here too
     report = build_report(tables, out, args.bench)
     report["failed_runs"] = failed
     files = write_report(report, out)

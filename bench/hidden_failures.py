@@ -288,11 +288,8 @@ def search(settings: list[Setting], table_settings: list[Setting], out: Path, wo
                 continue
             run_dir, ran = result
             new += int(ran)
-            if ran or (repo is not None and not fa.git_tracked(run_dir, repo)):
-                files = write_table(table_settings, out, args.bench)
-                if repo is not None:
-                    fa.git_commit_paths([run_dir, *files], f"hidden failures: {setting.name}/{spec.name}", repo,
-                                        attempts=10)  # fmt: skip
+            fa.record_run(run_dir, ran, lambda: write_table(table_settings, out, args.bench),
+                          f"hidden failures: {setting.name}/{spec.name}", repo)  # fmt: skip
     return failed
 
 

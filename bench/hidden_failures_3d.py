@@ -229,11 +229,8 @@ class CarryBack:
                 continue
             run_dir, ran = result
             new += int(ran)
-            if ran or (commit_repo is not None and not fa.git_tracked(run_dir, commit_repo)):
-                files = self.write_report()
-                if commit_repo is not None:
-                    fa.git_commit_paths([run_dir, *files], f"hidden failures: {self.carry.name}/{spec.name}",
-                                        commit_repo, attempts=10)  # fmt: skip
+            fa.record_run(run_dir, ran, self.write_report, f"hidden failures: {self.carry.name}/{spec.name}",
+                          commit_repo)  # fmt: skip
         return failed
 
     def _run_one(self, spec: runcache.RunSpec) -> tuple[Path, bool] | None:
@@ -273,8 +270,7 @@ def passes(diff: dict[str, Any] | None) -> bool | None:
     entry = (diff or {}).get("minority_dice")
     if not entry or entry.get("ci") is None:
         return None
-    ci = entry["ci"]
-    return bool(entry["estimate"] >= hfr.MIN_GAP and (ci[0] > 0 or ci[1] < 0))
+    return hfr.gap_passes(entry["estimate"], entry["ci"])
 
 
 def build_report(info: dict[str, Any], runs: list[dict[str, Any]], planned: int, n_boot: int = hft.N_BOOT) -> dict:
@@ -320,10 +316,7 @@ def _fairdro_sentence(report: dict[str, Any]) -> str:
     diff = (report["fairdro_vs_dmoe"] or {}).get("minority_dice")
     if not diff:
         return ""
-    ci = diff.get("ci") or [0.0, 0.0]
-    sign = "raises" if ci[0] > 0 else "lowers" if ci[1] < 0 else "does not measurably change"
-    return (f"fairdro {sign} minority Dice against dmoe ({hft._diff_text(diff)}); recovered share of the oracle's "
-            f"gain: {hft._share_text(report['share'])}.")  # fmt: skip
+    return hft.method_sentence("fairdro", "dmoe", diff, report["share"])
 
 
 def _flat_sentence(curves: dict[str, dict[str, Any]]) -> str:

@@ -218,11 +218,8 @@ class Comparison:
                     continue
                 logger.info("compare %s/%s: %s", stage, spec.name, "ran" if ran else "cached")
                 new += int(ran)
-                if ran or (commit_repo is not None and not fa.git_tracked(run_dir, commit_repo)):
-                    files = self.write_report()
-                    if commit_repo is not None:
-                        fa.git_commit_paths([run_dir, *files], f"hidden failures: compare {stage}/{spec.name}",
-                                            commit_repo, attempts=10)  # fmt: skip
+                fa.record_run(run_dir, ran, self.write_report, f"hidden failures: compare {stage}/{spec.name}",
+                              commit_repo)  # fmt: skip
         return failed
 
     def dry_run(self) -> int:

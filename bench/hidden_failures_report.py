@@ -25,7 +25,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation_stats as stats  # noqa: E402
-import fairness_ablation as fa  # noqa: E402
 
 logger = logging.getLogger("hidden_failures")
 
@@ -93,10 +92,19 @@ def oracle_gap(
     if est_a is None or est_b is None:
         return empty
     ci = stats.seed_case_bootstrap(a, b, n_boot=n_boot, seed=seed)["minority_dice"]["ci"]
-    excludes = bool(ci) and (ci[0] > 0 or ci[1] < 0)
     estimate = est_a - est_b
-    return {**empty, "estimate": estimate, "ci": ci, "excludes_0": excludes,
-            "passes": bool(estimate >= MIN_GAP and excludes)}  # fmt: skip
+    return {
+        **empty,
+        "estimate": estimate,
+        "ci": ci,
+        "excludes_0": stats.excludes_0(ci),
+        "passes": gap_passes(estimate, ci),
+    }
+
+
+def gap_passes(estimate: float, ci: Sequence[float] | None) -> bool:
+    """The positive-control rule: an oracle gap of at least :data:`MIN_GAP` whose interval excludes 0."""
+    return bool(estimate >= MIN_GAP and stats.excludes_0(ci))
 
 
 def placebo_check(row: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -280,7 +288,7 @@ def write_calibration(table: Mapping[str, Any], out: Path) -> list[Path]:
     """``calibration.md`` and ``calibration.json`` in ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.md").write_text(render_markdown(table))
-    text = json.dumps(fa._finite(table), indent=2, allow_nan=False, default=str)
+    text = json.dumps(stats.finite(table), indent=2, allow_nan=False, default=str)
     (out / "calibration.json").write_text(text + "\n")
     logger.info("calibration table: %d of %d runs, %s", table["runs_done"], table["runs_planned"], out)
     return [out / f for f in FILES]

@@ -123,7 +123,7 @@ def recovered_share(method_runs, ref_runs, oracle_runs, n_boot: int = N_BOOT, se
     idx = stats.stratified_indices(list(avgs[0]["group"]), n_boot, seed)
     m, r, o = (stats.drawn_minority_mean(stats.seed_case_draws(a, rng, idx), idx, a["minority"]) for a in avgs)
     gain_ci = stats._interval(o - r, 0.95)
-    applicable = bool(gain_ci) and (gain_ci[0] > 0 or gain_ci[1] < 0)
+    applicable = stats.excludes_0(gain_ci)
     est_m, est_r, est_o = (_minority(a) for a in avgs)
     with np.errstate(invalid="ignore", divide="ignore"):
         share_draws = (m - r) / (o - r)
@@ -265,11 +265,17 @@ def verdict(report: Mapping[str, Any]) -> str:
             continue
         pair = "backbone" if entry["reference"] == "erm" else "dmoe"
         label = "" if passed[pair] else " (underpowered: this pair's positive control fails)"
-        ci = diff.get("ci") or [0.0, 0.0]
-        sign = "raises" if ci[0] > 0 else "lowers" if ci[1] < 0 else "does not measurably change"
-        words.append(f"{method} {sign} minority Dice against {entry['reference']} ({_diff_text(diff)}); recovered "
-                     f"share of the oracle's gain: {_share_text(entry['share'])}{label}.")  # fmt: skip
+        words.append(method_sentence(method, entry["reference"], diff, entry["share"], label))
     return " ".join(words)
+
+
+def method_sentence(method: str, reference: str, diff: Mapping[str, Any], share: Mapping[str, Any], label="") -> str:
+    """One sentence: the method's minority-Dice difference from its reference, in words by its interval, and the
+    recovered share of the oracle's gain (``label``: what qualifies the share)."""
+    ci = diff.get("ci") or [0.0, 0.0]
+    sign = "raises" if ci[0] > 0 else "lowers" if ci[1] < 0 else "does not measurably change"
+    return (f"{method} {sign} minority Dice against {reference} ({_diff_text(diff)}); recovered share of the "
+            f"oracle's gain: {_share_text(share)}{label}.")  # fmt: skip
 
 
 def _variant_table(report: Mapping[str, Any]) -> list[str]:

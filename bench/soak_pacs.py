@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from checklib import free_port, log  # noqa: E402
-from pacs import NODE_AET, NodeProcess, client_context, node_settings  # noqa: E402
+from pacs import NODE_AET, NodeProcess, client_context, node_settings, restamp  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
 from testcerts import make_pki  # noqa: E402
@@ -71,14 +70,7 @@ class SeriesFactory:
     def new(self) -> list[pydicom.Dataset]:
         with self._lock:
             base, self._next = self.cases[self._next % len(self.cases)], self._next + 1
-        study, series, frame = generate_uid(), generate_uid(), generate_uid()
-        out = []
-        for ds in base:
-            ds = copy.deepcopy(ds)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            out.append(ds)
-        return out
+        return restamp([copy.deepcopy(ds) for ds in base])
 
 
 class StandInPacs:

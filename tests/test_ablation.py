@@ -501,6 +501,33 @@ def test_git_tracked(tmp_path, monkeypatch):
     assert not fa.git_tracked(run_dir, tmp_path)  # re-evaluated in place
 
 
+def test_record_run_rewrites_and_commits_only_new_runs(tmp_path, monkeypatch):
+    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                 "GIT_COMMITTER_EMAIL": "t@t"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    run_dir, table = tmp_path / "res" / "erm_s0", tmp_path / "res" / "table.md"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}\n")
+    writes: list[int] = []
+
+    def write() -> list[Path]:
+        writes.append(1)
+        table.write_text(f"# {len(writes)}\n")
+        return [table]
+
+    fa.record_run(run_dir, False, write, "bench: copy", None)  # a cached run, nothing to commit to: no rewrite
+    assert writes == [] and not table.exists()
+    fa.record_run(run_dir, False, write, "bench: copy", tmp_path)  # a copy git does not track yet: rewrite, commit
+    assert writes == [1] and fa.git_tracked(run_dir, tmp_path) and fa.git_tracked(table, tmp_path)
+    fa.record_run(run_dir, False, write, "bench: again", tmp_path)  # cached and committed: nothing
+    assert writes == [1]
+    fa.record_run(run_dir, True, write, "bench: trained", tmp_path)  # trained: always
+    assert writes == [1, 1] and table.read_text() == "# 2\n"
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=tmp_path, capture_output=True, text=True).stdout.split("\n")
+    assert log[:2] == ["bench: trained", "bench: copy"]
+
+
 def _write_rows(path: Path, dice: dict[str, float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:

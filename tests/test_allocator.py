@@ -55,7 +55,7 @@ def test_training_steps_reuse_freed_memory():
     # faults per step against 1,700-4,700; the heap still grows now and then on a shared machine)
     kept, default = _faults_per_step(), _faults_per_step(**{allocator.ENV_VAR: "1"})
     assert kept < 1000
-    assert default > 3 * kept
+    assert default > 2 * kept  # measured here: 0-640 against 1,700-4,700
 
 
 @pytest.fixture

@@ -436,3 +436,19 @@ def test_unhandled_exceptions_are_logged_and_counted(caplog):
     assert "Unhandled exception in thread fuzz-test-thread (ZeroDivisionError" in messages[0]
     assert "Unhandled exception in thread MainThread (RuntimeError: main)" in messages[1]
     assert caplog.records[0].exc_info is not None  # with its traceback
+
+
+def test_restamp_gives_one_new_study_series_and_frame_and_new_sop_uids(tmp_path):
+    import pacs
+
+    data = synthetic.generate_cohort(tmp_path, n_cases=4, seed=0, shape=(16, 16, 16), dicom=True)
+    item = next(it for part in ("training", "validation", "testing") for it in data[part])
+    files = read_series_info(tmp_path / item["dicom_dir"]).files
+    old = [pydicom.dcmread(f) for f in files]
+    new = pacs.restamp([copy.deepcopy(ds) for ds in old])
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        assert len({ds[key].value for ds in new}) == 1 and new[0][key].value != old[0][key].value
+    sops = [ds.SOPInstanceUID for ds in new]
+    assert len(set(sops)) == len(new) and not set(sops) & {ds.SOPInstanceUID for ds in old}
+    assert all(ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID for ds in new)
+    assert all((a.pixel_array == b.pixel_array).all() for a, b in zip(old, new))  # the same images

@@ -22,6 +22,7 @@ for path in (BENCH, REPO / "bundle"):
 import hidden_failures as hf  # noqa: E402
 import hidden_failures_3d as hf3  # noqa: E402
 import runcache  # noqa: E402
+from hidden_failures_cli import run_smoke  # noqa: E402
 from scripts import synthetic  # noqa: E402
 
 
@@ -203,11 +204,7 @@ def test_commit_refuses_a_report_that_git_ignores(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smoke_carry_back_end_to_end(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(BENCH / "hidden_failures.py"), "--part", "carry3d", "--bench", "smoke", "--work",
-           str(tmp_path), "--no-nice"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run_smoke(tmp_path, "--part", "carry3d", timeout=300)
     out = tmp_path / "smoke_results"
     report = json.loads((out / "carry3d.json").read_text())
     assert report["runs_done"] == report["runs_planned"] == 2 and set(report["variants"]) == {"dmoe", "fairdro"}
@@ -225,5 +222,5 @@ def test_smoke_carry_back_end_to_end(tmp_path):
     assert list(rows[0]) == list(hf.PER_CASE_COLUMNS) and [r["id"] for r in rows] == [it["id"] for it in testing]
     assert sorted(json.loads((run_dir / "train_log.json").read_text())["val_mean_dice"]) == ["1", "2"]
     assert "## Variants" in (out / "carry3d.md").read_text()
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and ": ran" not in again.stdout + again.stderr  # all cached
+    again = run_smoke(tmp_path, "--part", "carry3d", timeout=300)
+    assert ": ran" not in again.stdout + again.stderr  # all cached

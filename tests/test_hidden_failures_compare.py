@@ -5,8 +5,6 @@ recovered share, the diagnostic summary and the smoke comparison trained for rea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import hidden_failures as hf  # noqa: E402
 import hidden_failures_compare as hfc  # noqa: E402
 import hidden_failures_tables as hft  # noqa: E402
 import runcache  # noqa: E402
+from hidden_failures_cli import run_smoke  # noqa: E402
 
 
 def _rows(dice: list[float], minority: list[bool], stages: list[str] | None = None) -> list[dict]:
@@ -287,11 +286,7 @@ def test_overrides_are_written_as_python_literals_on_the_command_line():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smoke_comparison_end_to_end(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(BENCH / "hidden_failures.py"), "--part", "compare", "--bench", "smoke", "--work",
-           str(tmp_path), "--no-nice"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    run_smoke(tmp_path, "--part", "compare")
     out = tmp_path / "smoke_results"
     report = json.loads((out / "report.json").read_text())
     assert report["runs_done"] == report["runs_planned"] == 4
@@ -303,5 +298,5 @@ def test_smoke_comparison_end_to_end(tmp_path):
     error_set = json.loads((jtt_run / "jtt_error_set.json").read_text())
     assert error_set["epochs"] == 1 and error_set["tau"] == 0.5
     assert (out / "diagnostic.png").stat().st_size > 0 and "## Variants" in (out / "report.md").read_text()
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and ": ran" not in again.stdout + again.stderr  # all cached
+    again = run_smoke(tmp_path, "--part", "compare")
+    assert ": ran" not in again.stdout + again.stderr  # all cached

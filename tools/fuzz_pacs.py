@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ from checklib import bundle_dicom_inference, dice, free_port, log  # noqa: E402
 from fuzz_mutators import MUTATIONS, make_case  # noqa: E402
 from fuzz_pacs_check import check  # noqa: E402
 from fuzz_pdus import play  # noqa: E402
-from pacs import NODE_AET, NodeProcess, ct_files, node_settings, references_only_series  # noqa: E402
+from pacs import NODE_AET, NodeProcess, ct_files, node_settings, references_only_series, restamp  # noqa: E402
 from scripts import synthetic  # noqa: E402
 from scripts.dicom_seg import read_seg  # noqa: E402
 from scripts.dicom_series import read_series_info  # noqa: E402
@@ -162,14 +161,9 @@ class ValidSender(threading.Thread):
 def renamed_copy(files: list[Path], folder: Path) -> list[pydicom.Dataset]:
     """The series with new study, series, frame of reference and SOP instance UIDs, also written to ``folder``."""
     folder.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    out = []
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    out = restamp([pydicom.dcmread(path) for path in files])
+    for path, ds in zip(files, out):
         ds.save_as(folder / path.name)
-        out.append(ds)
     return out
 
 

@@ -295,6 +295,18 @@ class NodeProcess:
         return None
 
 
+def restamp(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """``datasets`` (one series) given new Study, Series, Frame of Reference and SOP Instance UIDs, in place: a series
+    the node and the PACS have not seen, in a study and frame of its own; returns them."""
+    from pydicom.uid import generate_uid
+
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for ds in datasets:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return datasets
+
+
 def renamed_series(files: list[Path], out: Path) -> list[Path]:
     """Copies of one series' files under ``out`` with new Study, Series and SOP Instance UIDs (same patient, pixels
     and geometry): a series the node and Orthanc have not seen, in a study of its own."""

@@ -14,6 +14,7 @@ import contextlib
 import pytest
 import torch
 from conftest import needs_tool
+from dmoe_kernel_cases import kernel_inputs, kernels, register_path
 from monai.losses import DiceCELoss
 from scripts import dmoe_native
 from scripts.dmoe_native import lane_threshold
@@ -29,15 +30,6 @@ def _built(monkeypatch):
 
 
 @contextlib.contextmanager
-def _register_path(enabled: bool):
-    before = torch.ops.fairdro_dmoe.set_register_path(enabled)
-    try:
-        yield
-    finally:
-        torch.ops.fairdro_dmoe.set_register_path(before)
-
-
-@contextlib.contextmanager
 def _threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -47,42 +39,16 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _kernel_inputs(n: int, k: int, dtype: torch.dtype, skip: bool, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    c, e, hid = 8, 8, 32
-    h = torch.randn(2, c, n, generator=g, dtype=dtype)
-    top = torch.randn(2, e, n, generator=g).topk(k, 1)
-    w = torch.softmax(top.values, 1).to(dtype)
-    if skip:  # pairs of weight zero are skipped (the fallback gates of unknown subgroups)
-        w[torch.rand(w.shape, generator=g) < 0.3] = 0.0
-    params = [torch.randn(*s, generator=g, dtype=dtype) * 0.3 for s in ((e, c, hid), (e, hid), (e, hid, c), (e, c))]
-    draws = torch.randint(-(2**62), 2**62, ((h.numel() + 2) // 3,), generator=g)
-    gy = torch.randn(2, c, n, generator=g, dtype=dtype)
-    return h, w.contiguous(), top.indices.contiguous(), params, draws, gy
-
-
-def _kernels(h, w, experts, params, draws, gy, skip, register: bool):
-    """Forward and backward of the expert kernels: [y, kept outputs of the pairs not skipped, the six gradients]."""
-    ops = torch.ops.fairdro_dmoe
-    drop = (draws, lane_threshold(0.1), 1.0 / 0.9)
-    with _register_path(register):
-        y, outs = ops.experts_forward(h, w, experts, *params, skip, *drop, True)
-        grads = ops.experts_backward(gy, h, w, experts, *params, skip, *drop, outs)
-    b, k, n = w.shape
-    kept = (w != 0).unsqueeze(-1).expand(b, k, n, h.shape[1]).reshape(-1)  # outs is (B, K, N, C): skipped = garbage
-    return [y, outs[kept], *grads]
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("n", [64, 100, 4133])
 def test_register_kernels_give_the_bits_of_the_per_pair_code(threads, dtype, k, skip, n):
-    inputs = _kernel_inputs(n, k, dtype, skip, seed=n * 10 + k)
+    inputs = kernel_inputs(n, k, dtype, skip, seed=n * 10 + k)
     with _threads(threads):
-        fast = _kernels(*inputs, skip, register=True)
-        slow = _kernels(*inputs, skip, register=False)
+        fast = kernels(*inputs, skip, register=True)
+        slow = kernels(*inputs, skip, register=False)
     names = ("y", "outs", "gh", "gw", "gw1", "gb1", "gw2", "gb2")
     for name, a, b in zip(names, fast, slow):
         assert torch.equal(a, b), name
@@ -114,7 +80,7 @@ def _train(register: bool, threads: int, steps: int = 3):
     y = (torch.rand(2, 1, 64, 32, 32) > 0.7).float()
     g = torch.tensor([0, 2])
     losses = []
-    with _threads(threads), _register_path(register):
+    with _threads(threads), register_path(register):
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(x, g), y)

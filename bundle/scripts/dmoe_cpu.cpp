@@ -114,48 +114,82 @@ struct Grads {
 // ------------------------------------------------------------------------------------ C = 8, H = 32 in registers
 // The first two stages of the default network. The same operations as Mlp and PairGrad on every element, in the
 // same order (the partial sums of vec_mat_c, the accumulations pair by pair), so the results are bit-identical to the
-// generic code; the hidden layer (4 vectors of 8) and the output (1 vector) stay in registers instead of going
-// through small buffers, and the backward adds each expert's parameter gradients for all its pairs of a block while
-// they are held in registers (the pairs of one expert in the order the generic code adds them).
+// generic code; the hidden layer (Wide vectors: 2 of 16 floats with AVX-512, else 4 of 8) and the output (1 vector
+// of 8) stay in registers instead of going through small buffers, and the backward adds each expert's parameter
+// gradients for all its pairs of a block while they are held in registers (the pairs of one expert in the order the
+// generic code adds them). Lanes are independent, so the vector width never changes a result.
 
 // false: C = 8, H = 32 takes the per-pair code of Mlp and PairGrad too (set_register_path: the tests compare them)
 std::atomic<bool> register_path{true};
 
 template <typename T>
 struct Hidden8 {
-  Vec<T> pre[4], z[4];
+  static constexpr int64_t L = WideVec<T>::lanes, NV = 32 / L;  // 32 hidden units in NV vectors of L lanes
+  Wide<T> pre[NV], z[NV];
 };
 
 // Mlp::hidden: pre = b1 + ((sum over even channels) + (sum over odd channels)), z = max(pre, 0)
 template <typename T>
 inline Hidden8<T> hidden8(const T* __restrict__ x, const T* __restrict__ w1, const T* __restrict__ b1) {
-  Vec<T> a0[4] = {}, a1[4] = {};
+  constexpr int64_t L = Hidden8<T>::L, NV = Hidden8<T>::NV;
+  Wide<T> a0[NV] = {}, a1[NV] = {};
   for (int64_t i = 0; i < 8; i += 2)
-    for (int64_t v = 0; v < 4; ++v) {
-      a0[v] += x[i] * load_lanes(w1 + i * 32 + v * 8);
-      a1[v] += x[i + 1] * load_lanes(w1 + (i + 1) * 32 + v * 8);
+    for (int64_t v = 0; v < NV; ++v) {
+      a0[v] += x[i] * load_wide(w1 + i * 32 + v * L);
+      a1[v] += x[i + 1] * load_wide(w1 + (i + 1) * 32 + v * L);
     }
   Hidden8<T> r;
-  for (int64_t v = 0; v < 4; ++v) {
+  const Wide<T> zero = {};
+  for (int64_t v = 0; v < NV; ++v) {
     a0[v] += a1[v];
-    r.pre[v] = load_lanes(b1 + v * 8) + a0[v];
-    r.z[v] = r.pre[v] < splat(T(0)) ? splat(T(0)) : r.pre[v];  // std::max(pre, 0)
+    r.pre[v] = load_wide(b1 + v * L) + a0[v];
+    r.z[v] = r.pre[v] < zero ? zero : r.pre[v];  // std::max(pre, 0)
   }
   return r;
 }
 
-// Mlp::output: b2 + (((s0 + s1) + s2) + s3), s the partial sums over the hidden units h = s mod 4
+// ((s0 + s1) + s2) + s3 for the 8 columns of the (32, 8) matrix w, s the partial sums of z[h] * w[h] over the rows
+// h = s mod 4 (Mlp::output's sum, vec_mat_c with S = 4); z: the 32 values in Hidden8's vectors
 template <typename T>
-inline Vec<T> output8(const Vec<T>* z, const T* __restrict__ w2, const T* __restrict__ b2) {
+inline Vec<T> rows8(const Wide<T>* z, const T* __restrict__ w) {
   alignas(64) T zs[32];
-  for (int64_t v = 0; v < 4; ++v) store_lanes(z[v], zs + v * 8);
+  for (int64_t v = 0; v < Hidden8<T>::NV; ++v) store_wide(z[v], zs + v * Hidden8<T>::L);
   Vec<T> o[4] = {};
   for (int64_t i = 0; i < 32; i += 4)
-    for (int64_t s = 0; s < 4; ++s) o[s] += zs[i + s] * load_lanes(w2 + (i + s) * 8);
+    for (int64_t s = 0; s < 4; ++s) o[s] += zs[i + s] * load_lanes(w + (i + s) * 8);
   o[0] += o[1];
   o[0] += o[2];
   o[0] += o[3];
-  return load_lanes(b2) + o[0];
+  return o[0];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// the same sums with AVX-512: the partial sums s0 | s1 and s2 | s3 in the two halves of two 16-float registers, so
+// rows h and h + 1 of w (16 contiguous floats) are one load and one multiply-add; the same operations per element
+template <>
+inline Vec<float> rows8<float>(const Wide<float>* z, const float* __restrict__ w) {
+  __m512 p01 = _mm512_setzero_ps(), p23 = _mm512_setzero_ps();
+  for (int i = 0; i < 32; i += 4) {
+    const __m512 zv = reinterpret_cast<const __m512&>(z[i / 16]);
+    const int j = i % 16;  // z[i + s] is lane j + s of zv: [z[i] x 8 | z[i + 1] x 8] and [z[i + 2] x 8 | z[i + 3] x 8]
+    const __m512i m01 = _mm512_set_epi32(j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j, j, j, j, j, j, j, j);
+    const __m512i m23 = _mm512_add_epi32(m01, _mm512_set1_epi32(2));
+    p01 = _mm512_fmadd_ps(_mm512_permutexvar_ps(m01, zv), _mm512_loadu_ps(w + i * 8), p01);
+    p23 = _mm512_fmadd_ps(_mm512_permutexvar_ps(m23, zv), _mm512_loadu_ps(w + (i + 2) * 8), p23);
+  }
+  __m256 o = _mm256_add_ps(_mm512_castps512_ps256(p01), _mm512_extractf32x8_ps(p01, 1));
+  o = _mm256_add_ps(o, _mm512_castps512_ps256(p23));
+  o = _mm256_add_ps(o, _mm512_extractf32x8_ps(p23, 1));
+  Vec<float> r;
+  std::memcpy(&r, &o, sizeof(r));
+  return r;
+}
+#endif
+
+// Mlp::output: b2 + (((s0 + s1) + s2) + s3)
+template <typename T>
+inline Vec<T> output8(const Wide<T>* z, const T* __restrict__ w2, const T* __restrict__ b2) {
+  return load_lanes(b2) + rows8(z, w2);
 }
 
 // the generic forward's pairs of one block (kBlock tokens at most) for C = 8, H = 32: the mixture into yb
@@ -194,19 +228,20 @@ struct PairBuf {
 // acc rows (R rows of 32) += a(s)[i] * v(s) for the listed pairs s, in list order, the R rows held in registers
 template <typename T, int64_t R, typename A, typename V>
 inline void add_rows(T* __restrict__ acc, const int64_t* list, int64_t m, const A& a, const V& v) {
-  Vec<T> r[R][4];
+  constexpr int64_t L = WideVec<T>::lanes, NV = 32 / L;
+  Wide<T> r[R][NV];
   for (int64_t i = 0; i < R; ++i)
-    for (int64_t u = 0; u < 4; ++u) r[i][u] = load_lanes(acc + i * 32 + u * 8);
+    for (int64_t u = 0; u < NV; ++u) r[i][u] = load_wide(acc + i * 32 + u * L);
   for (int64_t t = 0; t < m; ++t) {
     const T* av = a(list[t]);
     const T* vv = v(list[t]);
     for (int64_t i = 0; i < R; ++i) {
       const T ai = av[i];
-      for (int64_t u = 0; u < 4; ++u) r[i][u] += ai * load_lanes(vv + u * 8);
+      for (int64_t u = 0; u < NV; ++u) r[i][u] += ai * load_wide(vv + u * L);
     }
   }
   for (int64_t i = 0; i < R; ++i)
-    for (int64_t u = 0; u < 4; ++u) store_lanes(r[i][u], acc + i * 32 + u * 8);
+    for (int64_t u = 0; u < NV; ++u) store_wide(r[i][u], acc + i * 32 + u * L);
 }
 
 // backward_impl's pairs of one block for C = 8, H = 32. Pass 1, pair by pair: the hidden layer again, the gate
@@ -237,29 +272,26 @@ void backward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* 
       const Vec<T> go = wt * load_lanes(gy);
       alignas(64) T gos[8];
       store_lanes(go, gos);
-      Vec<T> a0[4] = {}, a1[4] = {};
+      constexpr int64_t L = Hidden8<T>::L, NV = Hidden8<T>::NV;
+      Wide<T> a0[NV] = {}, a1[NV] = {};
       const T* w2t = P.w2t + ex * 256;
       for (int64_t c = 0; c < 8; c += 2)
-        for (int64_t u = 0; u < 4; ++u) {
-          a0[u] += gos[c] * load_lanes(w2t + c * 32 + u * 8);
-          a1[u] += gos[c + 1] * load_lanes(w2t + (c + 1) * 32 + u * 8);
+        for (int64_t u = 0; u < NV; ++u) {
+          a0[u] += gos[c] * load_wide(w2t + c * 32 + u * L);
+          a1[u] += gos[c + 1] * load_wide(w2t + (c + 1) * 32 + u * L);
         }
       PairBuf<T>& pr = pb[slot];
-      for (int64_t u = 0; u < 4; ++u) {
+      const Wide<T> zero = {};
+      Wide<T> gz[NV];
+      for (int64_t u = 0; u < NV; ++u) {
         a0[u] += a1[u];
-        const Vec<T> gz = splat(T(0)) + a0[u];
-        store_lanes(hd.pre[u] > splat(T(0)) ? gz : splat(T(0)), pr.gz + u * 8);
-        store_lanes(hd.z[u], pr.z + u * 8);
+        gz[u] = zero + a0[u];
+        gz[u] = hd.pre[u] > zero ? gz[u] : zero;
+        store_wide(gz[u], pr.gz + u * L);
+        store_wide(hd.z[u], pr.z + u * L);
       }
       store_lanes(go, pr.go);
-      Vec<T> o[4] = {};
-      const T* w1t = P.w1t + ex * 256;
-      for (int64_t h = 0; h < 32; h += 4)
-        for (int64_t s = 0; s < 4; ++s) o[s] += pr.gz[h + s] * load_lanes(w1t + (h + s) * 8);
-      o[0] += o[1];
-      o[0] += o[2];
-      o[0] += o[3];
-      gx += o[0];
+      gx += rows8(gz, P.w1t + ex * 256);
       lists[ex * kBlock * K + counts[ex]++] = slot;
     }
     store_lanes(gx, gxb + q * 8);
@@ -269,19 +301,20 @@ void backward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* 
     if (m == 0) continue;
     const int64_t* list = lists + ex * kBlock * K;
     Vec<T> b2 = load_lanes(g.b2 + ex * 8);
-    Vec<T> b1[4];
-    for (int64_t u = 0; u < 4; ++u) b1[u] = load_lanes(g.b1 + ex * 32 + u * 8);
+    constexpr int64_t L = Hidden8<T>::L, NV = Hidden8<T>::NV, R = 8 / NV;  // R rows: 8 accumulators
+    Wide<T> b1[NV];
+    for (int64_t u = 0; u < NV; ++u) b1[u] = load_wide(g.b1 + ex * 32 + u * L);
     for (int64_t t = 0; t < m; ++t) {
       b2 += load_lanes(pb[list[t]].go);
-      for (int64_t u = 0; u < 4; ++u) b1[u] += load_lanes(pb[list[t]].gz + u * 8);
+      for (int64_t u = 0; u < NV; ++u) b1[u] += load_wide(pb[list[t]].gz + u * L);
     }
     store_lanes(b2, g.b2 + ex * 8);
-    for (int64_t u = 0; u < 4; ++u) store_lanes(b1[u], g.b1 + ex * 32 + u * 8);
-    for (int64_t c = 0; c < 8; c += 2) {
-      add_rows<T, 2>(
+    for (int64_t u = 0; u < NV; ++u) store_wide(b1[u], g.b1 + ex * 32 + u * L);
+    for (int64_t c = 0; c < 8; c += R) {
+      add_rows<T, R>(
           g.w2t + ex * 256 + c * 32, list, m, [&](int64_t s) { return pb[s].go + c; },
           [&](int64_t s) { return pb[s].z; });
-      add_rows<T, 2>(
+      add_rows<T, R>(
           g.w1 + ex * 256 + c * 32, list, m, [&](int64_t s) { return xb + (s / K) * 8 + c; },
           [&](int64_t s) { return pb[s].gz; });
     }

@@ -129,6 +129,33 @@ inline Vec<T> splat(T x) {
   return v;
 }
 
+// rows of 32 values (the hidden layer of C = 8) in the widest vectors the build has: 64 bytes with AVX-512 (16
+// floats), else 32 bytes; element-wise arithmetic, so the lane count does not change a result
+#if defined(__AVX512F__)
+constexpr int64_t kWideBytes = 64;
+#else
+constexpr int64_t kWideBytes = 32;
+#endif
+template <typename T>
+struct WideVec {
+  typedef T type __attribute__((vector_size(kWideBytes)));
+  static constexpr int64_t lanes = kWideBytes / sizeof(T);
+};
+template <typename T>
+using Wide = typename WideVec<T>::type;
+
+template <typename T>
+inline Wide<T> load_wide(const T* p) {
+  Wide<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_wide(const Wide<T>& v, T* p) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 template <typename T>
 inline void load_block(const T* src, int64_t C, int64_t N, int64_t nb, T* dst) {
   for (int64_t c = 0; c < C; ++c)

@@ -259,6 +259,7 @@ class Comparison:
     def write_report(self) -> list[Path]:
         collected = self.collect()
         report = hft.build_report(collected)
+        report["carry3d"] = hft.carry3d_summary(self.folder.parent)
         diagnosed = {v: [r for r in collected["runs"] if r["variant"] == v] for v in DIAGNOSED}
         return hft.write_report(report, self.folder.parent, {v: r for v, r in diagnosed.items() if r})
 

@@ -365,8 +365,29 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         ("JTT's error sets against the training minority (mean over runs): precision "
          f"{_fmt(err['precision'])}, recall {_fmt(err['recall'])}, size {err['size']:.0f}." if err else ""),
+        "",
+        "## 3D carry-back",
+        "",
+        _carry3d_text(report.get("carry3d")),
     ]  # fmt: skip
     return "\n".join(parts).rstrip() + "\n"
+
+
+def carry3d_summary(out: Path) -> dict[str, Any] | None:
+    """The verdict and run counts of the 3D carry-back's report (``carry3d.json`` under ``out``), or None before it
+    has one."""
+    path = out / "carry3d.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in ("verdict", "runs_done", "runs_planned")}
+
+
+def _carry3d_text(summary: Mapping[str, Any] | None) -> str:
+    if summary is None:
+        return "Not run yet (`--part carry3d`, reported in `carry3d.md` beside this report)."
+    return (f"{summary['verdict']} Runs: {summary['runs_done']} of {summary['runs_planned']}; tables and runs in "
+            "[`carry3d.md`](carry3d.md) (`--part carry3d`).")  # fmt: skip
 
 
 def plot_diagnostic(report_runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:

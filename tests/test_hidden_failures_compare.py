@@ -300,3 +300,14 @@ def test_smoke_comparison_end_to_end(tmp_path):
     assert (out / "diagnostic.png").stat().st_size > 0 and "## Variants" in (out / "report.md").read_text()
     again = run_smoke(tmp_path, "--part", "compare")
     assert ": ran" not in again.stdout + again.stderr  # all cached
+
+
+def test_report_carries_the_3d_verdict_when_the_carry_back_has_one(tmp_path):
+    assert hft.carry3d_summary(tmp_path) is None
+    assert "Not run yet" in hft._carry3d_text(None)
+    carry = {"verdict": "The 3D control passes.", "runs_done": 7, "runs_planned": 9, "variants": {}}
+    (tmp_path / "carry3d.json").write_text(json.dumps(carry))
+    summary = hft.carry3d_summary(tmp_path)
+    assert summary == {"verdict": "The 3D control passes.", "runs_done": 7, "runs_planned": 9}
+    text = hft._carry3d_text(summary)
+    assert text.startswith("The 3D control passes. Runs: 7 of 9;") and "(carry3d.md)" in text

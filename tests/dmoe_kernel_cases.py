@@ -56,7 +56,8 @@ BUILD_CASES = [
 
 
 def build_case_outputs() -> list:
-    """For every BUILD_CASES entry: the register code's kernels and whether the per-pair code gave the same bits."""
+    """For every BUILD_CASES entry: the expert kernels' outputs (register code) followed by the router kernels' on
+    the same tokens, and whether the experts' per-pair code gave the same bits."""
     results = []
     for n, k, dtype, skip, threads in BUILD_CASES:
         inputs = kernel_inputs(n, k, dtype, skip, seed=n + k)
@@ -67,8 +68,21 @@ def build_case_outputs() -> list:
             slow = kernels(*inputs, skip, register=False)
         finally:
             torch.set_num_threads(before)
-        results.append((fast, all(torch.equal(a, b) for a, b in zip(fast, slow))))
+        results.append((fast + router(inputs[0], k, seed=n), all(torch.equal(a, b) for a, b in zip(fast, slow))))
     return results
+
+
+def router(h: torch.Tensor, k: int, seed: int) -> list:
+    """The router kernels' forward and backward outputs on h (B, C, N) for 4 subgroups of 8 experts, with noise."""
+    g = torch.Generator().manual_seed(seed)
+    b, c, n = h.shape
+    weight = torch.randn(4, c, 8, generator=g, dtype=h.dtype)
+    offset = torch.randn(b, 8, n, generator=g, dtype=h.dtype)
+    grad = torch.randn(b, k, n, generator=g, dtype=h.dtype)
+    sub = torch.tensor([1, 3])
+    ops = torch.ops.fairdro_dmoe
+    weights, experts = ops.router_forward(h, weight, sub, offset, k)
+    return [weights, experts, *ops.router_backward(grad, h, weight, sub, experts, weights, True)]
 
 
 if __name__ == "__main__":  # the child of test_dmoe_wide.py: python dmoe_kernel_cases.py OUT.pt

@@ -26,9 +26,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -431,36 +428,6 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
   });
 }
 
-
-// the 8 x 8 tile at s (row stride ss) transposed to d (row stride ds) in AVX registers; false (nothing done) where
-// there is no such code: other types, or no AVX
-template <typename T>
-inline bool transpose_tile(const T*, int64_t, T*, int64_t) {
-  return false;
-}
-
-#if defined(__AVX__)
-template <>
-inline bool transpose_tile<float>(const float* s, int64_t ss, float* d, int64_t ds) {
-  __m256 r[8], t[8], u[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ss);
-  for (int i = 0; i < 8; i += 2) {  // t[i]: rows i, i+1 interleaved by pairs of columns, low and high halves
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {  // u[i + m]: columns m and m + 4 of rows i .. i+3
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int m = 0; m < 4; ++m) {
-    _mm256_storeu_ps(d + m * ds, _mm256_permute2f128_ps(u[m], u[m + 4], 0x20));
-    _mm256_storeu_ps(d + (m + 4) * ds, _mm256_permute2f128_ps(u[m], u[m + 4], 0x31));
-  }
-  return true;
-}
-#endif
 
 // dst[e] = src[e] transposed for each of the n matrices (rows, cols) of src, in tiles of 8 x 8 so that both sides are
 // read and written a cache line at a time (torch's strided copy of the same transpose took several times as long, a

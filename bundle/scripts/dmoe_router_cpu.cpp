@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -222,6 +223,74 @@ void lane_backward_block(const RouterDims& d, int64_t b, int64_t n0, const T* gp
   }
 }
 
+// false: float blocks with C = 8, E = 8 take lane_backward_block too (set_router_lanes8: the tests compare the two)
+std::atomic<bool> lanes8{true};
+
+bool set_router_lanes8(bool enabled) {
+  return lanes8.exchange(enabled);
+}
+
+#if defined(__AVX2__)
+// lane_backward_block for float with C = 8 channels and E = 8 experts (the first two stages of the default network),
+// the same operations per element in the same order: each lane's router-weight entry w[c, e] comes from the row
+// w[c, :] by one permute per channel and gate (instead of eight scalar loads), and the router-weight gradients are
+// added as rows per expert, gwt = gw transposed (E, C), one vector multiply-add per token and gate on the token's 8
+// channels (the block's 8 x 8 tiles of h transposed to token-major). gw is transposed into gwt before the block and
+// back after it (exact copies), so the accumulator keeps its layout for the per-token code.
+inline void lane_backward_block8(const RouterDims& d, int64_t b, int64_t n0, const float* gpp, const float* hp,
+                                 const float* w, const int64_t* ep, const float* pp, float* ghp, float* gop,
+                                 float* gw) {
+  const int64_t K = d.K, N = d.N;
+  __m256 wrow[8];
+  for (int64_t c = 0; c < 8; ++c) wrow[c] = _mm256_loadu_ps(w + c * 8);
+  alignas(32) float gwt[64], ht[64];
+  transpose_tile(gw, 8, gwt, 8);
+  Vec<float> gl[8], sel[8];
+  __m256i idx[8];
+  for (int64_t q = 0; q < kBlock; q += kLanes) {
+    const int64_t n = n0 + q;
+    Vec<float> dot = {}, p[8];
+    for (int64_t j = 0; j < K; ++j) {
+      p[j] = load_lanes(pp + (b * K + j) * N + n);
+      dot += p[j] * load_lanes(gpp + (b * K + j) * N + n);
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      gl[j] = p[j] * (load_lanes(gpp + (b * K + j) * N + n) - dot);
+      alignas(32) int32_t e32[8];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        e32[l] = static_cast<int32_t>(ep[(b * K + j) * N + n + l]);
+        sel[j][l] = float(e32[l]);
+      }
+      idx[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(e32));
+    }
+    if (gop != nullptr) {
+      for (int64_t e = 0; e < 8; ++e) {
+        Vec<float> go = {};
+        for (int64_t j = 0; j < K; ++j) go = sel[j] == splat(float(e)) ? gl[j] : go;
+        store_lanes(go, gop + (b * 8 + e) * N + n);
+      }
+    }
+    for (int64_t c = 0; c < 8; ++c) {
+      Vec<float> gx = {};
+      for (int64_t j = 0; j < K; ++j) {
+        Vec<float> wc;
+        const __m256 v = _mm256_permutevar8x32_ps(wrow[c], idx[j]);  // lane l: w[c, sel[j][l]]
+        std::memcpy(&wc, &v, sizeof(wc));
+        gx += gl[j] * wc;
+      }
+      store_lanes(gx, ghp + (b * 8 + c) * N + n);
+    }
+    transpose_tile(hp + b * 8 * N + n, N, ht, 8);  // ht[l * 8 + c] = h[c] of token n + l
+    for (int64_t l = 0; l < kLanes; ++l)
+      for (int64_t j = 0; j < K; ++j) {
+        float* row = gwt + static_cast<int64_t>(sel[j][l]) * 8;
+        store_lanes(load_lanes(row) + load_lanes(ht + l * 8) * gl[j][l], row);
+      }
+  }
+  transpose_tile(gwt, 8, gw, 8);
+}
+#endif
+
 template <typename T>
 void backward_impl(const RouterDims d, const T* gpp, const T* hp, const T* wp, const int64_t* sub, const int64_t* ep,
                    const T* pp, T* ghp, T* gop, T* accp, bool serial) {
@@ -236,6 +305,14 @@ void backward_impl(const RouterDims d, const T* gpp, const T* hp, const T* wp, c
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nblk, n0 = (i % nblk) * kBlock, nb = std::min(kBlock, N - n0), a = sub[b];
       if (nb == kBlock && lane_backward_matches<T>(K)) {
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (C == 8 && E == 8 && lanes8.load(std::memory_order_relaxed)) {
+            lane_backward_block8(d, b, n0, gpp, hp, wp + a * C * E, ep, pp, ghp, gop, acc + a * C * E);
+            continue;
+          }
+        }
+#endif
         lane_backward_block(d, b, n0, gpp, hp, wp + a * C * E, ep, pp, ghp, gop, acc + a * C * E);
         continue;
       }
@@ -312,6 +389,7 @@ TORCH_LIBRARY_FRAGMENT(fairdro_dmoe, m) {
   m.def(
       "router_backward(Tensor gweights, Tensor h, Tensor w, Tensor sub, Tensor experts, Tensor weights,"
       " bool offset_grad) -> Tensor[]");
+  m.def("set_router_lanes8(bool enabled) -> bool", &set_router_lanes8);
 }
 
 TORCH_LIBRARY_IMPL(fairdro_dmoe, CPU, m) {

@@ -429,24 +429,12 @@ void backward_impl(const Dims d, const T* gyp, const T* hp, const T* wp, const i
 }
 
 
-// dst[e] = src[e] transposed for each of the n matrices (rows, cols) of src, in tiles of 8 x 8 so that both sides are
-// read and written a cache line at a time (torch's strided copy of the same transpose took several times as long, a
-// fixed cost that dominated the backward of the deep stages, whose few voxels make little other work). Copies only
+// dst[e] = src[e] transposed for each of the n matrices (rows, cols) of src (transpose_block's tiles: torch's strided
+// copy of the same transpose took several times as long, a fixed cost that dominated the backward of the deep
+// stages, whose few voxels make little other work). Copies only
 template <typename T>
 void transpose_each(const T* __restrict__ src, T* __restrict__ dst, int64_t n, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 8;
-  for (int64_t e = 0; e < n; ++e) {
-    const T* s = src + e * rows * cols;
-    T* d = dst + e * rows * cols;
-    for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-      for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-        const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
-        if (r1 - r0 == kTile && c1 - c0 == kTile && transpose_tile(s + r0 * cols + c0, cols, d + c0 * rows + r0, rows))
-          continue;
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) d[c * rows + r] = s[r * cols + c];
-      }
-  }
+  for (int64_t e = 0; e < n; ++e) transpose_block(src + e * rows * cols, cols, dst + e * rows * cols, rows, rows, cols);
 }
 
 // the (E, rows, cols) tensor t transposed to (E, cols, rows), contiguous

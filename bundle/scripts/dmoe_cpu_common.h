@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -160,17 +161,6 @@ inline void store_wide(const Wide<T>& v, T* p) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-template <typename T>
-inline void load_block(const T* src, int64_t C, int64_t N, int64_t nb, T* dst) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t q = 0; q < nb; ++q) dst[q * C + c] = src[c * N + q];
-}
-
-template <typename T>
-inline void store_block(const T* src, int64_t C, int64_t N, int64_t nb, T* dst) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t q = 0; q < nb; ++q) dst[c * N + q] = src[q * C + c];
-}
 
 // the 8 x 8 tile at s (row stride ss) transposed to d (row stride ds) in AVX registers; false (nothing done) where
 // there is no such code: other types, or no AVX
@@ -201,5 +191,33 @@ inline bool transpose_tile<float>(const float* s, int64_t ss, float* d, int64_t 
   return true;
 }
 #endif
+
+// the (rows, cols) matrix at src (row stride ss) transposed to dst (row stride ds), in tiles of 8 x 8 so that both
+// sides are read and written a cache line at a time: in registers where transpose_tile has code for T, element by
+// element otherwise and at the edges. Copies only
+template <typename T>
+inline void transpose_block(const T* src, int64_t ss, T* dst, int64_t ds, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      if (r1 - r0 == kTile && c1 - c0 == kTile && transpose_tile(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds))
+        continue;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ds + r] = src[r * ss + c];
+    }
+}
+
+// the nb tokens of a block from channel-first rows (C, stride N) to token-major dst (nb, C)
+template <typename T>
+inline void load_block(const T* src, int64_t C, int64_t N, int64_t nb, T* dst) {
+  transpose_block(src, N, dst, C, C, nb);
+}
+
+// token-major src (nb, C) back to channel-first rows (C, stride N)
+template <typename T>
+inline void store_block(const T* src, int64_t C, int64_t N, int64_t nb, T* dst) {
+  transpose_block(src, C, dst, N, nb, C);
+}
 
 }  // namespace fairdro_dmoe

@@ -19,9 +19,11 @@ def register_path(enabled: bool):
         torch.ops.fairdro_dmoe.set_register_path(before)
 
 
-def kernel_inputs(n: int, k: int, dtype: torch.dtype, skip: bool, seed: int):
+def kernel_inputs(n: int, k: int, dtype: torch.dtype, skip: bool, seed: int, c: int = 8):
+    """Tokens h (2, c, n), gates of k of 8 experts (some zero with ``skip``), expert parameters (hidden 4c), dropout
+    draws and an output gradient."""
     g = torch.Generator().manual_seed(seed)
-    c, e, hid = 8, 8, 32
+    e, hid = 8, 4 * c
     h = torch.randn(2, c, n, generator=g, dtype=dtype)
     top = torch.randn(2, e, n, generator=g).topk(k, 1)
     w = torch.softmax(top.values, 1).to(dtype)

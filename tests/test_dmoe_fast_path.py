@@ -69,6 +69,23 @@ def test_register_kernels_give_the_bits_of_the_per_pair_code(threads, dtype, k, 
     assert torch.allclose(slow[0], expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [16, 24, 32, 64])
+@pytest.mark.parametrize("n", [5, 300])
+def test_register_rows_give_the_bits_of_the_row_by_row_code(threads, dtype, c, n):
+    """The other sizes run the generic per-pair code, whose row-vector times matrix products hold the output in
+    registers across the rows (vec_mat); switched off, they go row by row as before. c = 24: a hidden layer of 96
+    units, not a multiple of the 4 vectors the register code holds."""
+    inputs = kernel_inputs(n, 2, dtype, False, seed=c + n, c=c)
+    with _threads(threads):
+        fast = kernels(*inputs, False, register=True)
+        slow = kernels(*inputs, False, register=False)
+    for name, a, b in zip(("y", "outs", "gh", "gw", "gw1", "gb1", "gw2", "gb2"), fast, slow):
+        assert torch.equal(a, b), name
+    assert fast[4].abs().sum() > 0  # the experts' input-layer gradient is not trivially zero
+
+
 def _train(register: bool, threads: int, steps: int = 3):
     """A few AdamW steps of the default network (f = 8: two stages of C = 8) on a fixed batch: the losses, the
     gradients of the last step and the parameters after it."""

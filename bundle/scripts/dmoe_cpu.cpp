@@ -116,8 +116,6 @@ struct Grads {
 // gradients for all its pairs of a block while they are held in registers (the pairs of one expert in the order the
 // generic code adds them). Lanes are independent, so the vector width never changes a result.
 
-// false: C = 8, H = 32 takes the per-pair code of Mlp and PairGrad too (set_register_path: the tests compare them)
-std::atomic<bool> register_path{true};
 
 template <typename T>
 struct Hidden8 {

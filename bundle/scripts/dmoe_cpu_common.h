@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -33,75 +34,6 @@ inline void run_blocks(int64_t n, bool serial, const F& body) {
 // accumulator rows needed by run_blocks
 inline int64_t accumulator_slots(bool serial) {
   return serial ? 1 : at::get_num_threads();
-}
-
-// out[j] += sum_i a[i] * m[i * cols + j]   (row-vector times matrix, accumulated)
-template <typename T>
-inline void vec_mat(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ m, int64_t rows,
-                    int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T ai = a[i];
-    const T* __restrict__ row = m + i * cols;
-    for (int64_t j = 0; j < cols; ++j) out[j] += ai * row[j];
-  }
-}
-
-// vec_mat for COLS known at compile time: the sum over rows in S interleaved partial sums, so that short rows
-// (few independent columns) do not wait on one chain of dependent multiply-adds
-template <typename T, int64_t COLS>
-inline void vec_mat_c(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ m, int64_t rows) {
-  constexpr int64_t S = COLS <= 8 ? 4 : (COLS <= 32 ? 2 : 1);
-  T acc[S][COLS] = {};
-  int64_t i = 0;
-  for (; i + S <= rows; i += S)
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < COLS; ++j) acc[s][j] += a[i + s] * m[(i + s) * COLS + j];
-  for (; i < rows; ++i)
-    for (int64_t j = 0; j < COLS; ++j) acc[0][j] += a[i] * m[i * COLS + j];
-  for (int64_t s = 1; s < S; ++s)
-    for (int64_t j = 0; j < COLS; ++j) acc[0][j] += acc[s][j];
-  for (int64_t j = 0; j < COLS; ++j) out[j] += acc[0][j];
-}
-
-template <typename T, int64_t COLS>
-inline void vm(T* out, const T* a, const T* m, int64_t rows, int64_t cols) {
-  if constexpr (COLS > 0) {
-    vec_mat_c<T, COLS>(out, a, m, rows);
-  } else {
-    vec_mat(out, a, m, rows, cols);
-  }
-}
-
-// m[i * cols + j] += a[i] * b[j]   (outer product, accumulated)
-template <typename T>
-inline void add_outer(T* __restrict__ m, const T* __restrict__ a, const T* __restrict__ b, int64_t rows,
-                      int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T ai = a[i];
-    T* __restrict__ row = m + i * cols;
-    for (int64_t j = 0; j < cols; ++j) row[j] += ai * b[j];
-  }
-}
-
-// add_outer for COLS known at compile time (one register row per i)
-template <typename T, int64_t COLS>
-inline void add_outer_c(T* __restrict__ m, const T* __restrict__ a, const T* __restrict__ b, int64_t rows) {
-  T bv[COLS];
-  for (int64_t j = 0; j < COLS; ++j) bv[j] = b[j];
-  for (int64_t i = 0; i < rows; ++i) {
-    const T ai = a[i];
-    T* __restrict__ row = m + i * COLS;
-    for (int64_t j = 0; j < COLS; ++j) row[j] += ai * bv[j];
-  }
-}
-
-template <typename T, int64_t COLS>
-inline void ao(T* m, const T* a, const T* b, int64_t rows, int64_t cols) {
-  if constexpr (COLS > 0) {
-    add_outer_c<T, COLS>(m, a, b, rows);
-  } else {
-    add_outer(m, a, b, rows, cols);
-  }
 }
 
 // kLanes tokens' values of T, one per SIMD lane (GCC vector extension: element-wise arithmetic, compiled with the
@@ -191,6 +123,98 @@ inline bool transpose_tile<float>(const float* s, int64_t ss, float* d, int64_t 
   return true;
 }
 #endif
+
+// false: the kernels take the code the register paths replaced (set_register_path; the tests compare the two): the
+// per-pair code for C = 8, H = 32 (dmoe_cpu.cpp) and the row-by-row vec_mat below
+inline std::atomic<bool> register_path{true};
+
+// out[j] += sum_i a[i] * m[i * cols + j]   (row-vector times matrix, accumulated), each out[j] a chain of
+// multiply-adds over i in order. The register code holds 4 Wide vectors of out across all rows (the row-by-row loop
+// stored and reloaded out after every row, so every step of each chain waited on a store); the same operations per
+// element in the same order
+template <typename T>
+inline void vec_mat(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ m, int64_t rows,
+                    int64_t cols) {
+  constexpr int64_t L = WideVec<T>::lanes, U = 4;
+  int64_t j = 0;
+  if (register_path.load(std::memory_order_relaxed)) {
+    for (; j + U * L <= cols; j += U * L) {
+      Wide<T> acc[U];
+      for (int64_t u = 0; u < U; ++u) acc[u] = load_wide(out + j + u * L);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t u = 0; u < U; ++u) acc[u] += a[i] * load_wide(m + i * cols + j + u * L);
+      for (int64_t u = 0; u < U; ++u) store_wide(acc[u], out + j + u * L);
+    }
+    for (; j + L <= cols; j += L) {
+      Wide<T> acc = load_wide(out + j);
+      for (int64_t i = 0; i < rows; ++i) acc += a[i] * load_wide(m + i * cols + j);
+      store_wide(acc, out + j);
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {  // the remaining columns (all of them without the register code)
+    const T ai = a[i];
+    const T* __restrict__ row = m + i * cols;
+    for (int64_t c = j; c < cols; ++c) out[c] += ai * row[c];
+  }
+}
+
+// vec_mat for COLS known at compile time: the sum over rows in S interleaved partial sums, so that short rows
+// (few independent columns) do not wait on one chain of dependent multiply-adds
+template <typename T, int64_t COLS>
+inline void vec_mat_c(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ m, int64_t rows) {
+  constexpr int64_t S = COLS <= 8 ? 4 : (COLS <= 32 ? 2 : 1);
+  T acc[S][COLS] = {};
+  int64_t i = 0;
+  for (; i + S <= rows; i += S)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < COLS; ++j) acc[s][j] += a[i + s] * m[(i + s) * COLS + j];
+  for (; i < rows; ++i)
+    for (int64_t j = 0; j < COLS; ++j) acc[0][j] += a[i] * m[i * COLS + j];
+  for (int64_t s = 1; s < S; ++s)
+    for (int64_t j = 0; j < COLS; ++j) acc[0][j] += acc[s][j];
+  for (int64_t j = 0; j < COLS; ++j) out[j] += acc[0][j];
+}
+
+template <typename T, int64_t COLS>
+inline void vm(T* out, const T* a, const T* m, int64_t rows, int64_t cols) {
+  if constexpr (COLS > 0) {
+    vec_mat_c<T, COLS>(out, a, m, rows);
+  } else {
+    vec_mat(out, a, m, rows, cols);
+  }
+}
+
+// m[i * cols + j] += a[i] * b[j]   (outer product, accumulated)
+template <typename T>
+inline void add_outer(T* __restrict__ m, const T* __restrict__ a, const T* __restrict__ b, int64_t rows,
+                      int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T ai = a[i];
+    T* __restrict__ row = m + i * cols;
+    for (int64_t j = 0; j < cols; ++j) row[j] += ai * b[j];
+  }
+}
+
+// add_outer for COLS known at compile time (one register row per i)
+template <typename T, int64_t COLS>
+inline void add_outer_c(T* __restrict__ m, const T* __restrict__ a, const T* __restrict__ b, int64_t rows) {
+  T bv[COLS];
+  for (int64_t j = 0; j < COLS; ++j) bv[j] = b[j];
+  for (int64_t i = 0; i < rows; ++i) {
+    const T ai = a[i];
+    T* __restrict__ row = m + i * COLS;
+    for (int64_t j = 0; j < COLS; ++j) row[j] += ai * bv[j];
+  }
+}
+
+template <typename T, int64_t COLS>
+inline void ao(T* m, const T* a, const T* b, int64_t rows, int64_t cols) {
+  if constexpr (COLS > 0) {
+    add_outer_c<T, COLS>(m, a, b, rows);
+  } else {
+    add_outer(m, a, b, rows, cols);
+  }
+}
 
 // the (rows, cols) matrix at src (row stride ss) transposed to dst (row stride ds), in tiles of 8 x 8 so that both
 // sides are read and written a cache line at a time: in registers where transpose_tile has code for T, element by

@@ -12,10 +12,14 @@ time, in blocks** of ``--steps`` consecutive steps (after an untimed one), the b
 markdown table of the medians of the block medians and the dMoE/backbone ratios (ratio of those medians; in brackets
 the median over rounds of the ratio of the blocks run in the same round, steadier on a shared machine).
 
-A last row per setting gives the default network measured as the previous version of this benchmark did:
-round-robin, one step of each network in turn. There every step starts after the five other networks have replaced
-its weights and activations in the CPU caches; both networks pay that cost, so the ratio reads lower than what a
-training run gets.
+Each setting's rows come from passes that each build only their networks (one process, blocks alternating within a
+pass), every ratio against its own pass's backbone: first the goal's pair, the backbone and the default network,
+alone in the process as in a training run; then dense and sparse; last, after every other pass of every setting, the
+Python paths, because after one training step on the Python fused node (it runs half of its experts on a helper
+thread) every later step in the same process runs about twice as slow on the 2-core machine. The last row per setting
+gives the default network measured as the previous version of this benchmark did: round-robin, one step of each
+network of the Python pass in turn. There every step starts after the other networks have replaced its weights and
+activations in the CPU caches; all of them pay that cost, so the ratio reads lower than what a training run gets.
 
 Usage::
 
@@ -171,7 +175,16 @@ def summarize(times: Dict[str, List[float]], base: str = "backbone") -> Dict[str
 
 
 DEFAULT = "dmoe auto (default)"
-ROUND_ROBIN = f"{DEFAULT}, round-robin with the other networks (previous measure)"
+#: the second pass: the other native dispatches; the third: the Python paths the kernels replaced (each pass with its
+#: own backbone and default network, so every row has a ratio measured in its own pass)
+NATIVE_OTHERS = ["backbone", "dmoe dense", "dmoe sparse", DEFAULT]
+PYTHON_PATHS = ["backbone", DEFAULT, "dmoe auto, Python fused node (previous)", "dmoe auto, Python unfused (before)"]
+PYTHON_NOTE = (
+    "after one training step on the Python fused node (it runs half of the experts on a helper thread), every later "
+    "step in the same process ran about twice as slow on the 2-core machine (the backbone 0.033 s -> 0.066 s), so "
+    "these passes run after all others, their absolute times read high, and their ratios compare networks under that "
+    "same slowdown"
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -180,7 +193,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only-default", action="store_true", help="the backbone and the default network only")
     parser.add_argument("--f24", action="store_true", help="also run f=24 at 64x64x64")
     parser.add_argument("--f32", action="store_true", help="also run f=32 at 128x128x64 (configs/profiles/gpu.json)")
-    parser.add_argument("--blocks", type=int, default=None, help="rounds of blocks per network (default 3, quick 2)")
+    parser.add_argument("--blocks", type=int, default=None, help="rounds of blocks per network (default 5, quick 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per block (default 15, quick 5)")
     parser.add_argument("--repeats", type=int, default=None, help="round-robin rounds (default 10, quick 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -202,7 +215,7 @@ def parse_args() -> argparse.Namespace:
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.cpu_time and (args.device.type != "cpu" or args.threads != 1):
         parser.error("--cpu-time measures one CPU thread: it needs --device cpu and --threads 1")
-    args.blocks = args.blocks or (2 if args.quick else 3)
+    args.blocks = args.blocks or (3 if args.quick else 5)
     args.steps = args.steps or (5 if args.quick else 15)
     args.repeats = args.repeats or (3 if args.quick else 10)
     return args
@@ -219,26 +232,43 @@ def settings(args: argparse.Namespace) -> List[Tuple[int, Tuple[int, int, int]]]
     return out
 
 
-def measure(args: argparse.Namespace, f: int, patch: Tuple[int, int, int], clock: Callable[[], float]) -> List[str]:
-    """The table rows of one setting: every variant block-timed, then the default round-robin (previous measure)."""
-    device = args.device
-    torch.manual_seed(0)
-    x = torch.rand(2, 1, *patch, device=device)
-    y = (torch.rand(2, 1, *patch, device=device) > 0.7).float()
-    g = torch.tensor([0, 2], device=device)
-    names = ["backbone", DEFAULT] if args.only_default else list(VARIANTS)
+def timed_pass(args: argparse.Namespace, names: List[str], f: int, data: Tuple[torch.Tensor, ...], clock) -> tuple:
+    """Build ``names`` (and only those) and time them: block-timed train and eval summaries, then round-robin."""
+    x, y, g = data
     nets = {}
     for name in names:
         torch.manual_seed(0)
-        nets[name] = build(f, VARIANTS[name]).to(device)
+        nets[name] = build(f, VARIANTS[name]).to(args.device)
     steps = {k: make_train_step(n, x, y, g, args.amp) for k, n in nets.items()}
     infers = {k: make_infer(n, x, g, args.amp) for k, n in nets.items()}
     train = summarize(in_blocks(steps, args.blocks, args.steps, clock))
     infer = summarize(in_blocks(infers, args.blocks, args.steps, clock))
     rr_train = summarize(interleaved(steps, args.repeats, warmup=1, clock=clock))
     rr_infer = summarize(interleaved(infers, args.repeats, warmup=1, clock=clock))
-    rows = [(name, train[name], infer[name]) for name in names]
-    rows.append((ROUND_ROBIN if len(names) > 2 else f"{DEFAULT}, round-robin", rr_train[DEFAULT], rr_infer[DEFAULT]))
+    return train, infer, rr_train, rr_infer
+
+
+def measure(
+    args: argparse.Namespace, f: int, patch: Tuple[int, int, int], clock: Callable[[], float], python: bool = False
+) -> List[str]:
+    """Table rows of one setting from passes that each build only their networks, each against its own pass's
+    backbone. ``python=False``: the goal's pair (backbone, default network) alone, as a training run has one network,
+    then (unless ``--only-default``) dense and sparse; with ``--only-default`` also the pair's round-robin row.
+    ``python=True``: the Python paths and the round-robin with them (the previous measure); after one of their steps
+    the whole process runs slower (PYTHON_NOTE), so :func:`main` runs these passes after every other."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, *patch, device=args.device)
+    y = (torch.rand(2, 1, *patch, device=args.device) > 0.7).float()
+    data = (x, y, torch.tensor([0, 2], device=args.device))
+    passes = [PYTHON_PATHS] if python else [["backbone", DEFAULT]] + ([] if args.only_default else [NATIVE_OTHERS])
+    rows = []
+    for i, names in enumerate(passes):
+        train, infer, rr_train, rr_infer = timed_pass(args, names, f, data, clock)
+        shown = names if i == 0 and not python else [n for n in names if n not in ("backbone", DEFAULT)]
+        rows += [(name, train[name], infer[name]) for name in shown]
+    if python or args.only_default:
+        label = f"{DEFAULT}, round-robin" + (" with the Python paths (previous measure)" if python else "")
+        rows.append((label, rr_train[DEFAULT], rr_infer[DEFAULT]))
     size = "x".join(map(str, patch))
     tag = ", glibc default malloc" if args.default_malloc else ""
     return [
@@ -267,13 +297,19 @@ def main() -> None:
     )
     print("| f | patch | network | train step (s) | x backbone | eval fwd (s) | x backbone |")
     print("|---|---|---|---|---|---|---|")
-    for f, patch in settings(args):
-        print("\n".join(measure(args, f, patch, clock)), flush=True)
+    rows = {setting: measure(args, *setting, clock) for setting in settings(args)}
+    if not args.only_default:  # the Python paths last: they slow the process down (PYTHON_NOTE)
+        for setting in rows:
+            rows[setting] += measure(args, *setting, clock, python=True)
+    for setting_rows in rows.values():
+        print("\n".join(setting_rows), flush=True)
     print(
         "\nBlock rows: median of the block medians; x backbone: their ratio (in brackets the median over rounds of the "
-        "ratio of the two networks' blocks). Round-robin row: one step of each network in turn, the previous "
-        "measure; every step then starts with caches that the other networks filled, a cost both networks pay, so "
-        "with the six networks of a full run its ratio reads lower than a training run's."
+        "ratio of the two networks' blocks). The backbone and default rows of a setting are timed with only those two "
+        "networks in the process, as a training run has one network; dense and sparse in a second pass, the Python "
+        f"paths in a last one, each against its own pass's backbone ({PYTHON_NOTE}). Round-robin row: one step of each "
+        "network of the last pass in turn, the previous measure; every step then starts with caches that the other "
+        "networks filled, a cost all of them pay, so its ratio reads lower than a training run's."
     )
 
 

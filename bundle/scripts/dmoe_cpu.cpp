@@ -119,7 +119,7 @@ struct Grads {
 
 template <typename T>
 struct Hidden8 {
-  static constexpr int64_t L = WideVec<T>::lanes, NV = 32 / L;  // 32 hidden units in NV vectors of L lanes
+  static constexpr int64_t L = kWideLanes<T>, NV = 32 / L;  // 32 hidden units in NV vectors of L lanes
   Wide<T> pre[NV], z[NV];
 };
 
@@ -148,7 +148,7 @@ inline Hidden8<T> hidden8(const T* __restrict__ x, const T* __restrict__ w1, con
 template <typename T>
 inline Vec<T> rows8(const Wide<T>* z, const T* __restrict__ w) {
   alignas(64) T zs[32];
-  for (int64_t v = 0; v < Hidden8<T>::NV; ++v) store_wide(z[v], zs + v * Hidden8<T>::L);
+  for (int64_t v = 0; v < Hidden8<T>::NV; ++v) store_vec(z[v], zs + v * Hidden8<T>::L);
   Vec<T> o[4] = {};
   for (int64_t i = 0; i < 32; i += 4)
     for (int64_t s = 0; s < 4; ++s) o[s] += zs[i + s] * load_lanes(w + (i + s) * 8);
@@ -205,10 +205,10 @@ void forward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* x
       }
       const Hidden8<T> hd = hidden8(xb + q * 8, P.w1 + ex * 256, P.b1 + ex * 32);
       const Vec<T> out = output8(hd.z, P.w2 + ex * 256, P.b2 + ex * 8);
-      if (outs != nullptr) store_lanes(out, outs + p * 8);
+      if (outs != nullptr) store_vec(out, outs + p * 8);
       acc += wt * out;
     }
-    store_lanes(acc, yb + q * 8);
+    store_vec(acc, yb + q * 8);
   }
 }
 
@@ -223,7 +223,7 @@ struct PairBuf {
 // acc rows (R rows of 32) += a(s)[i] * v(s) for the listed pairs s, in list order, the R rows held in registers
 template <typename T, int64_t R, typename A, typename V>
 inline void add_rows(T* __restrict__ acc, const int64_t* list, int64_t m, const A& a, const V& v) {
-  constexpr int64_t L = WideVec<T>::lanes, NV = 32 / L;
+  constexpr int64_t L = kWideLanes<T>, NV = 32 / L;
   Wide<T> r[R][NV];
   for (int64_t i = 0; i < R; ++i)
     for (int64_t u = 0; u < NV; ++u) r[i][u] = load_wide(acc + i * 32 + u * L);
@@ -236,7 +236,7 @@ inline void add_rows(T* __restrict__ acc, const int64_t* list, int64_t m, const 
     }
   }
   for (int64_t i = 0; i < R; ++i)
-    for (int64_t u = 0; u < NV; ++u) store_wide(r[i][u], acc + i * 32 + u * L);
+    for (int64_t u = 0; u < NV; ++u) store_vec(r[i][u], acc + i * 32 + u * L);
 }
 
 // backward_impl's pairs of one block for C = 8, H = 32. Pass 1, pair by pair: the hidden layer again, the gate
@@ -266,7 +266,7 @@ void backward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* 
       gwp[p] = dot;
       const Vec<T> go = wt * load_lanes(gy);
       alignas(64) T gos[8];
-      store_lanes(go, gos);
+      store_vec(go, gos);
       constexpr int64_t L = Hidden8<T>::L, NV = Hidden8<T>::NV;
       Wide<T> a0[NV] = {}, a1[NV] = {};
       const T* w2t = P.w2t + ex * 256;
@@ -282,14 +282,14 @@ void backward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* 
         a0[u] += a1[u];
         gz[u] = zero + a0[u];
         gz[u] = hd.pre[u] > zero ? gz[u] : zero;
-        store_wide(gz[u], pr.gz + u * L);
-        store_wide(hd.z[u], pr.z + u * L);
+        store_vec(gz[u], pr.gz + u * L);
+        store_vec(hd.z[u], pr.z + u * L);
       }
-      store_lanes(go, pr.go);
+      store_vec(go, pr.go);
       gx += rows8(gz, P.w1t + ex * 256);
       lists[ex * kBlock * K + counts[ex]++] = slot;
     }
-    store_lanes(gx, gxb + q * 8);
+    store_vec(gx, gxb + q * 8);
   }
   for (int64_t ex = 0; ex < E; ++ex) {
     const int64_t m = counts[ex];
@@ -303,8 +303,8 @@ void backward_block8(const Dims& d, int64_t b, int64_t n0, int64_t nb, const T* 
       b2 += load_lanes(pb[list[t]].go);
       for (int64_t u = 0; u < NV; ++u) b1[u] += load_wide(pb[list[t]].gz + u * L);
     }
-    store_lanes(b2, g.b2 + ex * 8);
-    for (int64_t u = 0; u < NV; ++u) store_wide(b1[u], g.b1 + ex * 32 + u * L);
+    store_vec(b2, g.b2 + ex * 8);
+    for (int64_t u = 0; u < NV; ++u) store_vec(b1[u], g.b1 + ex * 32 + u * L);
     for (int64_t c = 0; c < 8; c += R) {
       add_rows<T, R>(
           g.w2t + ex * 256 + c * 32, list, m, [&](int64_t s) { return pb[s].go + c; },

@@ -36,25 +36,48 @@ inline int64_t accumulator_slots(bool serial) {
   return serial ? 1 : at::get_num_threads();
 }
 
-// kLanes tokens' values of T, one per SIMD lane (GCC vector extension: element-wise arithmetic, compiled with the
-// same contraction into fused multiply-adds as scalar code); loaded and stored unaligned
+// vectors of T (GCC vector extension: element-wise arithmetic, compiled with the same contraction into fused
+// multiply-adds as scalar code), loaded and stored unaligned. Vec: kLanes tokens' values, one per SIMD lane. Wide:
+// rows of 32 values (the hidden layer of C = 8) in the widest vectors the build has, 64 bytes with AVX-512 (16
+// floats), else 32 bytes; lanes are independent, so the lane count does not change a result
 constexpr int64_t kLanes = 8;
-template <typename T>
-struct LaneVec {
-  typedef T type __attribute__((vector_size(kLanes * sizeof(T))));
+#if defined(__AVX512F__)
+constexpr int64_t kWideBytes = 64;
+#else
+constexpr int64_t kWideBytes = 32;
+#endif
+template <typename T, int64_t Bytes>
+struct VecOf {
+  typedef T type __attribute__((vector_size(Bytes)));
 };
 template <typename T>
-using Vec = typename LaneVec<T>::type;
-
+using Vec = typename VecOf<T, kLanes * sizeof(T)>::type;
 template <typename T>
-inline Vec<T> load_lanes(const T* p) {
-  Vec<T> v;
+using Wide = typename VecOf<T, kWideBytes>::type;
+template <typename T>
+constexpr int64_t kWideLanes = kWideBytes / sizeof(T);
+
+// a vector V from memory at p
+template <typename V, typename T>
+inline V load_vec(const T* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
 template <typename T>
-inline void store_lanes(const Vec<T>& v, T* p) {
+inline Vec<T> load_lanes(const T* p) {
+  return load_vec<Vec<T>>(p);
+}
+
+template <typename T>
+inline Wide<T> load_wide(const T* p) {
+  return load_vec<Wide<T>>(p);
+}
+
+// the vector v to memory at p (either kind)
+template <typename V, typename T>
+inline void store_vec(const V& v, T* p) {
   std::memcpy(p, &v, sizeof(v));
 }
 
@@ -65,34 +88,6 @@ inline Vec<T> splat(T x) {
   for (int64_t l = 0; l < kLanes; ++l) v[l] = x;
   return v;
 }
-
-// rows of 32 values (the hidden layer of C = 8) in the widest vectors the build has: 64 bytes with AVX-512 (16
-// floats), else 32 bytes; element-wise arithmetic, so the lane count does not change a result
-#if defined(__AVX512F__)
-constexpr int64_t kWideBytes = 64;
-#else
-constexpr int64_t kWideBytes = 32;
-#endif
-template <typename T>
-struct WideVec {
-  typedef T type __attribute__((vector_size(kWideBytes)));
-  static constexpr int64_t lanes = kWideBytes / sizeof(T);
-};
-template <typename T>
-using Wide = typename WideVec<T>::type;
-
-template <typename T>
-inline Wide<T> load_wide(const T* p) {
-  Wide<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void store_wide(const Wide<T>& v, T* p) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 
 // the 8 x 8 tile at s (row stride ss) transposed to d (row stride ds) in AVX registers; false (nothing done) where
 // there is no such code: other types, or no AVX
@@ -135,7 +130,7 @@ inline std::atomic<bool> register_path{true};
 template <typename T>
 inline void vec_mat(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ m, int64_t rows,
                     int64_t cols) {
-  constexpr int64_t L = WideVec<T>::lanes, U = 4;
+  constexpr int64_t L = kWideLanes<T>, U = 4;
   int64_t j = 0;
   if (register_path.load(std::memory_order_relaxed)) {
     for (; j + U * L <= cols; j += U * L) {
@@ -143,12 +138,12 @@ inline void vec_mat(T* __restrict__ out, const T* __restrict__ a, const T* __res
       for (int64_t u = 0; u < U; ++u) acc[u] = load_wide(out + j + u * L);
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t u = 0; u < U; ++u) acc[u] += a[i] * load_wide(m + i * cols + j + u * L);
-      for (int64_t u = 0; u < U; ++u) store_wide(acc[u], out + j + u * L);
+      for (int64_t u = 0; u < U; ++u) store_vec(acc[u], out + j + u * L);
     }
     for (; j + L <= cols; j += L) {
       Wide<T> acc = load_wide(out + j);
       for (int64_t i = 0; i < rows; ++i) acc += a[i] * load_wide(m + i * cols + j);
-      store_wide(acc, out + j);
+      store_vec(acc, out + j);
     }
   }
   for (int64_t i = 0; i < rows; ++i) {  // the remaining columns (all of them without the register code)

@@ -120,7 +120,7 @@ void lane_forward_block(const RouterDims& d, int64_t b, int64_t n0, const T* hp,
     lane_logits<T>(hp + b * C * N + n, w, offset != nullptr ? offset + b * 8 * N + n : nullptr, C, N, lg);
     lane_top_k_softmax<T>(K, lg, p, sel);
     for (int64_t j = 0; j < K; ++j) {
-      store_lanes(p[j], outw + (b * K + j) * N + n);
+      store_vec(p[j], outw + (b * K + j) * N + n);
       for (int64_t l = 0; l < kLanes; ++l) oute[(b * K + j) * N + n + l] = static_cast<int64_t>(sel[j][l]);
     }
   }
@@ -180,6 +180,29 @@ constexpr bool lane_backward_matches(int64_t k) {
   return std::is_same_v<T, float> ? k <= 3 : k == 1;
 }
 
+// token_backward's gate gradients for kLanes tokens, one per lane: gl[j] = p[j] (gp[j] - sum_i p[i] gp[i]), the
+// gates p and their gradients gp read from rows of stride N (the first at pp, gpp)
+template <typename T>
+inline void lane_gate_grads(int64_t K, int64_t N, const T* pp, const T* gpp, Vec<T>* gl) {
+  Vec<T> dot = {}, p[8];
+  for (int64_t j = 0; j < K; ++j) {
+    p[j] = load_lanes(pp + j * N);
+    dot += p[j] * load_lanes(gpp + j * N);
+  }
+  for (int64_t j = 0; j < K; ++j) gl[j] = p[j] * (load_lanes(gpp + j * N) - dot);
+}
+
+// the offset gradient of kLanes tokens for each of the E experts (rows of stride N from go): gl[j] where expert e is
+// the lane's j-th choice sel[j], else 0
+template <typename T>
+inline void store_offset_grads(int64_t K, int64_t E, int64_t N, const Vec<T>* gl, const Vec<T>* sel, T* go) {
+  for (int64_t e = 0; e < E; ++e) {
+    Vec<T> g = {};
+    for (int64_t j = 0; j < K; ++j) g = sel[j] == splat(T(e)) ? gl[j] : g;
+    store_vec(g, go + e * N);
+  }
+}
+
 // token_backward for a full block, kLanes tokens at a time (k <= 8): the gate and logit gradients, the offset
 // gradient and gx per lane; then the router-weight gradients token by token, in token_backward's order
 template <typename T>
@@ -189,22 +212,10 @@ void lane_backward_block(const RouterDims& d, int64_t b, int64_t n0, const T* gp
   Vec<T> gl[8], sel[8];
   for (int64_t q = 0; q < kBlock; q += kLanes) {
     const int64_t n = n0 + q;
-    Vec<T> dot = {}, p[8];
-    for (int64_t j = 0; j < K; ++j) {
-      p[j] = load_lanes(pp + (b * K + j) * N + n);
-      dot += p[j] * load_lanes(gpp + (b * K + j) * N + n);
-    }
-    for (int64_t j = 0; j < K; ++j) {
-      gl[j] = p[j] * (load_lanes(gpp + (b * K + j) * N + n) - dot);
+    lane_gate_grads(K, N, pp + b * K * N + n, gpp + b * K * N + n, gl);
+    for (int64_t j = 0; j < K; ++j)
       for (int64_t l = 0; l < kLanes; ++l) sel[j][l] = T(ep[(b * K + j) * N + n + l]);
-    }
-    if (gop != nullptr) {
-      for (int64_t e = 0; e < E; ++e) {
-        Vec<T> go = {};
-        for (int64_t j = 0; j < K; ++j) go = sel[j] == splat(T(e)) ? gl[j] : go;
-        store_lanes(go, gop + (b * E + e) * N + n);
-      }
-    }
+    if (gop != nullptr) store_offset_grads(K, E, N, gl, sel, gop + b * E * N + n);
     for (int64_t c = 0; c < C; ++c) {
       Vec<T> gx = {};
       for (int64_t j = 0; j < K; ++j) {
@@ -212,7 +223,7 @@ void lane_backward_block(const RouterDims& d, int64_t b, int64_t n0, const T* gp
         for (int64_t l = 0; l < kLanes; ++l) wc[l] = w[c * E + static_cast<int64_t>(sel[j][l])];
         gx += gl[j] * wc;
       }
-      store_lanes(gx, ghp + (b * C + c) * N + n);
+      store_vec(gx, ghp + (b * C + c) * N + n);
     }
     for (int64_t l = 0; l < kLanes; ++l)
       for (int64_t j = 0; j < K; ++j) {
@@ -249,13 +260,8 @@ inline void lane_backward_block8(const RouterDims& d, int64_t b, int64_t n0, con
   __m256i idx[8];
   for (int64_t q = 0; q < kBlock; q += kLanes) {
     const int64_t n = n0 + q;
-    Vec<float> dot = {}, p[8];
+    lane_gate_grads(K, N, pp + b * K * N + n, gpp + b * K * N + n, gl);
     for (int64_t j = 0; j < K; ++j) {
-      p[j] = load_lanes(pp + (b * K + j) * N + n);
-      dot += p[j] * load_lanes(gpp + (b * K + j) * N + n);
-    }
-    for (int64_t j = 0; j < K; ++j) {
-      gl[j] = p[j] * (load_lanes(gpp + (b * K + j) * N + n) - dot);
       alignas(32) int32_t e32[8];
       for (int64_t l = 0; l < kLanes; ++l) {
         e32[l] = static_cast<int32_t>(ep[(b * K + j) * N + n + l]);
@@ -263,13 +269,7 @@ inline void lane_backward_block8(const RouterDims& d, int64_t b, int64_t n0, con
       }
       idx[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(e32));
     }
-    if (gop != nullptr) {
-      for (int64_t e = 0; e < 8; ++e) {
-        Vec<float> go = {};
-        for (int64_t j = 0; j < K; ++j) go = sel[j] == splat(float(e)) ? gl[j] : go;
-        store_lanes(go, gop + (b * 8 + e) * N + n);
-      }
-    }
+    if (gop != nullptr) store_offset_grads(K, int64_t(8), N, gl, sel, gop + b * 8 * N + n);
     for (int64_t c = 0; c < 8; ++c) {
       Vec<float> gx = {};
       for (int64_t j = 0; j < K; ++j) {
@@ -278,13 +278,13 @@ inline void lane_backward_block8(const RouterDims& d, int64_t b, int64_t n0, con
         std::memcpy(&wc, &v, sizeof(wc));
         gx += gl[j] * wc;
       }
-      store_lanes(gx, ghp + (b * 8 + c) * N + n);
+      store_vec(gx, ghp + (b * 8 + c) * N + n);
     }
     transpose_tile(hp + b * 8 * N + n, N, ht, 8);  // ht[l * 8 + c] = h[c] of token n + l
     for (int64_t l = 0; l < kLanes; ++l)
       for (int64_t j = 0; j < K; ++j) {
         float* row = gwt + static_cast<int64_t>(sel[j][l]) * 8;
-        store_lanes(load_lanes(row) + load_lanes(ht + l * 8) * gl[j][l], row);
+        store_vec(load_lanes(row) + load_lanes(ht + l * 8) * gl[j][l], row);
       }
   }
   transpose_tile(gwt, 8, gw, 8);

@@ -7,6 +7,8 @@ Sizes: a first-stage-like layer (C = 8, 2 x 16 x 16 x 8 voxels = 4096 tokens, 81
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from dmoe_check import assert_equal_to_scale, run_layer, sum_in_forked_child
@@ -170,6 +172,27 @@ def test_helper_thread_is_made_again_in_a_new_process(monkeypatch):
     second = dmoe_kernels._helper()
     assert second is not first
     assert second.submit(lambda: 6 * 7).result(timeout=10) == 42
+
+
+def test_helper_thread_runs_one_intra_op_thread_and_leaves_the_rest_as_they_were(monkeypatch):
+    """The helper runs torch with one thread (no OpenMP team of its own beside the caller's); the caller keeps its
+    count, and so does a thread made afterwards."""
+    monkeypatch.setattr(dmoe_kernels.os, "getpid", lambda: -54321)  # a fresh helper for this test
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        helper = dmoe_kernels._helper()
+        assert helper.submit(torch.get_num_threads).result(timeout=10) == 1
+        assert helper.submit(lambda: float(torch.relu(torch.ones(10**6)).sum())).result(timeout=10) == 1e6
+        assert helper.submit(torch.get_num_threads).result(timeout=10) == 1  # a parallel op did not reset it
+        assert torch.get_num_threads() == 2
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

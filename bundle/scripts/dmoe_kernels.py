@@ -12,7 +12,8 @@ shaped by three measurements on the project's 2-core CPU (``bench/bench_dmoe.py`
   order; backward does the same with the gradients (no scatter-add, single-threaded on CPU).
 - **The experts in two halves at once.** At these sizes MKL runs each product on one thread, so with two to four
   torch threads the experts are split in two groups of about equal pair count and the second group runs on a helper
-  thread (:func:`_run_split`). The split changes no arithmetic: each expert's products are the same either way.
+  thread (:func:`_run_split`), which runs torch with one intra-op thread (:func:`_one_thread`). The split changes no
+  arithmetic: each expert's products are the same either way.
 
 The router, the noise and dropout are not touched here, so the random streams are those of the unfused layer.
 Outputs and gradients equal the dense dispatch to float rounding (``tests/test_dmoe_kernels.py``). TorchScript cannot
@@ -138,13 +139,26 @@ def _quiet(work: Work, segs: List[Segment]) -> List[Tensor]:
 
 
 def _helper() -> ThreadPoolExecutor:
-    """The one helper thread of this process (made again after a fork: a child does not inherit threads)."""
+    """The one helper thread of this process (made again after a fork: a child does not inherit threads), running
+    torch with one intra-op thread (:func:`_one_thread`)."""
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(1, thread_name_prefix="dmoe-experts")
             _pool_pid = os.getpid()
+            threads = torch.get_num_threads()
+            _pool.submit(_one_thread).result()
+            torch.set_num_threads(threads)  # torch's count for threads made later: the caller's again
         return _pool
+
+
+def _one_thread() -> None:
+    """One intra-op thread for the calling (helper) thread. With the default count, the helper's first parallel op
+    gave it an OpenMP thread team of its own that stayed alive; with 2 torch threads on the 2-core machine every
+    later step of the process, the plain backbone's included, then ran about twice as slow (0.064 s against 0.032 s;
+    bundle docs, Performance). Its products run on one thread at these sizes anyway (see the module docstring)."""
+    torch.get_num_threads()  # torch's per-thread set-up first, so it does not reset the count later
+    torch.set_num_threads(1)
 
 
 class _SparseExperts(torch.autograd.Function):

@@ -15,11 +15,11 @@ the median over rounds of the ratio of the blocks run in the same round, steadie
 Each setting's rows come from passes that each build only their networks (one process, blocks alternating within a
 pass), every ratio against its own pass's backbone: first the goal's pair, the backbone and the default network,
 alone in the process as in a training run; then dense and sparse; last, after every other pass of every setting, the
-Python paths, because after one training step on the Python fused node (it runs half of its experts on a helper
-thread) every later step in the same process runs about twice as slow on the 2-core machine. The last row per setting
-gives the default network measured as the previous version of this benchmark did: round-robin, one step of each
-network of the Python pass in turn. There every step starts after the other networks have replaced its weights and
-activations in the CPU caches; all of them pay that cost, so the ratio reads lower than what a training run gets.
+Python paths (a slowdown they caused before 2026-12-07, see PYTHON_NOTE, reached every later step of the process).
+The last row per setting gives the default network measured as the previous version of this benchmark did:
+round-robin, one step of each network of the Python pass in turn. There every step starts after the other networks
+have replaced its weights and activations in the CPU caches; all of them pay that cost, so the ratio reads lower
+than what a training run gets.
 
 Usage::
 
@@ -180,10 +180,10 @@ DEFAULT = "dmoe auto (default)"
 NATIVE_OTHERS = ["backbone", "dmoe dense", "dmoe sparse", DEFAULT]
 PYTHON_PATHS = ["backbone", DEFAULT, "dmoe auto, Python fused node (previous)", "dmoe auto, Python unfused (before)"]
 PYTHON_NOTE = (
-    "after one training step on the Python fused node (it runs half of the experts on a helper thread), every later "
-    "step in the same process ran about twice as slow on the 2-core machine (the backbone 0.033 s -> 0.066 s), so "
-    "these passes run after all others, their absolute times read high, and their ratios compare networks under that "
-    "same slowdown"
+    "before 2026-12-07 12:40 UTC one training step on the Python fused node left its helper thread with an OpenMP "
+    "thread team of its own, and every later step in the process ran about twice as slow on the 2-core machine (the "
+    "backbone 0.033 s -> 0.066 s); the helper now runs one intra-op thread, and these passes still run last, so that "
+    "such a slowdown cannot reach the other rows"
 )
 
 
@@ -255,7 +255,7 @@ def measure(
     backbone. ``python=False``: the goal's pair (backbone, default network) alone, as a training run has one network,
     then (unless ``--only-default``) dense and sparse; with ``--only-default`` also the pair's round-robin row.
     ``python=True``: the Python paths and the round-robin with them (the previous measure); after one of their steps
-    the whole process runs slower (PYTHON_NOTE), so :func:`main` runs these passes after every other."""
+    the whole process ran slower before a fix (PYTHON_NOTE), so :func:`main` runs these passes after every other."""
     torch.manual_seed(0)
     x = torch.rand(2, 1, *patch, device=args.device)
     y = (torch.rand(2, 1, *patch, device=args.device) > 0.7).float()
@@ -298,7 +298,7 @@ def main() -> None:
     print("| f | patch | network | train step (s) | x backbone | eval fwd (s) | x backbone |")
     print("|---|---|---|---|---|---|---|")
     rows = {setting: measure(args, *setting, clock) for setting in settings(args)}
-    if not args.only_default:  # the Python paths last: they slow the process down (PYTHON_NOTE)
+    if not args.only_default:  # the Python paths last (PYTHON_NOTE)
         for setting in rows:
             rows[setting] += measure(args, *setting, clock, python=True)
     for setting_rows in rows.values():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,9 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_dmoe import in_blocks  # noqa: E402
 from scripts import dmoe_native  # noqa: E402
 from scripts.dmoe import lane_draws  # noqa: E402  (also sets the process's malloc thresholds, as in training)
 from scripts.dmoe_native import lane_threshold  # noqa: E402
@@ -78,13 +79,8 @@ def layer_calls(x: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], list]]:
 
 
 def median_time(fn: Callable[[], list], repeats: int, clock: Callable[[], float]) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return statistics.median(times)
+    """Median of ``repeats`` timed calls after an untimed one (one block of ``bench_dmoe.in_blocks``)."""
+    return in_blocks({"call": fn}, 1, repeats, clock)["call"][0]
 
 
 def run(repeats: int, clock: Callable[[], float]) -> Tuple[List[str], Dict[str, List[torch.Tensor]]]:

@@ -1,6 +1,6 @@
 """Inputs and calls of the native expert kernels for the tests that compare their bits (test_dmoe_fast_path.py: the
-register code against the per-pair code; test_dmoe_wide.py: the AVX2 build against the AVX-512 build, in a child
-process that imports this module)."""
+register code against the per-pair code; test_dmoe_lanes.py: the router's block code against its lane code;
+test_dmoe_wide.py: the AVX2 build against the AVX-512 build, in a child process that imports this module)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,23 @@ from scripts.dmoe_native import lane_threshold
 
 @contextlib.contextmanager
 def register_path(enabled: bool):
+    """The kernels' register code on or off (off: the code it replaced), restored after."""
     before = torch.ops.fairdro_dmoe.set_register_path(enabled)
     try:
         yield
     finally:
         torch.ops.fairdro_dmoe.set_register_path(before)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """n torch intra-op threads, the previous count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def kernel_inputs(n: int, k: int, dtype: torch.dtype, skip: bool, seed: int, c: int = 8):
@@ -63,13 +75,9 @@ def build_case_outputs() -> list:
     results = []
     for n, k, dtype, skip, threads in BUILD_CASES:
         inputs = kernel_inputs(n, k, dtype, skip, seed=n + k)
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             fast = kernels(*inputs, skip, register=True)
             slow = kernels(*inputs, skip, register=False)
-        finally:
-            torch.set_num_threads(before)
         results.append((fast + router(inputs[0], k, seed=n), all(torch.equal(a, b) for a, b in zip(fast, slow))))
     return results
 

@@ -9,12 +9,10 @@ and for training steps of the whole network.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from conftest import needs_tool
-from dmoe_kernel_cases import kernel_inputs, kernels, register_path
+from dmoe_kernel_cases import kernel_inputs, kernels, register_path, torch_threads
 from monai.losses import DiceCELoss
 from scripts import dmoe_native
 from scripts.dmoe_native import lane_threshold
@@ -29,16 +27,6 @@ def _built(monkeypatch):
     assert dmoe_native.available()
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
@@ -46,7 +34,7 @@ def _threads(n: int):
 @pytest.mark.parametrize("n", [64, 100, 4133])
 def test_register_kernels_give_the_bits_of_the_per_pair_code(threads, dtype, k, skip, n):
     inputs = kernel_inputs(n, k, dtype, skip, seed=n * 10 + k)
-    with _threads(threads):
+    with torch_threads(threads):
         fast = kernels(*inputs, skip, register=True)
         slow = kernels(*inputs, skip, register=False)
     names = ("y", "outs", "gh", "gw", "gw1", "gb1", "gw2", "gb2")
@@ -78,7 +66,7 @@ def test_register_rows_give_the_bits_of_the_row_by_row_code(threads, dtype, c, n
     registers across the rows (vec_mat); switched off, they go row by row as before. c = 24: a hidden layer of 96
     units, not a multiple of the 4 vectors the register code holds."""
     inputs = kernel_inputs(n, 2, dtype, False, seed=c + n, c=c)
-    with _threads(threads):
+    with torch_threads(threads):
         fast = kernels(*inputs, False, register=True)
         slow = kernels(*inputs, False, register=False)
     for name, a, b in zip(("y", "outs", "gh", "gw", "gw1", "gb1", "gw2", "gb2"), fast, slow):
@@ -97,7 +85,7 @@ def _train(register: bool, threads: int, steps: int = 3):
     y = (torch.rand(2, 1, 64, 32, 32) > 0.7).float()
     g = torch.tensor([0, 2])
     losses = []
-    with _threads(threads), register_path(register):
+    with torch_threads(threads), register_path(register):
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(x, g), y)

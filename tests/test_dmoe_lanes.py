@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import needs_tool
+from dmoe_kernel_cases import register_path, torch_threads
 from scripts import dmoe_native
 from scripts.dmoe import _lane_mask, lane_draws
 from scripts.dmoe_native import lane_threshold
@@ -106,8 +107,8 @@ def test_expert_dropout_factors_are_the_lane_mask(first, dtype):
 @pytest.mark.parametrize("with_offset", [True, False])
 def test_router_block_code_for_8_channels_gives_the_bits_of_the_lane_code(threads, k, with_offset):
     """float32, C = 8, E = 8 (the default network's first stages) run their own backward block code (permuted weight
-    rows, gradients added as rows per expert); switched off, the same blocks take the general lane code. Many blocks
-    and both cases' subgroups, so the router-weight accumulator crosses blocks, cases and threads."""
+    rows, gradients added as rows per expert); with the register code off, the same blocks take the general lane
+    code. Many blocks and both cases' subgroups, so the router-weight accumulator crosses blocks, cases and threads."""
     g = torch.Generator().manual_seed(k)
     n = 64 * 37 + 5  # full blocks and a partial one per case
     h = torch.randn(2, 8, n, generator=g)
@@ -116,19 +117,12 @@ def test_router_block_code_for_8_channels_gives_the_bits_of_the_lane_code(thread
     offset = torch.randn(2, 8, n, generator=g) if with_offset else h.new_empty(0)
     grad = torch.randn(2, k, n, generator=g)
     ops = torch.ops.fairdro_dmoe
-    before_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         weights, experts = ops.router_forward(h, weight, sub, offset, k)
         runs = []
         for block8 in (True, False):
-            before = ops.set_router_lanes8(block8)
-            try:
+            with register_path(block8):
                 runs.append(ops.router_backward(grad, h, weight, sub, experts, weights, with_offset))
-            finally:
-                ops.set_router_lanes8(before)
-    finally:
-        torch.set_num_threads(before_threads)
     for name, a, b in zip(("gh", "gweight", "goffset"), *runs):
         assert torch.equal(a, b), name
     # k = 1: the one gate is always 1, so no gradient reaches the router weights (by hand); else some does

@@ -26,7 +26,6 @@
 #include <type_traits>
 #include <vector>
 
-
 namespace {
 
 using namespace fairdro_dmoe;
@@ -115,7 +114,6 @@ struct Grads {
 // of 8) stay in registers instead of going through small buffers, and the backward adds each expert's parameter
 // gradients for all its pairs of a block while they are held in registers (the pairs of one expert in the order the
 // generic code adds them). Lanes are independent, so the vector width never changes a result.
-
 
 template <typename T>
 struct Hidden8 {
@@ -223,7 +221,7 @@ struct PairBuf {
 // acc rows (R rows of 32) += a(s)[i] * v(s) for the listed pairs s, in list order, the R rows held in registers
 template <typename T, int64_t R, typename A, typename V>
 inline void add_rows(T* __restrict__ acc, const int64_t* list, int64_t m, const A& a, const V& v) {
-  constexpr int64_t L = kWideLanes<T>, NV = 32 / L;
+  constexpr int64_t L = Hidden8<T>::L, NV = Hidden8<T>::NV;
   Wide<T> r[R][NV];
   for (int64_t i = 0; i < R; ++i)
     for (int64_t u = 0; u < NV; ++u) r[i][u] = load_wide(acc + i * 32 + u * L);

@@ -120,7 +120,8 @@ inline bool transpose_tile<float>(const float* s, int64_t ss, float* d, int64_t 
 #endif
 
 // false: the kernels take the code the register paths replaced (set_register_path; the tests compare the two): the
-// per-pair code for C = 8, H = 32 (dmoe_cpu.cpp) and the row-by-row vec_mat below
+// per-pair code for C = 8, H = 32 (dmoe_cpu.cpp), the general lane code of the router backward for float C = 8, E = 8
+// (dmoe_router_cpu.cpp) and the row-by-row vec_mat below
 inline std::atomic<bool> register_path{true};
 
 // out[j] += sum_i a[i] * m[i * cols + j]   (row-vector times matrix, accumulated), each out[j] a chain of

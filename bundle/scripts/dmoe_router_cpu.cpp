@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -234,20 +233,14 @@ void lane_backward_block(const RouterDims& d, int64_t b, int64_t n0, const T* gp
   }
 }
 
-// false: float blocks with C = 8, E = 8 take lane_backward_block too (set_router_lanes8: the tests compare the two)
-std::atomic<bool> lanes8{true};
-
-bool set_router_lanes8(bool enabled) {
-  return lanes8.exchange(enabled);
-}
-
 #if defined(__AVX2__)
 // lane_backward_block for float with C = 8 channels and E = 8 experts (the first two stages of the default network),
 // the same operations per element in the same order: each lane's router-weight entry w[c, e] comes from the row
 // w[c, :] by one permute per channel and gate (instead of eight scalar loads), and the router-weight gradients are
 // added as rows per expert, gwt = gw transposed (E, C), one vector multiply-add per token and gate on the token's 8
 // channels (the block's 8 x 8 tiles of h transposed to token-major). gw is transposed into gwt before the block and
-// back after it (exact copies), so the accumulator keeps its layout for the per-token code.
+// back after it (exact copies), so the accumulator keeps its layout for the per-token code. With register_path off
+// (the tests) these blocks take lane_backward_block.
 inline void lane_backward_block8(const RouterDims& d, int64_t b, int64_t n0, const float* gpp, const float* hp,
                                  const float* w, const int64_t* ep, const float* pp, float* ghp, float* gop,
                                  float* gw) {
@@ -307,7 +300,7 @@ void backward_impl(const RouterDims d, const T* gpp, const T* hp, const T* wp, c
       if (nb == kBlock && lane_backward_matches<T>(K)) {
 #if defined(__AVX2__)
         if constexpr (std::is_same_v<T, float>) {
-          if (C == 8 && E == 8 && lanes8.load(std::memory_order_relaxed)) {
+          if (C == 8 && E == 8 && register_path.load(std::memory_order_relaxed)) {
             lane_backward_block8(d, b, n0, gpp, hp, wp + a * C * E, ep, pp, ghp, gop, acc + a * C * E);
             continue;
           }
@@ -389,7 +382,6 @@ TORCH_LIBRARY_FRAGMENT(fairdro_dmoe, m) {
   m.def(
       "router_backward(Tensor gweights, Tensor h, Tensor w, Tensor sub, Tensor experts, Tensor weights,"
       " bool offset_grad) -> Tensor[]");
-  m.def("set_router_lanes8(bool enabled) -> bool", &set_router_lanes8);
 }
 
 TORCH_LIBRARY_IMPL(fairdro_dmoe, CPU, m) {

@@ -232,8 +232,11 @@ def settings(args: argparse.Namespace) -> List[Tuple[int, Tuple[int, int, int]]]
     return out
 
 
-def timed_pass(args: argparse.Namespace, names: List[str], f: int, data: Tuple[torch.Tensor, ...], clock) -> tuple:
-    """Build ``names`` (and only those) and time them: block-timed train and eval summaries, then round-robin."""
+def timed_pass(
+    args: argparse.Namespace, names: List[str], f: int, data: Tuple[torch.Tensor, ...], clock, round_robin: bool
+) -> tuple:
+    """Build ``names`` (and only those) and time them: block-timed train and eval summaries, then (with
+    ``round_robin``) the round-robin ones, else None for those."""
     x, y, g = data
     nets = {}
     for name in names:
@@ -243,6 +246,8 @@ def timed_pass(args: argparse.Namespace, names: List[str], f: int, data: Tuple[t
     infers = {k: make_infer(n, x, g, args.amp) for k, n in nets.items()}
     train = summarize(in_blocks(steps, args.blocks, args.steps, clock))
     infer = summarize(in_blocks(infers, args.blocks, args.steps, clock))
+    if not round_robin:
+        return train, infer, None, None
     rr_train = summarize(interleaved(steps, args.repeats, warmup=1, clock=clock))
     rr_infer = summarize(interleaved(infers, args.repeats, warmup=1, clock=clock))
     return train, infer, rr_train, rr_infer
@@ -261,12 +266,13 @@ def measure(
     y = (torch.rand(2, 1, *patch, device=args.device) > 0.7).float()
     data = (x, y, torch.tensor([0, 2], device=args.device))
     passes = [PYTHON_PATHS] if python else [["backbone", DEFAULT]] + ([] if args.only_default else [NATIVE_OTHERS])
-    rows = []
+    rows, with_rr = [], python or args.only_default  # the round-robin row: from the last pass, only there
     for i, names in enumerate(passes):
-        train, infer, rr_train, rr_infer = timed_pass(args, names, f, data, clock)
+        last = i == len(passes) - 1
+        train, infer, rr_train, rr_infer = timed_pass(args, names, f, data, clock, with_rr and last)
         shown = names if i == 0 and not python else [n for n in names if n not in ("backbone", DEFAULT)]
         rows += [(name, train[name], infer[name]) for name in shown]
-    if python or args.only_default:
+    if with_rr:
         label = f"{DEFAULT}, round-robin" + (" with the Python paths (previous measure)" if python else "")
         rows.append((label, rr_train[DEFAULT], rr_infer[DEFAULT]))
     size = "x".join(map(str, patch))

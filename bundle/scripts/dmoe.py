@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .allocator import keep_freed_memory
 from .dmoe_kernels import expert_routing, pair_keys, sparse_experts
-from .dmoe_native import lane_threshold, native_experts, native_route, usable_for
+from .dmoe_native import lane_threshold, native_experts, native_route, randn, random64, usable_for
 
 __all__ = [
     "DISPATCH_MODES",
@@ -167,9 +167,12 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 @torch.jit.unused
-def lane_draws(n: int, device: torch.device) -> Tensor:
+def lane_draws(n: int, device: torch.device, native: bool = False) -> Tensor:
     """The int64 random draws behind a dropout mask of n elements: (n + 2) // 3 draws of 63 random bits, three
-    16-bit lanes used from each (see :func:`_lane_mask`; the native kernels read the same lanes)."""
+    16-bit lanes used from each (see :func:`_lane_mask`; the native kernels read the same lanes). ``native``: drawn
+    by :func:`scripts.dmoe_native.random64` (the same draws, faster; for the native path, whose kernels are loaded)."""
+    if native:
+        return random64((n + 2) // 3, device)
     return torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()
 
 
@@ -607,7 +610,7 @@ class DMoE(nn.Module):
         if fallback or need_probs or not native:
             return r(h, idx, need_probs)
         b, n = h.shape[0], h.shape[2]
-        noise = torch.randn(b, r.num_experts, n, dtype=h.dtype, device=h.device) if r.training and r.noise else None
+        noise = randn((b, r.num_experts, n), h.dtype, h.device) if r.training and r.noise else None  # = torch.randn
         weights, experts = native_route(h, r.weight, r.noise_weight, idx, noise, r.top_k)
         return weights, experts, h.new_empty(0)
 
@@ -620,7 +623,7 @@ class DMoE(nn.Module):
         Python path (``dense``: :meth:`resolve_dispatch` chose dense) and :meth:`_add_dropped`."""
         if native:
             p = self.dropout if self.training else 0.0
-            draws = lane_draws(h.numel(), h.device) if p > 0.0 else None
+            draws = lane_draws(h.numel(), h.device, native=True) if p > 0.0 else None
             params = (self.experts.w1, self.experts.b1, self.experts.w2, self.experts.b2)
             return native_experts(h, weights, experts, params, fallback, draws, p).view(x.shape)
         if dense:

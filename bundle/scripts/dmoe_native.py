@@ -1,10 +1,13 @@
 """Build, load and call the native CPU kernels of the dMoE layer (``scripts/dmoe_cpu.cpp``: experts, dropout and
-residual; ``scripts/dmoe_router_cpu.cpp``: router).
+residual; ``scripts/dmoe_router_cpu.cpp``: router; ``scripts/dmoe_rng_cpu.cpp``: the layer's random numbers).
 
 The kernels compute, for each voxel where it lies in the (B, C, N) feature map, the router's top-k gates and the
 layer's output ``h + dropout(gate-weighted sum of the chosen experts' MLPs)``, and in the backward pass all
 gradients (see the C++ files' headers). They replace the per-expert matrix products, gathers, sort and element-wise
-operations of the Python paths on the CPU (bundle docs, Performance).
+operations of the Python paths on the CPU (bundle docs, Performance). The layer's random numbers (router noise,
+dropout draws) come from torch's default generator either way: :func:`randn` and :func:`random64` draw the same
+values as ``torch.randn`` and ``random_()`` and leave the generator where they leave it, only faster (checked
+against torch once per process, see :func:`rng_agrees`).
 
 The sources are compiled on first use with PyTorch's C++ extension builder (a C++ compiler and ``ninja`` are
 needed; about 20 s on 2 cores) into PyTorch's extension cache (``TORCH_EXTENSIONS_DIR``, default
@@ -25,7 +28,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,9 @@ __all__ = [
     "lane_threshold",
     "native_experts",
     "native_route",
+    "randn",
+    "random64",
+    "rng_agrees",
     "usable_for",
 ]
 
@@ -47,7 +53,7 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "FAIRDRO_DMOE_NATIVE"
 HERE = Path(__file__).parent
 #: the extension's sources (experts, router) and the header they share
-SOURCES = [HERE / "dmoe_cpu.cpp", HERE / "dmoe_router_cpu.cpp"]
+SOURCES = [HERE / "dmoe_cpu.cpp", HERE / "dmoe_router_cpu.cpp", HERE / "dmoe_rng_cpu.cpp"]
 HEADERS = [HERE / "dmoe_cpu_common.h"]
 #: compile flags: -fopenmp makes at::parallel_for use torch's OpenMP threads (linked from torch, not the system)
 CFLAGS = ["-O3", "-fopenmp"]
@@ -71,6 +77,7 @@ _MODES = ("auto", "0", "1")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once tried; "error": the reason of a failed build
+_rng_checked: dict = {}  # "normal" / "random64": whether the kernels' draws equal torch's on this machine
 
 
 class NativeKernelError(RuntimeError):
@@ -270,6 +277,62 @@ class _NativeRouter(torch.autograd.Function):
             gw, h, weight, subgroup, experts, weights, ctx.offset_grad
         )
         return gh, gweight, None, (goffset if ctx.offset_grad else None), None
+
+
+def randn(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.randn(shape, dtype=dtype, device=device)``: the same numbers and the same generator state after, drawn
+    by the kernels (``fill_normal``) for a float32 CPU tensor of at least 16 elements when :func:`rng_agrees`, else
+    by torch."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if dtype == torch.float32 and out.numel() >= 16 and _fast_rng(out, "normal"):
+        torch.ops.fairdro_dmoe.fill_normal(out)
+        return out
+    return out.normal_()
+
+
+def random64(n: int, device: torch.device) -> Tensor:
+    """``torch.empty(n, dtype=torch.int64, device=device).random_()`` (63 random bits a draw): the same draws and the
+    same generator state after, drawn by the kernels (``fill_random64``) on the CPU when :func:`rng_agrees`."""
+    out = torch.empty(n, dtype=torch.int64, device=device)
+    if _fast_rng(out, "random64"):
+        torch.ops.fairdro_dmoe.fill_random64(out)
+        return out
+    return out.random_()
+
+
+def _fast_rng(out: Tensor, kind: str) -> bool:
+    if out.device.type != "cpu" or not available():
+        return False
+    if kind not in _rng_checked:
+        with _lock:
+            _rng_checked.setdefault(kind, rng_agrees(kind))
+    return _rng_checked[kind]
+
+
+def rng_agrees(kind: str, filler: Optional[Callable[[Tensor], None]] = None) -> bool:
+    """Whether the kernels' ``kind`` draws (``"normal"``: ``fill_normal``, ``"random64"``: ``fill_random64``, or
+    ``filler`` in their place) equal torch's on this machine: 1,000 values and 700 draws (crossing the generator's
+    624-word blocks and a partial 16-value chunk) and the next ``torch.rand`` after them, from the current state of the
+    default generator, which is restored. On a mismatch (another CPU or compiler than the ones the kernels were
+    checked with) a warning says so and torch draws them: slower, the same numbers. Needs the kernels loaded."""
+    ops = torch.ops.fairdro_dmoe
+    if filler is None:
+        if kind == "normal" and not ops.fast_normal_built():
+            return False  # built without AVX2/FMA: torch's Box-Muller step is not the one in the kernels
+        filler = ops.fill_normal if kind == "normal" else ops.fill_random64
+    make = (lambda: torch.empty(1000)) if kind == "normal" else (lambda: torch.empty(700, dtype=torch.int64))
+    state = torch.get_rng_state()
+    try:
+        expected = (make().normal_() if kind == "normal" else make().random_(), torch.rand(4))
+        torch.set_rng_state(state)
+        drawn = make()
+        filler(drawn)
+        same = torch.equal(drawn, expected[0]) and torch.equal(torch.rand(4), expected[1])
+    finally:
+        torch.set_rng_state(state)
+    if not same:
+        logger.warning("dMoE: the native kernels' %s draws differ from torch's on this machine; torch draws them", kind)
+    return same
 
 
 def _main(argv: Optional[list] = None) -> None:

@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "dmoe_cpu_common.h"
@@ -433,12 +434,19 @@ void transpose_each(const T* __restrict__ src, T* __restrict__ dst, int64_t n, i
   for (int64_t e = 0; e < n; ++e) transpose_block(src + e * rows * cols, cols, dst + e * rows * cols, rows, rows, cols);
 }
 
-// the (E, rows, cols) tensor t transposed to (E, cols, rows), contiguous
+// the (E, rows, cols) tensor t transposed to (E, cols, rows), contiguous; the experts shared out among torch's threads
+// when there are at least kParallelCopy values (the deep stages' weights: 0.5 MB per tensor at C = 64)
+constexpr int64_t kParallelCopy = int64_t(1) << 15;
 at::Tensor transposed(const at::Tensor& tensor) {
   const at::Tensor t = tensor.contiguous();
-  at::Tensor out = at::empty({t.size(0), t.size(2), t.size(1)}, t.options());
+  const int64_t rows = t.size(1), cols = t.size(2), size = rows * cols;
+  at::Tensor out = at::empty({t.size(0), cols, rows}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "dmoe_transpose", [&] {
-    transpose_each(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), t.size(0), t.size(1), t.size(2));
+    const scalar_t* src = t.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    run_blocks(t.size(0), t.numel() < kParallelCopy, [&](int64_t e0, int64_t e1, int64_t) {
+      transpose_each(src + e0 * size, dst + e0 * size, e1 - e0, rows, cols);
+    });
   });
   return out;
 }
@@ -531,6 +539,41 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
   return {gh, gw, parts[0].view({E, C, H}), parts[1].view({E, H}), gw2, parts[3].view({E, C})};
 }
 
+// the experts' mixture, residual and dropout as one autograd node with the kernels above as its forward and backward
+// (written in C++ so that a training step does not pay Python's call overhead for it, twice per layer). keep: the
+// forward keeps every pair's output for the backward (the caller sets it when a gradient will be needed)
+struct ExpertsNode : public torch::autograd::Function<ExpertsNode> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w,
+                            const at::Tensor& e, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                            const at::Tensor& b2, bool skip_zero, const at::Tensor& draws, int64_t threshold,
+                            double scale, bool keep) {
+    std::vector<at::Tensor> r = experts_forward(h, w, e, w1, b1, w2, b2, skip_zero, draws, threshold, scale, keep);
+    ctx->save_for_backward({h, w, e, w1, b1, w2, b2, draws, r[1]});
+    ctx->saved_data["skip_zero"] = skip_zero;
+    ctx->saved_data["threshold"] = threshold;
+    ctx->saved_data["scale"] = scale;
+    return r[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list s = ctx->get_saved_variables();
+    const at::Tensor gy = grads[0].to(s[0].scalar_type()).contiguous();
+    std::vector<at::Tensor> g = experts_backward(gy, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                                                 ctx->saved_data["skip_zero"].toBool(), s[7],
+                                                 ctx->saved_data["threshold"].toInt(),
+                                                 ctx->saved_data["scale"].toDouble(), s[8]);
+    const at::Tensor none;
+    return {g[0], g[1], none, g[2], g[3], g[4], g[5], none, none, none, none, none};
+  }
+};
+
+at::Tensor experts(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1,
+                   const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
+                   const at::Tensor& draws, int64_t threshold, double scale, bool keep) {
+  return ExpertsNode::apply(h, w, e, w1, b1, w2, b2, skip_zero, draws, threshold, scale, keep);
+}
+
 // switch the C = 8, H = 32 register code on (default) or off; returns the previous setting
 bool set_register_path(bool enabled) {
   return register_path.exchange(enabled);
@@ -545,6 +588,10 @@ TORCH_LIBRARY(fairdro_dmoe, m) {
   m.def(
       "experts_backward(Tensor gy, Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2,"
       " bool skip_zero, Tensor draws, int threshold, float scale, Tensor outs) -> Tensor[]");
+  m.def(
+      "experts(Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool skip_zero,"
+      " Tensor draws, int threshold, float scale, bool keep) -> Tensor",
+      &experts);
   m.def("set_register_path(bool enabled) -> bool", &set_register_path);
 }
 

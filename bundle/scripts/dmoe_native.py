@@ -200,9 +200,13 @@ def native_experts(
     """
     dt = h.dtype
     w1, b1, w2, b2 = (t.to(dt) for t in params)
-    drop = (h.new_empty(0, dtype=torch.int64), 0, 1.0) if draws is None else (draws, lane_threshold(p), 1.0 / (1.0 - p))
-    return _NativeExperts.apply(
-        h.contiguous(), weights.to(dt).contiguous(), experts.contiguous(), w1, b1, w2, b2, skip_zero, drop
+    w = weights.to(dt)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (h, w, w1, b1, w2, b2))  # outputs for backward
+    draws, threshold, scale = (
+        (h.new_empty(0, dtype=torch.int64), 0, 1.0) if draws is None else (draws, lane_threshold(p), 1.0 / (1.0 - p))
+    )
+    return torch.ops.fairdro_dmoe.experts(
+        h.contiguous(), w.contiguous(), experts.contiguous(), w1, b1, w2, b2, skip_zero, draws, threshold, scale, keep
     )
 
 
@@ -210,26 +214,6 @@ def lane_threshold(p: float) -> int:
     """The 16-bit lane threshold of dropout rate p: a lane (uniform over [-2^15, 2^15)) at or above it keeps its
     element, so the drop probability is p rounded to a multiple of 2^-16."""
     return int(round(p * 65536.0)) - 32768
-
-
-class _NativeExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, e, w1, b1, w2, b2, skip_zero, drop):  # type: ignore[override]
-        keep = any(ctx.needs_input_grad)  # the experts' outputs per pair, for the backward's gate gradients
-        y, outs = torch.ops.fairdro_dmoe.experts_forward(h, w, e, w1, b1, w2, b2, skip_zero, *drop, keep)
-        ctx.save_for_backward(h, w, e, w1, b1, w2, b2, drop[0], outs)
-        ctx.skip_zero, ctx.drop = skip_zero, drop[1:]
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
-        h, w, e, w1, b1, w2, b2, draws, outs = ctx.saved_tensors
-        gy = gy.to(h.dtype).contiguous()
-        grads = torch.ops.fairdro_dmoe.experts_backward(
-            gy, h, w, e, w1, b1, w2, b2, ctx.skip_zero, draws, *ctx.drop, outs
-        )
-        gh, gw, gw1, gb1, gw2, gb2 = grads
-        return gh, gw, None, gw1, gb1, gw2, gb2, None, None
 
 
 def native_route(
@@ -257,26 +241,10 @@ def native_route(
     if noise is not None:
         noise_logits = torch.bmm(noise_weight[subgroup].transpose(1, 2).to(dt), h)  # (B, E, N)
         offset = noise.to(dt) * F.softplus(noise_logits)
-    return _NativeRouter.apply(h, weight.to(dt).contiguous(), subgroup.contiguous(), offset.contiguous(), k)
-
-
-class _NativeRouter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, subgroup, offset, k):  # type: ignore[override]
-        weights, experts = torch.ops.fairdro_dmoe.router_forward(h, weight, subgroup, offset, k)
-        ctx.save_for_backward(h, weight, subgroup, experts, weights)
-        ctx.offset_grad = offset.numel() > 0
-        ctx.mark_non_differentiable(experts)
-        return weights, experts
-
-    @staticmethod
-    def backward(ctx, gweights, _gexperts):  # type: ignore[override]
-        h, weight, subgroup, experts, weights = ctx.saved_tensors
-        gw = gweights.to(h.dtype).contiguous()
-        gh, gweight, goffset = torch.ops.fairdro_dmoe.router_backward(
-            gw, h, weight, subgroup, experts, weights, ctx.offset_grad
-        )
-        return gh, gweight, None, (goffset if ctx.offset_grad else None), None
+    weights, experts = torch.ops.fairdro_dmoe.router(
+        h, weight.to(dt).contiguous(), subgroup.contiguous(), offset.contiguous(), k
+    )
+    return weights, experts
 
 
 def randn(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

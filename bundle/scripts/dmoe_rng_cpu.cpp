@@ -4,7 +4,8 @@
 //   fill_random64(out): out.random_() for a contiguous int64 tensor.
 // torch draws those words from its Mersenne Twister one call at a time (about 1.5-2 ns a word on the 2-core
 // machine); here the state is regenerated and tempered in whole blocks of 624 words in loops the compiler
-// vectorises, and the Box-Muller step is torch's AVX2 one (its avx_mathfun.h), so only the word generation changes.
+// vectorises, and the Box-Muller step is torch's AVX2 one (its avx_mathfun.h) on the same 16-value chunks, shared out
+// among torch's threads for large fills (the chunks are independent; the words stay serial).
 // dmoe_native.py checks once per process that both agree with torch on this machine before using them.
 //
 // Torch's semantics reproduced (ATen/core/MT19937RNGEngine.h, DistributionsHelper.h, TransformationHelper.h,
@@ -18,6 +19,7 @@
 #include <torch/extension.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/MT19937RNGEngine.h>
 #include <c10/util/MathConstants.h>
 
@@ -120,6 +122,8 @@ void uniforms(WordStream& stream, float* out, int64_t n) {
 }
 
 #if FAIRDRO_RNG_FAST
+constexpr int64_t kParallelFill = int64_t(1) << 15;
+
 // Box-Muller on 16 uniforms in place (torch's float AVX2 step, mean 0 and std 1 applied as it applies them)
 inline void box_muller16(float* data) {
   const __m256 u1 = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_loadu_ps(data));
@@ -137,21 +141,21 @@ void fill_normal(at::Tensor out) {
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= 16,
               "fill_normal: needs a contiguous float32 CPU tensor of at least 16 elements");
   float* data = out.data_ptr<float>();
-  const int64_t n = out.numel(), whole = n - n % 16;
-  constexpr int64_t kChunk = 4096;  // uniforms made and transformed while they are in the cache
+  const int64_t n = out.numel(), chunks = n / 16;
+  float tail[16];  // torch's second pass over the last 16 elements when 16 does not divide n: 16 more uniforms
   with_default_generator([&](WordStream& stream) {
-    for (int64_t i = 0; i < n; i += kChunk) {
-      const int64_t end = std::min(n, i + kChunk);
-      uniforms(stream, data + i, end - i);
-      for (int64_t j = i; j + 16 <= std::min(end, whole); j += 16) {
-        box_muller16(data + j);
-      }
-    }
-    if (n != whole) {
-      uniforms(stream, data + n - 16, 16);
-      box_muller16(data + n - 16);
-    }
+    uniforms(stream, data, n);
+    if (n % 16 != 0) uniforms(stream, tail, 16);
   });
+  // the chunks are independent: shared out among torch's threads for large fills (the words above are serial)
+  const int64_t grain = n >= kParallelFill ? 256 : chunks;
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) box_muller16(data + 16 * c);
+  });
+  if (n % 16 != 0) {
+    std::copy(tail, tail + 16, data + n - 16);
+    box_muller16(data + n - 16);
+  }
 }
 #else
 void fill_normal(at::Tensor out) {

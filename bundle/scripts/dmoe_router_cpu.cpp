@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -375,9 +376,39 @@ std::vector<at::Tensor> router_backward(const at::Tensor& gweights, const at::Te
   return {gh, acc.sum(0).view(w.sizes()), goffset};
 }
 
+// the router as one autograd node (forward and backward: the kernels above; the expert indices carry no gradient),
+// in C++ so that a training step does not pay Python's call overhead for it
+struct RouterNode : public torch::autograd::Function<RouterNode> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h,
+                                                const at::Tensor& w, const at::Tensor& sub, const at::Tensor& offset,
+                                                int64_t k) {
+    std::vector<at::Tensor> r = router_forward(h, w, sub, offset, k);
+    ctx->save_for_backward({h, w, sub, r[1], r[0]});
+    ctx->saved_data["offset_grad"] = offset.numel() > 0;
+    ctx->mark_non_differentiable({r[1]});
+    return {r[0], r[1]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list s = ctx->get_saved_variables();
+    const bool offset_grad = ctx->saved_data["offset_grad"].toBool();
+    const at::Tensor gw = grads[0].to(s[0].scalar_type()).contiguous();
+    std::vector<at::Tensor> g = router_backward(gw, s[0], s[1], s[2], s[3], s[4], offset_grad);
+    const at::Tensor none;
+    return {g[0], g[1], none, offset_grad ? g[2] : none, none};
+  }
+};
+
+std::vector<at::Tensor> router(const at::Tensor& h, const at::Tensor& w, const at::Tensor& sub,
+                               const at::Tensor& offset, int64_t k) {
+  return RouterNode::apply(h, w, sub, offset, k);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fairdro_dmoe, m) {
+  m.def("router(Tensor h, Tensor w, Tensor sub, Tensor offset, int k) -> Tensor[]", &router);
   m.def("router_forward(Tensor h, Tensor w, Tensor sub, Tensor offset, int k) -> Tensor[]");
   m.def(
       "router_backward(Tensor gweights, Tensor h, Tensor w, Tensor sub, Tensor experts, Tensor weights,"

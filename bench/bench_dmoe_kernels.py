@@ -3,7 +3,9 @@
 The default network (f = 8) at a 64x64x32 patch, batch 2, has five dMoE layers: C = 8 at 16,384 and 2,048 voxels per
 case, C = 16 at 256, C = 32 at 32 and C = 64 at 4 (hidden 4C, top-2 of 8 experts). For each layer this prints the
 median time of the experts' forward (with the dropout of a training step) and backward, and of the router's forward
-(with a noise offset) and backward, on fixed random inputs, and a total per training step.
+(with a noise offset) and backward, on fixed random inputs, and a total per training step; then the layer's random
+numbers (router noise, dropout draws) drawn by torch and by the kernels' generator (:func:`scripts.dmoe_native.randn`,
+:func:`scripts.dmoe_native.random64`: the same values).
 
 ``--save FILE`` writes every output and gradient; ``--check FILE`` compares them with a saved file bit for bit (a
 kernel change that must keep the committed runs' results: save with the old sources, check with the new; the
@@ -96,6 +98,28 @@ def run(repeats: int, clock: Callable[[], float]) -> Tuple[List[str], Dict[str, 
     return rows, outputs
 
 
+def draw_calls(c: int, n: int) -> Dict[str, Callable[[], object]]:
+    """A layer's random numbers in a training step, drawn by torch and by the kernels (the same values): the router
+    noise (B, E, N) and the dropout draws of its B*C*N elements."""
+    cpu = torch.device("cpu")
+    return {
+        "noise, torch": lambda: torch.randn(B, E, n),
+        "noise, kernels": lambda: dmoe_native.randn((B, E, n), torch.float32, cpu),
+        "dropout draws, torch": lambda: lane_draws(B * c * n, cpu),
+        "dropout draws, kernels": lambda: lane_draws(B * c * n, cpu, native=True),
+    }
+
+
+def draw_rows(repeats: int, clock: Callable[[], float]) -> List[str]:
+    """The random-number table's rows: median ms per layer and a total."""
+    rows, total = [], {}
+    for c, n in LAYERS:
+        ms = {name: median_time(fn, repeats, clock) * 1e3 for name, fn in draw_calls(c, n).items()}
+        rows.append(f"| {c} | {n} | " + " | ".join(f"{v:.3f}" for v in ms.values()) + " |")
+        total = {k: total.get(k, 0.0) + v for k, v in ms.items()}
+    return rows + ["| all | | " + " | ".join(f"{v:.3f}" for v in total.values()) + " |"]
+
+
 def compare(outputs: Dict[str, List[torch.Tensor]], path: Path) -> List[str]:
     """The calls whose outputs differ from the saved ones (bit for bit)."""
     saved = torch.load(path)
@@ -120,6 +144,10 @@ def main(argv: List[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     rows, outputs = run(args.repeats, clock)
     print("\n".join(rows))
+    print("\nrandom numbers of a training step (the same values either way; scripts.dmoe_native.randn, random64)\n")
+    print("| C | voxels per case | noise, torch | noise, kernels | dropout draws, torch | dropout draws, kernels |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(draw_rows(args.repeats, clock)))
     if args.save:
         torch.save(outputs, args.save)
         print(f"\nsaved every output to {args.save}")

@@ -25,8 +25,9 @@ def test_table_save_and_check(tmp_path, capsys):
     saved = tmp_path / "outputs.pt"
     assert bench.main(["--repeats", "1", "--save", str(saved)]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(table) == 1 + len(bench.LAYERS) + 1  # header, one row per layer, the total
-    assert table[-1].startswith("| all |")
+    assert len(table) == 2 * (1 + len(bench.LAYERS) + 1)  # kernels, random numbers: header, per layer, the total
+    assert table[len(table) // 2 - 1].startswith("| all |") and table[-1].startswith("| all |")
+    assert "noise, kernels" in table[len(table) // 2]
     assert bench.main(["--repeats", "1", "--check", str(saved)]) == 0
     outputs = torch.load(saved)
     key = next(iter(outputs))

@@ -228,3 +228,33 @@ def test_forked_child_runs_the_native_layer():
     with torch.no_grad():
         parent = float(make_layer(8, True).eval()(x, g).sum())
     assert sum_in_forked_child(lambda: make_layer(8, True), x, g) == pytest.approx(parent, rel=1e-6)
+
+
+def _two_step(layer: DMoE):
+    """The layer with its native forward in the two Python steps (route, then mix) that its one-call op replaced."""
+
+    def forward_indexed(x, idx):
+        h = x.reshape(x.shape[0], x.shape[1], -1)
+        weights, experts, _ = layer._eager_route(h, idx, False, False, True)
+        return layer._eager_mix(x, h, weights, experts, False, False, True)
+
+    layer.forward_indexed = forward_indexed
+    return layer
+
+
+@pytest.mark.parametrize("c,dtype", [(8, torch.float32), (16, torch.float32), (8, torch.float64)])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_one_call_layer_equals_the_two_steps(c, dtype, mode):
+    """The native layer in one call (scripts/dmoe_layer_cpu.cpp) gives the bits of the route-then-mix steps: output,
+    input gradient, every parameter gradient (noise and dropout from the same seed in training)."""
+    x = torch.randn(2, c, 12, 10, 6, dtype=dtype)
+    g = torch.tensor([1, 3])
+    one, two = (make_layer(c, True).to(dtype).train(mode == "train") for _ in range(2))
+    calls = []
+    one._native_layer = lambda h, idx, f=one._native_layer: calls.append(1) or f(h, idx)
+    out_a, gx_a, gp_a = run_layer(one, x, g)
+    out_b, gx_b, gp_b = run_layer(_two_step(two), x, g)
+    assert calls, "the one-call op did not run"
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    assert all(torch.equal(gp_a[k], gp_b[k]) for k in gp_b if gp_b[k] is not None)
+    assert gp_a["router.noise_weight"] is not None or mode == "eval"

@@ -63,15 +63,28 @@ def test_random64_equals_torch(n, skip):
 def _ops_called(fn) -> set:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return {e.name for e in prof.events() if e.name.startswith("fairdro_dmoe::fill")}
+    return {e.name for e in prof.events()}
 
 
-def test_the_layer_draws_with_the_kernels():
-    """A dMoE training forward on the native path draws its noise and dropout with the kernels' fills."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_layer_draws_with_the_kernels(fast):
+    """A dMoE training forward (one native call per layer) draws its noise and dropout with the kernels' generator
+    when the check passed (no aten::normal_ / random_ op), with torch's ops when it did not."""
     net = DMoEResUNet(features=8, num_subgroups=4).train()
-    called = _ops_called(lambda: net(torch.randn(2, 1, 64, 64, 32), torch.tensor([0, 2])))
-    assert called == {"fairdro_dmoe::fill_normal", "fairdro_dmoe::fill_random64"}
-    assert _ops_called(lambda: dmoe_native.randn((15,), torch.float32, torch.device("cpu"))) == set()
+    x, g = torch.randn(2, 1, 64, 64, 32), torch.tensor([0, 2])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dmoe_native, "_rng_checked", {"normal": fast, "random64": fast})
+        called = _ops_called(lambda: net(x, g))
+    assert "fairdro_dmoe::layer" in called
+    torch_draws = {"aten::normal_", "aten::random_"} & called
+    assert torch_draws == (set() if fast else {"aten::normal_", "aten::random_"})
+
+
+def test_randn_draws_with_the_kernels():
+    """randn of a float32 tensor of 16+ values calls the kernels' fill; of 15 values, torch's normal_."""
+    cpu = torch.device("cpu")
+    assert "fairdro_dmoe::fill_normal" in _ops_called(lambda: dmoe_native.randn((16,), torch.float32, cpu))
+    assert "aten::normal_" in _ops_called(lambda: dmoe_native.randn((15,), torch.float32, cpu))
 
 
 @pytest.mark.parametrize("dtype,n", [(torch.float64, 1000), (torch.float32, 15)])

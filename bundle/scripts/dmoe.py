@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .allocator import keep_freed_memory
 from .dmoe_kernels import expert_routing, pair_keys, sparse_experts
-from .dmoe_native import lane_threshold, native_experts, native_route, randn, random64, usable_for
+from .dmoe_native import lane_threshold, native_experts, native_layer, native_route, randn, random64, usable_for
 
 __all__ = [
     "DISPATCH_MODES",
@@ -615,6 +615,15 @@ class DMoE(nn.Module):
         return weights, experts, h.new_empty(0)
 
     @torch.jit.unused
+    def _native_layer(self, h: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(x + dropout(mixture) as (B, C, N), weights, experts)`` by :func:`scripts.dmoe_native.native_layer`: what
+        :meth:`_eager_route` and :meth:`_eager_mix` compute on the native path, in one call (named subgroups only)."""
+        r, bank = self.router, self.experts
+        p = self.dropout if self.training else 0.0
+        params = (bank.w1, bank.b1, bank.w2, bank.b2)
+        return native_layer(h.contiguous(), idx, (r.weight, r.noise_weight), params, r.top_k, r.training and r.noise, p)
+
+    @torch.jit.unused
     def _eager_mix(
         self, x: Tensor, h: Tensor, weights: Tensor, experts: Tensor, dense: bool, fallback: bool, native: bool
     ) -> Tensor:
@@ -662,8 +671,12 @@ class DMoE(nn.Module):
             out = self._add_dropped(x, y.reshape(x.shape))
         else:
             native = not torch.jit.is_tracing() and self.uses_native(h)  # decided once per forward
-            weights, experts, probs = self._eager_route(h, idx, need_aux, fallback, native)
-            out = self._eager_mix(x, h, weights, experts, dense, fallback, native)
+            if native and not fallback and not need_aux:  # the common case: the whole layer in one native call
+                out, weights, experts = self._native_layer(h, idx)
+                out, probs = out.view(x.shape), weights
+            else:
+                weights, experts, probs = self._eager_route(h, idx, need_aux, fallback, native)
+                out = self._eager_mix(x, h, weights, experts, dense, fallback, native)
         if self.record_stats or need_aux:
             top = top_k_along(weights.detach(), self.top_k, 1)[1] if fallback else experts  # (B, k, N)
             if self.record_stats:

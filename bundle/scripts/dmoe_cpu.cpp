@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "dmoe_cpu_common.h"
+#include "dmoe_ops.h"
 
 #include <algorithm>
 #include <atomic>
@@ -568,18 +569,22 @@ struct ExpertsNode : public torch::autograd::Function<ExpertsNode> {
   }
 };
 
-at::Tensor experts(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1,
-                   const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
-                   const at::Tensor& draws, int64_t threshold, double scale, bool keep) {
-  return ExpertsNode::apply(h, w, e, w1, b1, w2, b2, skip_zero, draws, threshold, scale, keep);
-}
-
 // switch the C = 8, H = 32 register code on (default) or off; returns the previous setting
 bool set_register_path(bool enabled) {
   return register_path.exchange(enabled);
 }
 
 }  // namespace
+
+namespace fairdro_dmoe {
+
+at::Tensor experts(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1,
+                   const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
+                   const at::Tensor& draws, int64_t threshold, double scale, bool keep) {
+  return ExpertsNode::apply(h, w, e, w1, b1, w2, b2, skip_zero, draws, threshold, scale, keep);
+}
+
+}  // namespace fairdro_dmoe
 
 TORCH_LIBRARY(fairdro_dmoe, m) {
   m.def(
@@ -591,7 +596,7 @@ TORCH_LIBRARY(fairdro_dmoe, m) {
   m.def(
       "experts(Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool skip_zero,"
       " Tensor draws, int threshold, float scale, bool keep) -> Tensor",
-      &experts);
+      &fairdro_dmoe::experts);
   m.def("set_register_path(bool enabled) -> bool", &set_register_path);
 }
 

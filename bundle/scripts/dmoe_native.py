@@ -1,5 +1,6 @@
 """Build, load and call the native CPU kernels of the dMoE layer (``scripts/dmoe_cpu.cpp``: experts, dropout and
-residual; ``scripts/dmoe_router_cpu.cpp``: router; ``scripts/dmoe_rng_cpu.cpp``: the layer's random numbers).
+residual; ``scripts/dmoe_router_cpu.cpp``: router; ``scripts/dmoe_rng_cpu.cpp``: the layer's random numbers;
+``scripts/dmoe_layer_cpu.cpp``: the layer's whole forward in one call, :func:`native_layer`).
 
 The kernels compute, for each voxel where it lies in the (B, C, N) feature map, the router's top-k gates and the
 layer's output ``h + dropout(gate-weighted sum of the chosen experts' MLPs)``, and in the backward pass all
@@ -41,6 +42,7 @@ __all__ = [
     "load",
     "lane_threshold",
     "native_experts",
+    "native_layer",
     "native_route",
     "randn",
     "random64",
@@ -53,8 +55,8 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "FAIRDRO_DMOE_NATIVE"
 HERE = Path(__file__).parent
 #: the extension's sources (experts, router) and the header they share
-SOURCES = [HERE / "dmoe_cpu.cpp", HERE / "dmoe_router_cpu.cpp", HERE / "dmoe_rng_cpu.cpp"]
-HEADERS = [HERE / "dmoe_cpu_common.h"]
+SOURCES = [HERE / "dmoe_cpu.cpp", HERE / "dmoe_router_cpu.cpp", HERE / "dmoe_rng_cpu.cpp", HERE / "dmoe_layer_cpu.cpp"]
+HEADERS = [HERE / "dmoe_cpu_common.h", HERE / "dmoe_ops.h"]
 #: compile flags: -fopenmp makes at::parallel_for use torch's OpenMP threads (linked from torch, not the system)
 CFLAGS = ["-O3", "-fopenmp"]
 #: added where torch runs AVX2 (or AVX-512) code on this CPU: about 20 % faster kernels for C = 8 (bundle docs,
@@ -210,6 +212,37 @@ def native_experts(
     )
 
 
+def native_layer(
+    h: Tensor,
+    subgroup: Tensor,
+    router: Tuple[Tensor, Tensor],
+    params: Tuple[Tensor, ...],
+    k: int,
+    noise: bool,
+    p: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The dMoE layer's forward on the native path in one call (``scripts/dmoe_layer_cpu.cpp``): the router noise and
+    its term, :func:`native_route`, the dropout draws and :func:`native_experts`, the same ops in the same order (the
+    same values, gradients and random numbers), for cases that all have a named subgroup.
+
+    Args:
+        h: channel-first tokens (B, C, N), contiguous, float32 or float64, on the CPU.
+        subgroup: (B,) int64 in ``[0, G)``.
+        router: the routers' ``(weight, noise_weight)``, each (G, C, E).
+        params: the experts' ``(w1, b1, w2, b2)``.
+        k: experts per voxel; noise: add the router noise (training); p: the dropout rate (0: none).
+
+    Returns:
+        ``(y (B, C, N), weights (B, k, N), experts (B, k, N) int64)``: the output (residual included), the gates.
+    """
+    threshold, scale = (lane_threshold(p), 1.0 / (1.0 - p)) if p > 0.0 else (0, 1.0)
+    fast = (_rng_ok("normal") if noise else False, _rng_ok("random64") if p > 0.0 else False)
+    y, weights, experts = torch.ops.fairdro_dmoe.layer(
+        h, subgroup, *router, *params, k, noise, p > 0.0, threshold, scale, *fast
+    )
+    return y, weights, experts
+
+
 def lane_threshold(p: float) -> int:
     """The 16-bit lane threshold of dropout rate p: a lane (uniform over [-2^15, 2^15)) at or above it keeps its
     element, so the drop probability is p rounded to a multiple of 2^-16."""
@@ -269,9 +302,14 @@ def random64(n: int, device: torch.device) -> Tensor:
 
 
 def _fast_rng(out: Tensor, kind: str) -> bool:
-    if out.device.type != "cpu" or not available():
-        return False
+    return out.device.type == "cpu" and _rng_ok(kind)
+
+
+def _rng_ok(kind: str) -> bool:
+    """Whether the kernels draw ``kind`` (:func:`rng_agrees`, checked once per process; False without kernels)."""
     if kind not in _rng_checked:
+        if not available():
+            return False
         with _lock:
             _rng_checked.setdefault(kind, rng_agrees(kind))
     return _rng_checked[kind]

@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <mutex>
 
+#include "dmoe_ops.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #define FAIRDRO_RNG_FAST 1
 #ifndef CPU_CAPABILITY_AVX2
@@ -121,6 +123,8 @@ void uniforms(WordStream& stream, float* out, int64_t n) {
   });
 }
 
+}  // namespace
+
 #if FAIRDRO_RNG_FAST
 constexpr int64_t kParallelFill = int64_t(1) << 15;
 
@@ -186,7 +190,6 @@ bool fast_normal_built() {
   return FAIRDRO_RNG_FAST;
 }
 
-}  // namespace
 }  // namespace fairdro_dmoe
 
 TORCH_LIBRARY_FRAGMENT(fairdro_dmoe, m) {

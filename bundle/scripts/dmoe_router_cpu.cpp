@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "dmoe_cpu_common.h"
+#include "dmoe_ops.h"
 
 namespace {
 
@@ -400,15 +401,19 @@ struct RouterNode : public torch::autograd::Function<RouterNode> {
   }
 };
 
+}  // namespace
+
+namespace fairdro_dmoe {
+
 std::vector<at::Tensor> router(const at::Tensor& h, const at::Tensor& w, const at::Tensor& sub,
                                const at::Tensor& offset, int64_t k) {
   return RouterNode::apply(h, w, sub, offset, k);
 }
 
-}  // namespace
+}  // namespace fairdro_dmoe
 
 TORCH_LIBRARY_FRAGMENT(fairdro_dmoe, m) {
-  m.def("router(Tensor h, Tensor w, Tensor sub, Tensor offset, int k) -> Tensor[]", &router);
+  m.def("router(Tensor h, Tensor w, Tensor sub, Tensor offset, int k) -> Tensor[]", &fairdro_dmoe::router);
   m.def("router_forward(Tensor h, Tensor w, Tensor sub, Tensor offset, int k) -> Tensor[]");
   m.def(
       "router_backward(Tensor gweights, Tensor h, Tensor w, Tensor sub, Tensor experts, Tensor weights,"

@@ -104,4 +104,7 @@ if __name__ == "__main__":  # the child of test_dmoe_wide.py: python dmoe_kernel
     os.environ[dmoe_native.ENV_VAR] = "1"
     dmoe_native.available()
     level = torch.backends.cpu.get_cpu_capability()
-    torch.save({"level": level, "flags": dmoe_native.cflags(), "results": build_case_outputs()}, sys.argv[1])
+    rng = {kind: dmoe_native.rng_agrees(kind) for kind in ("normal", "random64")}  # the bulk draws equal torch's
+    torch.save(
+        {"level": level, "flags": dmoe_native.cflags(), "results": build_case_outputs(), "rng": rng}, sys.argv[1]
+    )

@@ -4,7 +4,7 @@ On a CPU where torch runs AVX-512 code the kernels are built with AVX-512 (16-fl
 C = 8, ``scripts/dmoe_cpu.cpp``), elsewhere with AVX2 or plain flags. The vector width must not change a result: a
 child process built for the level below (``ATEN_CPU_CAPABILITY``) must give bitwise the outputs and gradients of this
 process's build where both contract multiply-adds (AVX2 and AVX-512), and in every build the register code must give
-the bits of the per-pair code.
+the bits of the per-pair code; the kernels' random draws must equal torch's there as here.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def test_a_build_for_the_lower_level_gives_the_same_bits(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stderr[-3000:]
     child = torch.load(out)
     assert child["level"] == lower and child["flags"] == cflags(lower)
+    # the kernels' random draws equal torch's at the lower level too (torch's AVX2 Box-Muller there; the plain build
+    # has no Box-Muller of its own and leaves the noise to torch)
+    assert child["rng"] == {"normal": lower in FMA_LEVELS, "random64": True}
     mine = build_case_outputs()
     for case, (fast, same), (child_fast, child_same) in zip(BUILD_CASES, mine, child["results"]):
         assert same and child_same, f"register code != per-pair code for {case}"

@@ -231,11 +231,15 @@ def test_forked_child_runs_the_native_layer():
 
 
 def _two_step(layer: DMoE):
-    """The layer with its native forward in the two Python steps (route, then mix) that its one-call op replaced."""
+    """The layer with its native forward in the two Python steps (native_route, then the native experts of _eager_mix)
+    that its one-call op replaced."""
 
     def forward_indexed(x, idx):
         h = x.reshape(x.shape[0], x.shape[1], -1)
-        weights, experts, _ = layer._eager_route(h, idx, False, False, True)
+        r = layer.router
+        shape = (h.shape[0], r.num_experts, h.shape[2])
+        noise = dmoe_native.randn(shape, h.dtype, h.device) if r.training else None  # = torch.randn
+        weights, experts = native_route(h, r.weight, r.noise_weight, idx, noise, r.top_k)
         return layer._eager_mix(x, h, weights, experts, False, False, True)
 
     layer.forward_indexed = forward_indexed

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .allocator import keep_freed_memory
 from .dmoe_kernels import expert_routing, pair_keys, sparse_experts
-from .dmoe_native import lane_threshold, native_experts, native_layer, native_route, randn, random64, usable_for
+from .dmoe_native import lane_threshold, native_experts, native_layer, random64, usable_for
 
 __all__ = [
     "DISPATCH_MODES",
@@ -600,24 +600,11 @@ class DMoE(nn.Module):
         return self.forward_indexed(x, idx)
 
     @torch.jit.unused
-    def _eager_route(
-        self, h: Tensor, idx: Tensor, need_probs: bool, fallback: bool, native: bool
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """The router's ``(weights, experts, probs)`` in eager mode: the native CPU router when ``native`` (see
-        :meth:`uses_native`) and every case has a named subgroup and no probabilities are needed (the load-balancing
-        loss), else :class:`SubgroupNoisyTopKRouter` (same function, same random numbers)."""
-        r = self.router
-        if fallback or need_probs or not native:
-            return r(h, idx, need_probs)
-        b, n = h.shape[0], h.shape[2]
-        noise = randn((b, r.num_experts, n), h.dtype, h.device) if r.training and r.noise else None  # = torch.randn
-        weights, experts = native_route(h, r.weight, r.noise_weight, idx, noise, r.top_k)
-        return weights, experts, h.new_empty(0)
-
-    @torch.jit.unused
     def _native_layer(self, h: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(x + dropout(mixture) as (B, C, N), weights, experts)`` by :func:`scripts.dmoe_native.native_layer`: what
-        :meth:`_eager_route` and :meth:`_eager_mix` compute on the native path, in one call (named subgroups only)."""
+        """``(x + dropout(mixture) as (B, C, N), weights, experts)`` by :func:`scripts.dmoe_native.native_layer`, the
+        native path's route and mix in one call, when every case has a named subgroup and no load-balancing loss is
+        asked for: the noisy router of :func:`scripts.dmoe_native.native_route` and :meth:`_eager_mix`'s native
+        experts (the same function and random numbers as :class:`SubgroupNoisyTopKRouter` and the Python paths)."""
         r, bank = self.router, self.experts
         p = self.dropout if self.training else 0.0
         params = (bank.w1, bank.b1, bank.w2, bank.b2)
@@ -672,10 +659,10 @@ class DMoE(nn.Module):
         else:
             native = not torch.jit.is_tracing() and self.uses_native(h)  # decided once per forward
             if native and not fallback and not need_aux:  # the common case: the whole layer in one native call
-                out, weights, experts = self._native_layer(h, idx)
-                out, probs = out.view(x.shape), weights
-            else:
-                weights, experts, probs = self._eager_route(h, idx, need_aux, fallback, native)
+                y, weights, experts = self._native_layer(h, idx)
+                out = y.view(x.shape)
+            else:  # unknown subgroups (fallback gates), the load-balancing loss, or the Python paths
+                weights, experts, probs = self.router(h, idx, need_aux)
                 out = self._eager_mix(x, h, weights, experts, dense, fallback, native)
         if self.record_stats or need_aux:
             top = top_k_along(weights.detach(), self.top_k, 1)[1] if fallback else experts  # (B, k, N)

@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "FAIRDRO_DMOE_NATIVE"
 HERE = Path(__file__).parent
-#: the extension's sources (experts, router) and the header they share
+#: the extension's sources (experts, router, random numbers, the layer in one call) and their headers
 SOURCES = [HERE / "dmoe_cpu.cpp", HERE / "dmoe_router_cpu.cpp", HERE / "dmoe_rng_cpu.cpp", HERE / "dmoe_layer_cpu.cpp"]
 HEADERS = [HERE / "dmoe_cpu_common.h", HERE / "dmoe_ops.h"]
 #: compile flags: -fopenmp makes at::parallel_for use torch's OpenMP threads (linked from torch, not the system)

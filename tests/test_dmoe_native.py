@@ -8,6 +8,9 @@ The kernels are built on first use (about 20 s). Where a C++ compiler exists the
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +265,29 @@ def test_one_call_layer_equals_the_two_steps(c, dtype, mode):
     assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
     assert all(torch.equal(gp_a[k], gp_b[k]) for k in gp_b if gp_b[k] is not None)
     assert gp_a["router.noise_weight"] is not None or mode == "eval"
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """torch's builder waits forever on a lock an interrupted build left: one older than STALE_LOCK_S is removed with
+    a warning naming it; a recent one (a build running in another process) and a missing one are left alone."""
+    lock = tmp_path / "lock"
+    assert dmoe_native.clear_stale_lock(lock) is False
+    lock.touch()
+    assert dmoe_native.clear_stale_lock(lock) is False and lock.exists()
+    old = time.time() - dmoe_native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="scripts.dmoe_native"):
+        assert dmoe_native.clear_stale_lock(lock) is True
+    assert not lock.exists() and str(lock) in caplog.text and "interrupted build" in caplog.text
+
+
+def test_load_clears_the_lock_of_its_own_build_directory(monkeypatch):
+    """load() looks for a stale lock in the folder torch builds this extension in, before building."""
+    from torch.utils import cpp_extension
+
+    seen = []
+    monkeypatch.setattr(dmoe_native, "clear_stale_lock", lambda lock: seen.append(lock))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append(kw["name"]))
+    dmoe_native.load()
+    name = dmoe_native.build_name()
+    assert seen == [Path(cpp_extension._get_build_directory(name, False)) / "lock", name]

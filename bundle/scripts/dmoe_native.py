@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -76,6 +77,8 @@ def cflags(capability: Optional[str] = None) -> List[str]:
 
 
 _MODES = ("auto", "0", "1")
+#: a build takes well under a minute on 2 cores; torch's build lock older than this was left by an interrupted one
+STALE_LOCK_S = 600.0
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once tried; "error": the reason of a failed build
@@ -103,17 +106,36 @@ def build_name() -> str:
 
 def load(verbose: bool = False) -> None:
     """Compile (or reuse the cached build of) the kernels and register ``torch.ops.fairdro_dmoe``; raises on failure."""
+    from torch.utils.cpp_extension import _get_build_directory
     from torch.utils.cpp_extension import load as load_extension
 
+    name = build_name()
+    clear_stale_lock(Path(_get_build_directory(name, verbose)) / "lock")
     with _ninja_on_path():
         load_extension(
-            name=build_name(),
+            name=name,
             sources=[str(f) for f in SOURCES],
             extra_cflags=cflags(),
             extra_include_paths=[str(HERE)],
             is_python_module=False,
             verbose=verbose,
         )
+
+
+def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove torch's build lock ``lock`` when it is older than ``max_age_s`` (a build interrupted by Ctrl-C or a kill
+    leaves it, and torch's builder then waits for it forever, saying nothing); returns whether it was removed."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False  # another process may be building right now
+    logger.warning(
+        "dMoE: removing %s, left %.0f min ago by an interrupted build of the native kernels.", lock, age / 60
+    )
+    lock.unlink(missing_ok=True)
+    return True
 
 
 @contextlib.contextmanager

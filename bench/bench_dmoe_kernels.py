@@ -85,16 +85,21 @@ def median_time(fn: Callable[[], list], repeats: int, clock: Callable[[], float]
     return in_blocks({"call": fn}, 1, repeats, clock)["call"][0]
 
 
-def run(repeats: int, clock: Callable[[], float]) -> Tuple[List[str], Dict[str, List[torch.Tensor]]]:
-    """The table rows and every call's outputs, keyed 'C=<c> N=<n> <call>'."""
-    rows, outputs, total = [], {}, {}
-    for c, n in LAYERS:
-        calls = layer_calls(layer_inputs(c, n))
-        ms = {name: median_time(fn, repeats, clock) * 1e3 for name, fn in calls.items()}
-        outputs.update({f"C={c} N={n} {name}": fn() for name, fn in calls.items()})
+def timed_rows(calls: Dict[Tuple[int, int], Dict[str, Callable[[], object]]], repeats: int, clock) -> List[str]:
+    """A table's rows: for each layer (C, voxels) the median ms of each of its calls, and a total row."""
+    rows, total = [], {}
+    for (c, n), fns in calls.items():
+        ms = {name: median_time(fn, repeats, clock) * 1e3 for name, fn in fns.items()}
         rows.append(f"| {c} | {n} | " + " | ".join(f"{v:.3f}" for v in ms.values()) + " |")
         total = {k: total.get(k, 0.0) + v for k, v in ms.items()}
-    rows.append("| all | | " + " | ".join(f"{v:.3f}" for v in total.values()) + " |")
+    return rows + ["| all | | " + " | ".join(f"{v:.3f}" for v in total.values()) + " |"]
+
+
+def run(repeats: int, clock: Callable[[], float]) -> Tuple[List[str], Dict[str, List[torch.Tensor]]]:
+    """The kernel table's rows and every call's outputs, keyed 'C=<c> N=<n> <call>'."""
+    calls = {(c, n): layer_calls(layer_inputs(c, n)) for c, n in LAYERS}
+    rows = timed_rows(calls, repeats, clock)
+    outputs = {f"C={c} N={n} {name}": fn() for (c, n), fns in calls.items() for name, fn in fns.items()}
     return rows, outputs
 
 
@@ -108,16 +113,6 @@ def draw_calls(c: int, n: int) -> Dict[str, Callable[[], object]]:
         "dropout draws, torch": lambda: lane_draws(B * c * n, cpu),
         "dropout draws, kernels": lambda: lane_draws(B * c * n, cpu, native=True),
     }
-
-
-def draw_rows(repeats: int, clock: Callable[[], float]) -> List[str]:
-    """The random-number table's rows: median ms per layer and a total."""
-    rows, total = [], {}
-    for c, n in LAYERS:
-        ms = {name: median_time(fn, repeats, clock) * 1e3 for name, fn in draw_calls(c, n).items()}
-        rows.append(f"| {c} | {n} | " + " | ".join(f"{v:.3f}" for v in ms.values()) + " |")
-        total = {k: total.get(k, 0.0) + v for k, v in ms.items()}
-    return rows + ["| all | | " + " | ".join(f"{v:.3f}" for v in total.values()) + " |"]
 
 
 def compare(outputs: Dict[str, List[torch.Tensor]], path: Path) -> List[str]:
@@ -147,7 +142,7 @@ def main(argv: List[str] | None = None) -> int:
     print("\nrandom numbers of a training step (the same values either way; scripts.dmoe_native.randn, random64)\n")
     print("| C | voxels per case | noise, torch | noise, kernels | dropout draws, torch | dropout draws, kernels |")
     print("|---|---|---|---|---|---|")
-    print("\n".join(draw_rows(args.repeats, clock)))
+    print("\n".join(timed_rows({(c, n): draw_calls(c, n) for c, n in LAYERS}, args.repeats, clock)))
     if args.save:
         torch.save(outputs, args.save)
         print(f"\nsaved every output to {args.save}")

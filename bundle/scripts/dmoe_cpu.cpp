@@ -542,7 +542,7 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& gy, const at::Tensor&
 
 // the experts' mixture, residual and dropout as one autograd node with the kernels above as its forward and backward
 // (written in C++ so that a training step does not pay Python's call overhead for it, twice per layer). keep: the
-// forward keeps every pair's output for the backward (the caller sets it when a gradient will be needed)
+// forward keeps every pair's output for the backward (set by experts() below when a gradient will be needed)
 struct ExpertsNode : public torch::autograd::Function<ExpertsNode> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w,
                             const at::Tensor& e, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -580,7 +580,9 @@ namespace fairdro_dmoe {
 
 at::Tensor experts(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1,
                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
-                   const at::Tensor& draws, int64_t threshold, double scale, bool keep) {
+                   const at::Tensor& draws, int64_t threshold, double scale) {
+  const bool keep = at::GradMode::is_enabled() && (h.requires_grad() || w.requires_grad() || w1.requires_grad() ||
+                                                   b1.requires_grad() || w2.requires_grad() || b2.requires_grad());
   return ExpertsNode::apply(h, w, e, w1, b1, w2, b2, skip_zero, draws, threshold, scale, keep);
 }
 
@@ -595,7 +597,7 @@ TORCH_LIBRARY(fairdro_dmoe, m) {
       " bool skip_zero, Tensor draws, int threshold, float scale, Tensor outs) -> Tensor[]");
   m.def(
       "experts(Tensor h, Tensor w, Tensor e, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool skip_zero,"
-      " Tensor draws, int threshold, float scale, bool keep) -> Tensor",
+      " Tensor draws, int threshold, float scale) -> Tensor",
       &fairdro_dmoe::experts);
   m.def("set_register_path(bool enabled) -> bool", &set_register_path);
 }

@@ -58,10 +58,8 @@ std::vector<at::Tensor> layer(const at::Tensor& h, const at::Tensor& sub, const 
   const std::vector<at::Tensor> routed = router(h, router_w.to(dt).contiguous(), sub.contiguous(), offset, k);
   const at::Tensor draws = dropout_draws(h, dropout, fast_random);
   const at::Tensor p1 = w1.to(dt), q1 = b1.to(dt), p2 = w2.to(dt), q2 = b2.to(dt), w = routed[0].to(dt);
-  const bool keep = at::GradMode::is_enabled() && (h.requires_grad() || w.requires_grad() || p1.requires_grad() ||
-                                                   q1.requires_grad() || p2.requires_grad() || q2.requires_grad());
-  const at::Tensor y = experts(h, w.contiguous(), routed[1].contiguous(), p1, q1, p2, q2, false, draws,
-                               dropout ? threshold : 0, dropout ? scale : 1.0, keep);
+  const at::Tensor y =
+      experts(h, w.contiguous(), routed[1].contiguous(), p1, q1, p2, q2, false, draws, threshold, scale);
   return {y, routed[0], routed[1]};
 }
 

@@ -224,13 +224,11 @@ def native_experts(
     """
     dt = h.dtype
     w1, b1, w2, b2 = (t.to(dt) for t in params)
-    w = weights.to(dt)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (h, w, w1, b1, w2, b2))  # outputs for backward
-    draws, threshold, scale = (
-        (h.new_empty(0, dtype=torch.int64), 0, 1.0) if draws is None else (draws, lane_threshold(p), 1.0 / (1.0 - p))
-    )
+    if draws is None:
+        draws, p = h.new_empty(0, dtype=torch.int64), 0.0
+    w = weights.to(dt).contiguous()
     return torch.ops.fairdro_dmoe.experts(
-        h.contiguous(), w.contiguous(), experts.contiguous(), w1, b1, w2, b2, skip_zero, draws, threshold, scale, keep
+        h.contiguous(), w, experts.contiguous(), w1, b1, w2, b2, skip_zero, draws, *_dropout_args(p)
     )
 
 
@@ -257,12 +255,17 @@ def native_layer(
     Returns:
         ``(y (B, C, N), weights (B, k, N), experts (B, k, N) int64)``: the output (residual included), the gates.
     """
-    threshold, scale = (lane_threshold(p), 1.0 / (1.0 - p)) if p > 0.0 else (0, 1.0)
     fast = (_rng_ok("normal") if noise else False, _rng_ok("random64") if p > 0.0 else False)
     y, weights, experts = torch.ops.fairdro_dmoe.layer(
-        h, subgroup, *router, *params, k, noise, p > 0.0, threshold, scale, *fast
+        h, subgroup, *router, *params, k, noise, p > 0.0, *_dropout_args(p), *fast
     )
     return y, weights, experts
+
+
+def _dropout_args(p: float) -> Tuple[int, float]:
+    """The kernels' ``(threshold, scale)`` of dropout rate p: :func:`lane_threshold` and ``1 / (1 - p)``; ``(0, 1.0)``
+    for no dropout."""
+    return (lane_threshold(p), 1.0 / (1.0 - p)) if p > 0.0 else (0, 1.0)
 
 
 def lane_threshold(p: float) -> int:

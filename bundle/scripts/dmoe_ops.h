@@ -7,10 +7,11 @@
 
 namespace fairdro_dmoe {
 
-// dmoe_cpu.cpp: the experts' mixture, residual and dropout as one autograd node
+// dmoe_cpu.cpp: the experts' mixture, residual and dropout as one autograd node (it keeps the pairs' outputs for
+// the backward when grad mode is on and an input requires a gradient)
 at::Tensor experts(const at::Tensor& h, const at::Tensor& w, const at::Tensor& e, const at::Tensor& w1,
                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, bool skip_zero,
-                   const at::Tensor& draws, int64_t threshold, double scale, bool keep);
+                   const at::Tensor& draws, int64_t threshold, double scale);
 
 // dmoe_router_cpu.cpp: the router (gate weights and expert indices) as one autograd node
 std::vector<at::Tensor> router(const at::Tensor& h, const at::Tensor& w, const at::Tensor& sub,

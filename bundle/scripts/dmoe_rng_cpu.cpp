@@ -19,7 +19,6 @@
 #include <torch/extension.h>
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/MT19937RNGEngine.h>
 #include <c10/util/MathConstants.h>
 
@@ -27,6 +26,7 @@
 #include <cstdint>
 #include <mutex>
 
+#include "dmoe_cpu_common.h"
 #include "dmoe_ops.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -152,8 +152,7 @@ void fill_normal(at::Tensor out) {
     if (n % 16 != 0) uniforms(stream, tail, 16);
   });
   // the chunks are independent: shared out among torch's threads for large fills (the words above are serial)
-  const int64_t grain = n >= kParallelFill ? 256 : chunks;
-  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+  run_blocks(chunks, n < kParallelFill, [&](int64_t c0, int64_t c1, int64_t) {
     for (int64_t c = c0; c < c1; ++c) box_muller16(data + 16 * c);
   });
   if (n % 16 != 0) {

@@ -275,7 +275,7 @@ deploy-stage:
 	cp deploy/app.py deploy/fairdro_operators.py deploy/app.yaml deploy/requirements.txt $(DP_STAGE)/
 	cp -r bundle/scripts $(DP_STAGE)/scripts && rm -rf $(DP_STAGE)/scripts/__pycache__
 	cp bundle/configs/metadata.json $(DP_STAGE)/configs/
-	@echo "staged in $(DP_STAGE); package with: monai-deploy package $(DP_STAGE) -c $(DP_STAGE)/app.yaml -m bundle/models/model.ts -t fairdro-ctv:0.6.0 --platform x64-workstation"
+	@echo "staged in $(DP_STAGE); package with: monai-deploy package $(DP_STAGE) -c $(DP_STAGE)/app.yaml -m bundle/models/model.ts -t fairdro-ctv:0.7.0 --platform x64-workstation"
 
 # the DICOM node (receives CT, returns RTSTRUCT/SEG): make dicom-node [NODE_CONFIG=site.json] [NODE_ARGS='--port 11113']
 # (NODE_ARGS=--cold builds the inference workflow for every series instead of once per process)

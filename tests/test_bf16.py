@@ -15,6 +15,21 @@ from scripts.dmoe_unet import DMoEResUNet
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_dmoe.py"
 
 
+@pytest.fixture
+def without_onednn():
+    """Training under CPU bf16 autocast with oneDNN off. torch 2.13's oneDNN (v3.12) bf16 weight gradient of a 3x3x3
+    convolution over 2x2x1 voxels (the network's deepest stage) sometimes holds NaN: about 1 in 25 fresh
+    Conv3d(64, 128) modules on random inputs, 256 entries each, while the same module and input run again give finite
+    values, so the kernel reads memory it did not write (seen 2026-12-07 on Zen 5 and on the CI machine). With oneDNN
+    off, 0 of 300. Not bundle code, and the bundle never autocasts on the CPU; these tests check the dMoE dispatch."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # not mkldnn.flags(), which also sets oneDNN's TF32 switch and warns
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def _net(dispatch: str) -> DMoEResUNet:
     torch.manual_seed(0)
     net = DMoEResUNet(features=4, num_subgroups=4, num_experts=4, use_dmoe=True, dispatch=dispatch)
@@ -39,6 +54,7 @@ def test_dmoe_network_under_bf16_autocast_matches_fp32(dispatch, subgroups):
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+@pytest.mark.usefixtures("without_onednn")
 def test_dmoe_network_trains_under_bf16_autocast(dispatch):
     net = _net(dispatch).train()
     x = torch.rand(2, 1, 64, 64, 32)
@@ -47,14 +63,12 @@ def test_dmoe_network_trains_under_bf16_autocast(dispatch):
     loss.backward()
     banks = [m for m in net.modules() if isinstance(m, ExpertBank)]
     assert banks and all(m.w2.grad is not None and m.w2.grad.abs().sum() > 0 for m in banks)
-    assert all(p.grad is None or p.grad.dtype == p.dtype for p in net.parameters())
-    # finite gradients for every dMoE parameter. Not asserted for the backbone: torch 2.13's CPU bf16 backward of the
-    # deepest 3x3x3 convolution (2x2x1 voxels) returns a non-finite weight gradient in about one run in five, with
-    # one thread too and whatever the dispatch (seen 2026-12-07; not bundle code, and CPU runs never autocast)
-    moe = [p for n, p in net.named_parameters() if ".moe." in n and p.grad is not None]
-    assert moe and all(torch.isfinite(p.grad).all() for p in moe)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert len(grads) == len(list(net.parameters()))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.usefixtures("without_onednn")
 def test_bench_dmoe_train_step_with_amp_updates_the_network():
     spec = importlib.util.spec_from_file_location("bench_dmoe", BENCH)
     bench = importlib.util.module_from_spec(spec)

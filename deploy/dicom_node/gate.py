@@ -27,20 +27,26 @@ CAUSES = (
 
 
 class Refusals:
-    """One WARNING line and one counter increment per refusal: ``Refused <subject> (cause=<cause>): <detail>.``"""
+    """One WARNING line and one counter increment per refusal: ``Refused <subject> (cause=<cause>): <detail>.``
+    The line is written before the counter moves, so whoever sees a count (a test, a metrics scrape) finds its line."""
 
     def __init__(self, metrics: NodeMetrics):
         self.metrics = metrics
 
     def refuse(self, cause: str, subject: str, detail: str, level: int = logging.WARNING) -> None:
-        self.count(cause)
+        _check_cause(cause)
         logger.log(level, "Refused %s (cause=%s): %s.", subject, cause, detail)
+        self.metrics.refusal(cause)
 
     def count(self, cause: str) -> None:
-        """Count a refusal whose caller writes its own log line (which names ``cause=...``)."""
-        if cause not in CAUSES:
-            raise ValueError(f"unknown refusal cause {cause!r}")
+        """Count a refusal whose caller has written its own log line (which names ``cause=...``)."""
+        _check_cause(cause)
         self.metrics.refusal(cause)
+
+
+def _check_cause(cause: str) -> None:
+    if cause not in CAUSES:
+        raise ValueError(f"unknown refusal cause {cause!r}")
 
 
 @dataclass

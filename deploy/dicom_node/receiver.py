@@ -139,7 +139,10 @@ class Receiver:
             reject = (0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE title not recognised
         if refusal is None:
             assoc.acse_timeout = self.limits.acse_timeout_seconds  # the pending timeout no longer applies
-            assoc.dul.socket.socket.settimeout(self.limits.network_timeout_seconds)
+            try:
+                assoc.dul.socket.socket.settimeout(self.limits.network_timeout_seconds)
+            except OSError:  # the peer closed at once and the socket is gone: the association ends on its own
+                logger.debug("Association from %s closed before it began.", assoc.requestor.address)
             return
         cause, detail = refusal
         subject = f"association from calling AE {calling!r} at {assoc.requestor.address}"
@@ -154,8 +157,8 @@ class Receiver:
         self.refusals.refuse("rejected_by_acse", subject, "rejected by pynetdicom's association negotiation")
 
     def _refuse(self, status: int, sop_uid: str, why: str, cause: str = "invalid_instance") -> int:
-        self.metrics.inc("refused")
         self.refusals.refuse(cause, f"instance {sop_uid} (status 0x{status:04X})", why)
+        self.metrics.inc("refused")  # counters after the line (see Refusals)
         return status
 
     @staticmethod
@@ -189,10 +192,10 @@ class Receiver:
             detail = f"SOP class {name} is not CT Image Storage"
             return self._refuse(STATUS_SOP_CLASS_NOT_SUPPORTED, sop_uid, detail, "sop_class")
         if not self.disk.above_floor():
-            self.metrics.inc("disk_refused")
-            self.refusals.count("disk_floor")
             logger.error("Instance %s answered 0xA700 (cause=disk_floor): free space is below min_free_bytes; not "
                          "stored.", sop_uid)  # fmt: skip
+            self.metrics.inc("disk_refused")  # counters after the line (see Refusals)
+            self.refusals.count("disk_floor")
             return STATUS_OUT_OF_RESOURCES
         try:
             series, sop = self._check(event, sop_uid)
